@@ -1,0 +1,6 @@
+"""pathanat: pathology-anatomy disentanglement in brain MRI with structured hierarchical-VAE priors."""
+
+from pathanat.errors import PathanatError
+
+__version__ = "0.1.0"
+__all__ = ["PathanatError", "__version__"]
