@@ -10,7 +10,9 @@ from pathanat import __version__
 from pathanat.errors import PathanatError
 
 
-def _add(sub: argparse._SubParsersAction, name: str, help: str, example: str) -> argparse.ArgumentParser:
+def _add(
+    sub: argparse._SubParsersAction, name: str, help: str, example: str
+) -> argparse.ArgumentParser:
     return sub.add_parser(
         name,
         help=help,
@@ -68,39 +70,77 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pathanat {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = _add(sub, "phantom", "Generate a synthetic MS or AD cohort of NIfTI volumes from real templates.",
-             "pathanat phantom --kind ms --subjects 100 --out cohorts/ms --seed 0")
-    p.add_argument("--kind", choices=["ms", "ad"], required=True,
-                   help="ms: FLAIR with lesions; ad: T1 with atrophy")
+    p = _add(
+        sub,
+        "phantom",
+        "Generate a synthetic MS or AD cohort of NIfTI volumes from real templates.",
+        "pathanat phantom --kind ms --subjects 100 --out cohorts/ms --seed 0",
+    )
+    p.add_argument(
+        "--kind",
+        choices=["ms", "ad"],
+        required=True,
+        help="ms: FLAIR with lesions; ad: T1 with atrophy",
+    )
     p.add_argument("--subjects", type=int, required=True, help="number of subjects")
     p.add_argument("--out", type=Path, required=True, help="output cohort folder")
     p.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
-    p.add_argument("--slab-mm", type=float, default=48.0,
-                   help="generate only an axial slab this thick around the brain centre (default 48)")
+    p.add_argument(
+        "--slab-mm",
+        type=float,
+        default=48.0,
+        help="generate only an axial slab this thick around the brain centre (default 48)",
+    )
     p.add_argument("--full", action="store_true", help="generate whole volumes instead of a slab")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_phantom)
 
-    p = _add(sub, "prepare", "Turn a cohort of NIfTI volumes into a standardised, split slice cache.",
-             "pathanat prepare --cohort cohorts/ms --out caches/ms")
-    p.add_argument("--cohort", type=Path, required=True,
-                   help="BIDS-like folder (sub-*/anat/*.nii.gz, participants.tsv) or a CSV manifest")
+    p = _add(
+        sub,
+        "prepare",
+        "Turn a cohort of NIfTI volumes into a standardised, split slice cache.",
+        "pathanat prepare --cohort cohorts/ms --out caches/ms",
+    )
+    p.add_argument(
+        "--cohort",
+        type=Path,
+        required=True,
+        help="BIDS-like folder (sub-*/anat/*.nii.gz, participants.tsv) or a CSV manifest",
+    )
     p.add_argument("--out", type=Path, required=True, help="output cache folder")
     p.add_argument("--in-plane-mm", type=float, default=2.0, help="in-plane voxel size (default 2)")
     p.add_argument("--slice-mm", type=float, default=1.0, help="slice spacing (default 1)")
-    p.add_argument("--slices", type=int, default=None,
-                   help="central axial slices kept per subject (default 24 for FLAIR, 16 for T1)")
-    p.add_argument("--shape", type=int, nargs=2, default=[96, 112], metavar=("NX", "NY"),
-                   help="in-plane slice shape, multiples of 16 (default 96 112)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subject-level split (default 0)")
+    p.add_argument(
+        "--slices",
+        type=int,
+        default=None,
+        help="central axial slices kept per subject (default 24 for FLAIR, 16 for T1)",
+    )
+    p.add_argument(
+        "--shape",
+        type=int,
+        nargs=2,
+        default=[96, 112],
+        metavar=("NX", "NY"),
+        help="in-plane slice shape, multiples of 16 (default 96 112)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the subject-level split (default 0)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_prepare)
 
-    p = _add(sub, "demo", "Run the main job end to end on a small embedded phantom MS cohort.",
-             "pathanat demo --out pathanat-demo")
-    p.add_argument("--out", type=Path, default=Path("pathanat-demo"), help="run folder (default pathanat-demo)")
+    p = _add(
+        sub,
+        "demo",
+        "Run the main job end to end on a small embedded phantom MS cohort.",
+        "pathanat demo --out pathanat-demo",
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("pathanat-demo"), help="run folder (default pathanat-demo)"
+    )
     p.add_argument("--subjects", type=int, default=30, help="phantom subjects (default 30)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo folder")
@@ -116,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pathanat {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"pathanat {args.command}: interrupted; nothing half-written was kept", file=sys.stderr)
+        print(
+            f"pathanat {args.command}: interrupted; nothing half-written was kept", file=sys.stderr
+        )
         return 130
     return 0
 

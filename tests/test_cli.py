@@ -1,0 +1,38 @@
+import subprocess
+import sys
+
+import pytest
+
+from pathanat.cli import build_parser, main
+
+SUBCOMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_help_shows_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "example:" in out
+    assert f"pathanat {command}" in out.split("example:")[1]
+
+
+def test_console_script_runs_as_module():
+    done = subprocess.run(
+        [sys.executable, "-m", "pathanat.cli", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.startswith("pathanat ")
+
+
+def test_user_error_is_one_line_without_traceback(tmp_path, capsys):
+    missing = tmp_path / "no-such-cohort"
+    code = main(["prepare", "--cohort", str(missing), "--out", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(missing) in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "cache").exists()

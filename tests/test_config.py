@@ -1,0 +1,77 @@
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from pathanat.config import from_dict, load_config, save_config, to_dict
+from pathanat.errors import ConfigError
+
+
+@dataclass
+class Inner:
+    kind: Literal["vae", "nvae"] = "vae"
+    channels: int = 2
+    rate: float = 1e-3
+    shape: tuple[int, int] = (96, 112)
+    cache: Path | None = None
+
+
+@dataclass
+class Outer:
+    name: str = "run"
+    inner: Inner = field(default_factory=Inner)
+    flags: list[bool] = field(default_factory=list)
+
+
+def test_yaml_and_overrides_fill_nested_dataclasses(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\ninner:\n  kind: nvae\n  rate: 1\n")
+    cfg = load_config(
+        Outer,
+        path,
+        ["inner.channels=4", "inner.shape=[32, 48]", "flags=[true]", "inner.cache=/data/c"],
+    )
+    assert cfg == Outer("x", Inner("nvae", 4, 1.0, (32, 48), Path("/data/c")), [True])
+    assert isinstance(cfg.inner.rate, float)
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = Outer(inner=Inner(cache=Path("c")))
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(Outer, tmp_path / "c.yaml") == cfg
+    assert to_dict(cfg)["inner"]["shape"] == [96, 112]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"inner": {"chanels": 3}}, "inner.chanels: unknown key; did you mean 'channels'?"),
+        ({"inner": {"channels": "two"}}, "inner.channels: expected int, got 'two' (str)"),
+        ({"inner": {"channels": True}}, "inner.channels: expected int"),
+        ({"inner": {"kind": "gan"}}, "inner.kind: expected one of 'vae', 'nvae', got 'gan'"),
+        ({"inner": {"shape": [1, 2, 3]}}, "inner.shape: expected 2 items, got 3"),
+        ({"inner": 5}, "inner: expected a mapping, got 5 (int)"),
+        ({"flags": [1]}, "flags[0]: expected bool"),
+        ({"zzz": 1}, "zzz: unknown key; known keys: name, inner, flags"),
+    ],
+)
+def test_bad_keys_and_types_are_named(data, message):
+    with pytest.raises(
+        ConfigError,
+        match=message.replace("(", r"\(")
+        .replace(")", r"\)")
+        .replace("[", r"\[")
+        .replace("]", r"\]")
+        .replace("?", r"\?"),
+    ):
+        from_dict(Outer, data)
+
+
+def test_bad_override_and_missing_file_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(Outer, None, ["inner.channels"])
+    with pytest.raises(ConfigError, match="name is not a section"):
+        load_config(Outer, None, ["name=x", "name.sub=1"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(Outer, tmp_path / "none.yaml")
