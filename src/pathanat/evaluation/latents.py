@@ -1,0 +1,262 @@
+"""What the latent groups know: per-group Lasso informativeness (the paper's Table 4) and the
+DCI scores of Eastwood & Williams (ICLR 2018), per latent code and per latent group.
+
+Informativeness (Table 4). For one latent group and one target (e.g. lesion volume), a Lasso with
+the paper's alpha = 10 is fitted on the train split, with features standardised by the train
+split's mean and standard deviation; the score is R^2 on the test split. The target keeps its own
+units (the paper's alpha refers to lesion volume in voxels), so alpha is as strong as the target's
+scale makes it: pass a per-target alpha for targets on other scales. R^2 is reported as it is, not
+clipped: a negative value means the regressor predicts worse than the train mean.
+
+DCI. An importance matrix R (codes x factors) says how much each code is used to predict each
+factor. Codes and factors are standardised with train statistics, then per factor:
+  - ``method="lasso"`` (default): R_ij = |coefficient| of a Lasso (alpha ``DCI_ALPHA`` on the
+    standardised scale). Default because it is linear like the Table-4 probe, deterministic, fast
+    with thousands of codes, and gives exact zeros to unused codes, so noise does not leak into D
+    and C. Its blind spot: non-linear code-factor relations.
+  - ``method="forest"``: R_ij = impurity importance of a random forest (scikit-learn), which sees
+    non-linear relations but spreads small importances over unused codes and is slower.
+From R: P_ij = R_ij / sum_k R_ik, D_i = 1 - H_K(P_i.) with entropy in base K = number of factors;
+D = sum_i rho_i D_i with rho_i = sum_j R_ij / sum_ij R_ij. P~_ij = R_ij / sum_k R_kj,
+C_j = 1 - H_M(P~_.j) in base M = number of codes; C = the mean of C_j over factors (every factor
+counts alike). A code (row) or factor (column) with no importance at all is treated as uniform,
+so it scores 0. Informativeness: test R^2 and test MSE of the standardised factor.
+The group-level variant sums the rows of R within each latent group before scoring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.ensemble import RandomForestRegressor
+from sklearn.linear_model import Lasso
+from sklearn.metrics import mean_squared_error, r2_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from pathanat.errors import InputError
+
+LASSO_ALPHA = 10.0  # the paper's (Table 4)
+DCI_ALPHA = 0.05  # standardised scale: above the ~1/sqrt(n) chance correlation of an unused code
+LASSO_MAX_ITER = 10_000
+FOREST_TREES = 100
+FOREST_MIN_LEAF = 5  # keeps the trees from fitting noise, which would spread importance
+
+
+def as_features(name: str, x: np.ndarray) -> np.ndarray:
+    """Features (N, D) as float64; further axes (a latent map (N, C, h, w)) are flattened."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim < 2 or x.shape[0] < 2:
+        raise InputError(f"{name}: expected features of shape (N >= 2, ...), got {x.shape}")
+    if not np.isfinite(x).all():
+        raise InputError(f"{name}: contains NaN or infinite values")
+    return x.reshape(len(x), -1)
+
+
+def as_target(name: str, y: np.ndarray, n: int) -> np.ndarray:
+    y = np.asarray(y, dtype=np.float64)
+    if y.shape != (n,):
+        raise InputError(f"{name}: expected one value per sample, shape ({n},), got {y.shape}")
+    if not np.isfinite(y).all():
+        raise InputError(f"{name}: contains NaN or infinite values")
+    if np.ptp(y) == 0:
+        raise InputError(f"{name}: is constant, so R^2 is undefined")
+    return y
+
+
+def lasso_r2(
+    train_features: np.ndarray,
+    train_target: np.ndarray,
+    test_features: np.ndarray,
+    test_target: np.ndarray,
+    alpha: float = LASSO_ALPHA,
+) -> float:
+    """Test R^2 of a Lasso fitted on train features standardised with train statistics."""
+    xtr = as_features("train_features", train_features)
+    xte = as_features("test_features", test_features)
+    if xte.shape[1] != xtr.shape[1]:
+        raise InputError(
+            f"test features have {xte.shape[1]} columns, train features {xtr.shape[1]}"
+        )
+    ytr = as_target("train_target", train_target, len(xtr))
+    yte = as_target("test_target", test_target, len(xte))
+    if alpha <= 0:
+        raise InputError(f"alpha must be positive, got {alpha}")
+    model = make_pipeline(StandardScaler(), Lasso(alpha=alpha, max_iter=LASSO_MAX_ITER))
+    model.fit(xtr, ytr)
+    return float(r2_score(yte, model.predict(xte)))
+
+
+def informativeness_table(
+    train_groups: Mapping[str, np.ndarray],
+    train_targets: Mapping[str, np.ndarray],
+    test_groups: Mapping[str, np.ndarray],
+    test_targets: Mapping[str, np.ndarray],
+    alpha: float | Mapping[str, float] = LASSO_ALPHA,
+) -> pd.DataFrame:
+    """Lasso test R^2 for every latent group x every target: columns group, target, alpha, r2.
+
+    Groups map a name (e.g. "z0") to features (N, ...); targets map a name to values (N,); a
+    pandas DataFrame works as the targets. ``alpha`` is one value or one per target name.
+    """
+    if set(train_groups) != set(test_groups) or not train_groups:
+        raise InputError(f"train groups {list(train_groups)} and test groups {list(test_groups)}")
+    if set(train_targets) != set(test_targets) or not len(train_targets):
+        raise InputError(
+            f"train targets {list(train_targets)} and test targets {list(test_targets)} differ"
+        )
+    alphas = alpha if isinstance(alpha, Mapping) else dict.fromkeys(train_targets, alpha)
+    missing = [t for t in train_targets if t not in alphas]
+    if missing:
+        raise InputError(f"alpha: no value for target(s) {missing}")
+    rows = []
+    for group in train_groups:
+        for target in train_targets:
+            r2 = lasso_r2(
+                train_groups[group],
+                train_targets[target],
+                test_groups[group],
+                test_targets[target],
+                alphas[target],
+            )
+            rows.append({"group": group, "target": target, "alpha": alphas[target], "r2": r2})
+    return pd.DataFrame(rows)
+
+
+def normalised_entropy(p: np.ndarray, base: int) -> np.ndarray:
+    """Entropy in base ``base`` of each row of non-negative weights; an all-zero row counts as
+    uniform (entropy 1)."""
+    total = p.sum(axis=1, keepdims=True)
+    p = np.where(total > 0, p / np.where(total > 0, total, 1), 1.0 / p.shape[1])
+    plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0.0)
+    return -plogp.sum(axis=1) / np.log(base)
+
+
+@dataclass(frozen=True)
+class DCIScores:
+    """Disentanglement and completeness from one importance matrix (rows: codes or groups)."""
+
+    importance: np.ndarray  # (codes, factors)
+    disentanglement_per_code: np.ndarray  # D_i
+    disentanglement: float  # sum_i rho_i D_i
+    completeness_per_factor: np.ndarray  # C_j
+    completeness: float  # mean of C_j
+
+
+def dci_scores(importance: np.ndarray) -> DCIScores:
+    """D_i, D, C_j and C of an importance matrix R (codes x factors), at least 2 x 2."""
+    r = np.asarray(importance, dtype=np.float64)
+    if r.ndim != 2 or min(r.shape) < 2:
+        raise InputError(f"importance: expected at least 2 codes x 2 factors, got shape {r.shape}")
+    if not np.isfinite(r).all() or (r < 0).any():
+        raise InputError("importance must be finite and non-negative")
+    if r.sum() == 0:
+        raise InputError("importance is all zero: no code predicts any factor")
+    d_code = 1.0 - normalised_entropy(r, base=r.shape[1])
+    rho = r.sum(axis=1) / r.sum()
+    c_factor = 1.0 - normalised_entropy(r.T, base=r.shape[0])
+    return DCIScores(r, d_code, float(rho @ d_code), c_factor, float(c_factor.mean()))
+
+
+def group_importance(importance: np.ndarray, labels: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """Sum the rows of R (codes x factors) within each group; groups in first-seen order."""
+    r = np.asarray(importance, dtype=np.float64)
+    labels = np.asarray(labels)
+    if labels.shape != (r.shape[0],):
+        raise InputError(
+            f"labels: expected one group label per code ({r.shape[0]}), got {labels.shape}"
+        )
+    names = list(dict.fromkeys(labels.tolist()))
+    return names, np.stack([r[labels == name].sum(axis=0) for name in names])
+
+
+def standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both arrays scaled with the train columns' mean and std (constant columns left at 0)."""
+    mean, std = train.mean(axis=0), train.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    return (train - mean) / std, (test - mean) / std
+
+
+@dataclass(frozen=True)
+class DCIResult:
+    """DCI per code and, when groups are given, per latent group; informativeness per factor."""
+
+    factors: list[str]
+    codes: DCIScores
+    groups: DCIScores | None
+    group_names: list[str] | None
+    test_r2: np.ndarray  # per factor
+    test_mse: np.ndarray  # per factor, on the train-standardised scale
+
+    def factor_table(self) -> pd.DataFrame:
+        """One row per factor: completeness (codes, and groups if any), test R^2 and MSE."""
+        table = {"factor": self.factors, "completeness": self.codes.completeness_per_factor}
+        if self.groups is not None:
+            table["completeness_groups"] = self.groups.completeness_per_factor
+        table.update(test_r2=self.test_r2, test_mse=self.test_mse)
+        return pd.DataFrame(table)
+
+
+def dci(
+    train_codes: np.ndarray,
+    train_factors: np.ndarray,
+    test_codes: np.ndarray,
+    test_factors: np.ndarray,
+    method: str = "lasso",
+    labels: Sequence[str] | None = None,
+    factor_names: Sequence[str] | None = None,
+    alpha: float = DCI_ALPHA,
+    seed: int = 0,
+) -> DCIResult:
+    """DCI of codes (N, M) against ground-truth factors (N, K): one regressor per factor.
+
+    ``labels`` (one latent-group name per code) adds the group-level scores.
+    """
+    if method not in ("lasso", "forest"):
+        raise InputError(f"method must be 'lasso' or 'forest', got {method!r}")
+    ctr, cte = as_features("train_codes", train_codes), as_features("test_codes", test_codes)
+    ftr, fte = (
+        as_features("train_factors", train_factors),
+        as_features("test_factors", test_factors),
+    )
+    if len(ftr) != len(ctr) or len(fte) != len(cte):
+        raise InputError(
+            f"codes and factors differ in samples: train {len(ctr)} vs {len(ftr)}, "
+            f"test {len(cte)} vs {len(fte)}"
+        )
+    if cte.shape[1] != ctr.shape[1] or fte.shape[1] != ftr.shape[1]:
+        raise InputError("train and test differ in their number of codes or factors")
+    if np.ptp(ftr, axis=0).min() == 0:
+        raise InputError("a factor is constant on the train split; it cannot be predicted")
+    names = (
+        list(factor_names) if factor_names is not None else [f"f{j}" for j in range(ftr.shape[1])]
+    )
+    if len(names) != ftr.shape[1]:
+        raise InputError(f"factor_names has {len(names)} names for {ftr.shape[1]} factors")
+    ctr, cte = standardise(ctr, cte)
+    ftr, fte = standardise(ftr, fte)
+    importance = np.zeros((ctr.shape[1], ftr.shape[1]))
+    r2, mse = np.zeros(ftr.shape[1]), np.zeros(ftr.shape[1])
+    for j in range(ftr.shape[1]):
+        if method == "lasso":
+            model = Lasso(alpha=alpha, max_iter=LASSO_MAX_ITER).fit(ctr, ftr[:, j])
+            importance[:, j] = np.abs(model.coef_)
+        else:
+            model = RandomForestRegressor(
+                n_estimators=FOREST_TREES,
+                min_samples_leaf=FOREST_MIN_LEAF,
+                random_state=seed,
+                n_jobs=-1,
+            ).fit(ctr, ftr[:, j])
+            importance[:, j] = model.feature_importances_
+        pred = model.predict(cte)
+        r2[j] = r2_score(fte[:, j], pred)
+        mse[j] = mean_squared_error(fte[:, j], pred)
+    group_scores, group_names = None, None
+    if labels is not None:
+        group_names, grouped = group_importance(importance, labels)
+        group_scores = dci_scores(grouped)
+    return DCIResult(names, dci_scores(importance), group_scores, group_names, r2, mse)
