@@ -1,4 +1,4 @@
-"""pathanat: pathology-anatomy disentanglement in brain MRI with structured hierarchical-VAE priors."""
+"""pathanat: pathology-anatomy disentanglement in brain MRI with structured HVAE priors."""
 
 from pathanat.errors import PathanatError
 

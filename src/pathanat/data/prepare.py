@@ -1,0 +1,469 @@
+"""Cohort -> slice cache: prepare every subject, split by subject, write one file set per split.
+
+Cache layout (this module writes it and ``load_cache`` reads it; nothing else knows it):
+
+    CACHE/manifest.json        how the cache was made: version, parameters, source cohort, and per
+                               subject its source files, original shape/zooms/orientation,
+                               standardisation mean and std, kept slices, prepared-grid affine,
+                               split
+    CACHE/subjects.tsv         subject, split, attributes
+    CACHE/{split}_image.npy    float32 (N, NX, NY) standardised slices; axes are RAS x, y
+    CACHE/{split}_brain.npy    uint8 (N, NX, NY) brain mask
+    CACHE/{split}_lesion.npy   uint8 (N, NX, NY) lesion mask, when the cohort has lesion masks
+    CACHE/{split}_dseg.npy     uint8 (N, NX, NY) tissue labels, when the cohort has dsegs
+    CACHE/{split}_slices.tsv   one row per slice: subject, slice (k of the prepared grid), z_mm
+                               (world z of the slice centre), attributes
+
+Slice k of a subject maps to world coordinates through that subject's affine in the manifest:
+(x, y, z, 1) = affine @ (i, j, k, 1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import closing
+from dataclasses import dataclass
+from numbers import Integral, Real
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from numpy.lib.format import open_memmap
+from tqdm.auto import tqdm
+
+from pathanat import __version__
+from pathanat.atomic import atomic_dir
+from pathanat.data.cohort import Cohort, Subject, read_cohort
+from pathanat.data.volume import (
+    binary,
+    brain_box,
+    check_same_grid,
+    estimate_brain_mask,
+    labels,
+    load_volume,
+    resample,
+    slice_grid,
+    standardisation,
+)
+from pathanat.errors import ConfigError, InputError
+
+CACHE_FORMAT = 1
+SPLITS = ("train", "val", "test")
+SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
+DEFAULT_SLICES = {"FLAIR": 24, "T2w": 24, "T1w": 16}  # the paper's MS and AD settings
+SHAPE_MULTIPLE = 16  # 2^L for L = 4 downsamplings of the hierarchical VAE
+
+
+@dataclass(frozen=True)
+class Settings:
+    in_plane_mm: float
+    slice_mm: float
+    n_slices: int
+    shape: tuple[int, int]
+
+
+@dataclass
+class PreparedSubject:
+    """One subject on the prepared grid, arrays (n_slices, NX, NY), and its manifest record."""
+
+    id: str
+    image: np.ndarray
+    brain: np.ndarray
+    lesion: np.ndarray | None
+    dseg: np.ndarray | None
+    record: dict
+
+
+def prepare_subject(subject: Subject, settings: Settings) -> PreparedSubject:
+    """Load, check, resample and standardise one subject's image and masks."""
+    image = load_volume(subject.image, "image")
+    masks = {}
+    for name, path, what in (
+        ("lesion", subject.mask, "lesion mask"),
+        ("brain", subject.brain_mask, "brain mask"),
+        ("dseg", subject.dseg, "dseg"),
+    ):
+        if path is not None:
+            volume = load_volume(path, what)
+            check_same_grid(image, volume, what)
+            masks[name] = labels(volume) if name == "dseg" else binary(volume)
+    estimated = "brain" not in masks
+    brain = estimate_brain_mask(image.data) if estimated else masks["brain"]
+    if not brain.any():
+        where = subject.image if estimated else subject.brain_mask
+        raise InputError(f"{where}: the brain mask is empty; expected a brain")
+
+    lo, hi = brain_box(brain, image.affine)
+    grid = slice_grid(
+        (lo + hi) / 2, settings.in_plane_mm, settings.slice_mm, settings.shape, settings.n_slices
+    )
+    grid_shape = (*settings.shape, settings.n_slices)
+
+    def on_grid(data: np.ndarray, order: int) -> np.ndarray:
+        out = resample(data, image.affine, grid, grid_shape, order)
+        return np.ascontiguousarray(np.moveaxis(out, 2, 0))  # slices first: (n, NX, NY)
+
+    values = on_grid(image.data, order=1)
+    brain_slices = on_grid(brain, order=0)
+    try:
+        mean, std = standardisation(values, brain_slices)
+    except ValueError as err:
+        raise InputError(f"{subject.image}: cannot standardise ({err})") from err
+    z_mm = grid[2, 3] + grid[2, 2] * np.arange(settings.n_slices)
+    record = {
+        "sources": {
+            "image": str(subject.image),
+            "mask": _str(subject.mask),
+            "brain_mask": _str(subject.brain_mask),
+            "dseg": _str(subject.dseg),
+        },
+        "brain_mask_estimated": estimated,
+        "original": {
+            "shape": list(image.shape),
+            "zooms": list(image.zooms),
+            "orientation": image.orientation,
+        },
+        "mean": mean,
+        "std": std,
+        # The kept slices lie inside [min z, max z] of this box unless the brain is too short.
+        "brain_box_mm": {"min": lo.round(3).tolist(), "max": hi.round(3).tolist()},
+        "kept_z_mm": [float(z_mm[0]), float(z_mm[-1])],
+        "affine": grid.tolist(),
+    }
+    return PreparedSubject(
+        id=subject.id,
+        image=((values - mean) / std).astype(np.float32),
+        brain=brain_slices,
+        lesion=on_grid(masks["lesion"], order=0) if "lesion" in masks else None,
+        dseg=on_grid(masks["dseg"], order=0) if "dseg" in masks else None,
+        record=record,
+    )
+
+
+def split_subjects(ids: Sequence[str], seed: int) -> dict[str, str]:
+    """Subject -> split, 60/20/20 by subject, the same for the same ids and seed."""
+    n = len(ids)
+    if n < len(SPLITS):
+        raise ValueError(f"{n} subject(s); a train/val/test split needs at least {len(SPLITS)}")
+    n_val = max(1, round(SPLIT_FRACTIONS[1] * n))
+    n_test = max(1, round(SPLIT_FRACTIONS[2] * n))
+    order = np.random.default_rng(seed).permutation(sorted(ids))
+    sizes = {"train": n - n_val - n_test, "val": n_val, "test": n_test}
+    out, start = {}, 0
+    for split in SPLITS:
+        for sid in order[start : start + sizes[split]]:
+            out[str(sid)] = split
+        start += sizes[split]
+    return out
+
+
+def prepare_cohort(
+    cohort: Path,
+    out: Path,
+    in_plane_mm: float = 2.0,
+    slice_mm: float = 1.0,
+    n_slices: int | None = None,
+    shape: tuple[int, int] = (96, 112),
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    modality: str | None = None,
+    workers: int = 2,
+) -> Path:
+    """Prepare a cohort (BIDS-like folder or CSV manifest) into a slice cache at ``out``.
+
+    ``n_slices`` defaults to 24 for FLAIR/T2w and 16 for T1w (else 24 with lesion masks, 16
+    without); ``modality`` picks the image when a BIDS cohort has several; ``workers`` processes
+    prepare subjects in parallel. Nothing is left at ``out`` unless the whole cache was written.
+    """
+    _check_settings(in_plane_mm, slice_mm, n_slices, shape, workers)
+    source = read_cohort(cohort, modality)
+    if n_slices is None:
+        default = 24 if source.has_lesion else 16
+        n_slices = DEFAULT_SLICES.get(source.modality or "", default)
+    settings = Settings(float(in_plane_mm), float(slice_mm), int(n_slices), tuple(map(int, shape)))
+    if len(source.subjects) < len(SPLITS):
+        raise InputError(
+            f"{source.source}: {len(source.subjects)} subject(s); a train/val/test split needs at "
+            f"least {len(SPLITS)} (one per split)"
+        )
+    split_of = split_subjects([s.id for s in source.subjects], seed)
+    members = {k: [s for s in source.subjects if split_of[s.id] == k] for k in SPLITS}
+
+    out = Path(out)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        arrays = _open_arrays(tmp, source, members, settings)
+        slot = {s.id: (k, i * n_slices) for k in SPLITS for i, s in enumerate(members[k])}
+        records = {}
+        # closing() stops the worker pool as soon as anything here fails, not at garbage collection.
+        with closing(_prepared(source.subjects, settings, workers)) as prepared:
+            for done in tqdm(prepared, total=len(source.subjects), desc="prepare",
+                             unit="subject", disable=not progress):
+                split, start = slot[done.id]
+                for name, array in arrays[split].items():
+                    array[start : start + n_slices] = getattr(done, name)
+                records[done.id] = {"split": split, **done.record}
+        for split_arrays in arrays.values():
+            for array in split_arrays.values():
+                array.flush()
+        del arrays  # close the memory maps before the folder is renamed
+        _write_tables(tmp, source, members, records, settings)
+        _write_manifest(tmp, source, members, records, settings, seed)
+    return out
+
+
+def _check_settings(
+    in_plane_mm: float, slice_mm: float, n_slices: int | None, shape: Sequence[int], workers: int
+) -> None:
+    for name, value in (("in_plane_mm", in_plane_mm), ("slice_mm", slice_mm)):
+        if not (isinstance(value, Real) and math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name} must be a positive number of mm; got {value!r}")
+    if n_slices is not None and not (isinstance(n_slices, Integral) and n_slices >= 1):
+        raise ConfigError(f"n_slices must be a positive integer; got {n_slices!r}")
+    if len(shape) != 2 or any(
+        not isinstance(n, Integral) or n <= 0 or n % SHAPE_MULTIPLE for n in shape
+    ):
+        raise ConfigError(
+            f"shape must be two positive multiples of {SHAPE_MULTIPLE}; got {tuple(shape)}"
+        )
+    if not (isinstance(workers, Integral) and workers >= 1):
+        raise ConfigError(f"workers must be a positive integer; got {workers!r}")
+
+
+def _prepared(
+    subjects: list[Subject], settings: Settings, workers: int
+) -> Iterator[PreparedSubject]:
+    """Prepared subjects as they finish; the first failure cancels the rest and is raised."""
+    if workers == 1 or len(subjects) == 1:
+        for subject in subjects:
+            yield prepare_subject(subject, settings)
+        return
+    # Not fork: the caller may hold threads (torch, a progress bar) whose locks a fork would copy.
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    pool = ProcessPoolExecutor(min(workers, len(subjects)), mp_context=mp.get_context(method))
+    try:
+        futures = [pool.submit(prepare_subject, s, settings) for s in subjects]
+        for future in as_completed(futures):
+            yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _open_arrays(
+    folder: Path, source: Cohort, members: dict[str, list[Subject]], settings: Settings
+) -> dict[str, dict[str, np.ndarray]]:
+    kinds = {"image": np.float32, "brain": np.uint8}
+    if source.has_lesion:
+        kinds["lesion"] = np.uint8
+    if source.has_dseg:
+        kinds["dseg"] = np.uint8
+    return {
+        split: {
+            name: open_memmap(
+                folder / f"{split}_{name}.npy", mode="w+", dtype=dtype,
+                shape=(len(members[split]) * settings.n_slices, *settings.shape),
+            )
+            for name, dtype in kinds.items()
+        }
+        for split in SPLITS
+    }
+
+
+def _write_tables(
+    folder: Path,
+    source: Cohort,
+    members: dict[str, list[Subject]],
+    records: dict[str, dict],
+    settings: Settings,
+) -> None:
+    rows = [{"subject": s.id, "split": k, **s.attributes} for k in SPLITS for s in members[k]]
+    _to_tsv(pd.DataFrame(rows, columns=["subject", "split", *source.attributes]),
+            folder / "subjects.tsv")
+    for split in SPLITS:
+        rows = []
+        for s in members[split]:
+            z0, z1 = records[s.id]["kept_z_mm"]
+            for k, z in enumerate(np.linspace(z0, z1, settings.n_slices)):
+                rows.append({"subject": s.id, "slice": k, "z_mm": round(float(z), 4),
+                             **s.attributes})
+        columns = ["subject", "slice", "z_mm", *source.attributes]
+        _to_tsv(pd.DataFrame(rows, columns=columns), folder / f"{split}_slices.tsv")
+
+
+def _to_tsv(table: pd.DataFrame, path: Path) -> None:
+    table.to_csv(path, sep="\t", index=False, na_rep="n/a")
+
+
+def _write_manifest(
+    folder: Path,
+    source: Cohort,
+    members: dict[str, list[Subject]],
+    records: dict[str, dict],
+    settings: Settings,
+    seed: int,
+) -> None:
+    manifest = {
+        "format": CACHE_FORMAT,
+        "pathanat_version": __version__,
+        "parameters": {
+            "in_plane_mm": settings.in_plane_mm,
+            "slice_mm": settings.slice_mm,
+            "n_slices": settings.n_slices,
+            "shape": list(settings.shape),
+            "seed": seed,
+            "split_fractions": dict(zip(SPLITS, SPLIT_FRACTIONS, strict=True)),
+            "standardisation": "per subject, zero mean and unit variance over the brain-mask "
+                               "voxels of the kept slices; original = value * std + mean",
+            "interpolation": "image: linear after Gaussian anti-aliasing where downsampling; "
+                             "masks and dseg: nearest neighbour",
+        },
+        "source": {
+            "path": str(Path(source.source).resolve()),
+            "layout": source.layout,
+            "modality": source.modality,
+        },
+        "arrays": ["image", "brain"] + ["lesion"] * source.has_lesion + ["dseg"] * source.has_dseg,
+        "attributes": source.attributes,
+        "numeric_attributes": _numeric(source),
+        "splits": {split: [s.id for s in members[split]] for split in SPLITS},
+        "subjects": {sid: records[sid] for sid in sorted(records)},
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def _numeric(source: Cohort) -> list[str]:
+    """Attribute columns whose every given value is a number."""
+    def is_number(v: object) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    return [
+        a for a in source.attributes
+        if all(is_number(s.attributes[a]) or s.attributes[a] is None for s in source.subjects)
+        and any(s.attributes[a] is not None for s in source.subjects)
+    ]
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheSplit:
+    """One split's slices: arrays (N, NX, NY), memory-mapped, and a table row per slice."""
+
+    name: str
+    image: np.ndarray
+    brain: np.ndarray
+    lesion: np.ndarray | None
+    dseg: np.ndarray | None
+    slices: pd.DataFrame
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+
+@dataclass(frozen=True)
+class Cache:
+    """A prepared slice cache: its manifest, subject table, and access to each split."""
+
+    path: Path
+    manifest: dict
+    subjects: pd.DataFrame
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.manifest["parameters"]["shape"])
+
+    @property
+    def n_slices(self) -> int:
+        return self.manifest["parameters"]["n_slices"]
+
+    @property
+    def has_lesion(self) -> bool:
+        return "lesion" in self.manifest["arrays"]
+
+    @property
+    def has_dseg(self) -> bool:
+        return "dseg" in self.manifest["arrays"]
+
+    @property
+    def attributes(self) -> list[str]:
+        return list(self.manifest["attributes"])
+
+    @property
+    def numeric_attributes(self) -> list[str]:
+        return list(self.manifest["numeric_attributes"])
+
+    def split(self, name: str, mmap: bool = True) -> CacheSplit:
+        """The slices of ``name`` (train, val or test), memory-mapped read-only by default."""
+        if name not in SPLITS:
+            raise InputError(f"{self.path}: unknown split {name!r}; expected one of {SPLITS}")
+        mode = "r" if mmap else None
+        arrays = {
+            kind: np.load(self.path / f"{name}_{kind}.npy", mmap_mode=mode)
+            if kind in self.manifest["arrays"] else None
+            for kind in ("image", "brain", "lesion", "dseg")
+        }
+        slices = pd.read_csv(
+            self.path / f"{name}_slices.tsv", sep="\t", dtype={"subject": str},
+            na_values=["n/a"], keep_default_na=False,
+        )
+        return CacheSplit(name=name, slices=slices, **arrays)
+
+    def stats(self, subject: str) -> tuple[float, float]:
+        """The (mean, std) that standardised ``subject``'s image."""
+        record = self._record(subject)
+        return record["mean"], record["std"]
+
+    def affine(self, subject: str) -> np.ndarray:
+        """Voxel (i, j, slice) -> world (mm, RAS) affine of ``subject``'s prepared slices."""
+        return np.array(self._record(subject)["affine"])
+
+    def to_original(self, values: np.ndarray, subjects: str | Sequence[str]) -> np.ndarray:
+        """Standardised values back on the original intensity scale.
+
+        ``subjects`` is one id for all of ``values``, or one id per entry of its first axis.
+        """
+        values = np.asarray(values, dtype=np.float64)
+        if isinstance(subjects, str):
+            mean, std = self.stats(subjects)
+        else:
+            stats = np.array([self.stats(s) for s in subjects])
+            if len(stats) != len(values):
+                raise ValueError(f"{len(stats)} subjects for {len(values)} values")
+            mean, std = (stats[:, i].reshape(-1, *[1] * (values.ndim - 1)) for i in (0, 1))
+        return values * std + mean
+
+    def _record(self, subject: str) -> dict:
+        try:
+            return self.manifest["subjects"][subject]
+        except KeyError:
+            raise InputError(f"{self.path}: no subject {subject!r} in the cache") from None
+
+
+def load_cache(path: str | Path) -> Cache:
+    """Open the slice cache written by ``prepare_cohort`` at ``path``."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise InputError(f"{path}: no manifest.json; expected a cache made by `pathanat prepare`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{manifest_path}: cannot read the manifest ({err})") from err
+    if manifest.get("format") != CACHE_FORMAT:
+        raise InputError(
+            f"{manifest_path}: cache format {manifest.get('format')!r}; expected {CACHE_FORMAT}"
+        )
+    subjects = pd.read_csv(
+        path / "subjects.tsv", sep="\t", dtype={"subject": str}, na_values=["n/a"],
+        keep_default_na=False,
+    )
+    return Cache(path=path, manifest=manifest, subjects=subjects)
