@@ -1,0 +1,663 @@
+"""The multi-scale hierarchical VAE with four prior structures: vae, nvae, nvmp, nvmp+ (Table 2).
+
+Groups are numbered top-down: z_0 is the coarsest (1/2^L of the padded input), z_L is at full
+resolution; each has ``latent_channels`` channels. The four kinds share one encoder and one
+decoder trunk, so their capacity is the same; they differ only in what a kind needs:
+
+- ``vae``: q(z_l | x) = N(dmu_l(x), dsig_l(x)) and p(z_l) = N(0, I) for every l. The decoder
+  consumes the latents top-down, but its state parameterises no distribution (it has no prior
+  heads), so the posterior is a function of the encoder alone.
+- ``nvae``: q(z_0 | x) = N(dmu_0, dsig_0), p(z_0) = N(0, I); for l > 0 the decoder state gives the
+  prior p(z_l | z_<l) = N(mu_l, sig_l) and the posterior is the residual N(mu_l + dmu_l,
+  sig_l * dsig_l).
+- ``nvmp``: as nvae, with p(z_0) = (1/K) sum_k q(z_0 | u_k), u_k trainable pseudo-inputs.
+- ``nvmp+``: as nvmp; its objective adds, for l >= 1, KL[p(z_l | z_<l) || (1/K) sum_k
+  q_phi(z_l | u_k)] where q_phi(z_l | u_k) = N(dmu_l(u_k), dsig_l(u_k)) is the encoder's own
+  Gaussian at scale l. One encoder pass over the K pseudo-inputs gives the components of every
+  group's VampPrior at once (the same heads that give the image's deltas); nothing else is added.
+
+The encoder's deltas (dmu_l, dsig_l) come from the bottom-up pass over the image alone (DESIGN.md,
+Table 2's dmu_phi(x)); NVAE also feeds the decoder state into them, we do not, because:
+(1) q_phi(z_l | u_k) in nvmp+ is then exactly "the encoder's Gaussian for u_k" with no decoder pass
+per pseudo-input; (2) the encoder runs once per image and the top-down pass alone is repeated for
+the S samples of the importance-weighted likelihood; (3) the residual posterior still depends on
+the decoder through (mu_l, sig_l), which is what makes inference bidirectional.
+
+Inputs of any H x W are padded (edge replication, bottom/right) to a multiple of 2^L and outputs
+cropped back; the likelihood counts only the original pixels. Kinds with pseudo-inputs need the
+padded input size to equal the padded ``image_size`` (the pseudo-inputs' shape), since their z_0
+prior lives on that grid.
+
+Speed: the model runs in the memory layout of its weights -- call
+``model.to(memory_format=torch.channels_last)`` and run under
+``torch.autocast("cpu", dtype=torch.bfloat16)`` for the fast path. The trunk's convs then run in
+bf16, and so do the heads that emit latent distribution parameters, whose outputs are cast to fp32
+before they are bounded; the likelihood head runs in fp32, and all densities and KLs are fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pathanat.errors import ConfigError, InputError, PathanatError
+from pathanat.models.blocks import (
+    conv1x1,
+    conv3x3,
+    downsample,
+    residual_stack,
+    small_init_,
+    upsample,
+)
+from pathanat.models.distributions import (
+    DiagonalGaussian,
+    gaussian_log_likelihood,
+    mixture_log_prob,
+    residual_posterior,
+    sum_per_sample,
+)
+from pathanat.models.heads import SegmentationHead
+
+Kind = Literal["vae", "nvae", "nvmp", "nvmp+"]
+KINDS: tuple[str, ...] = ("vae", "nvae", "nvmp", "nvmp+")
+ResampleMode = Literal["value", "residual"]
+
+# log-scale of the pixel likelihood, smoothly bounded to (X_LOG_SCALE_MIN, X_LOG_SCALE_MAX) by a
+# scaled sigmoid: sigma_x in (0.018, 7.4) on standardised intensities, starting at exp(-1) ~ 0.37.
+# The floor is the stability knob: with a floor of exp(-5) per-pixel scales collapsed on a few
+# pixels and a small shift of the mean then gave loss spikes of 100x (seen at lr 1e-3..2e-3);
+# 0.018 standard deviations is still far below the error of any reconstruction we measure.
+X_LOG_SCALE_MIN = -4.0
+X_LOG_SCALE_MAX = 2.0
+# Distribution heads start with weights scaled by this so a new model has posteriors near their
+# priors and unit scales (small, finite KL at step 0).
+HEAD_INIT_SCALE = 0.1
+
+
+@dataclass
+class HVAEConfig:
+    """Everything that defines a model; a checkpoint stores it, so a model can always be rebuilt.
+
+    Defaults: the paper's hierarchy (L = 4, 5 groups of 2 channels, z_P = z_2). The paper gives no
+    trunk size; ours is 32 channels at every scale and 2 residual cells per scale in each trunk:
+    ~0.38 M parameters (vae 377 k, nvae 382 k, nvmp/nvmp+ 468 k with 8 pseudo-inputs of 96 x 112),
+    enough to reconstruct 2 mm slices and cheap enough to train on CPU. Constant width keeps the
+    full-resolution scale (where 2/3 of the FLOPs are) as cheap as the coarse ones allow.
+    K = 8 pseudo-inputs: all K go through the encoder every step, so with a batch of 16 they add
+    half an encoder pass (about a sixth of a step); 8 modes cover the coarse cluster structure of
+    a slice distribution (VampPrior's K = 500 was for MLP encoders of 28 x 28 digits).
+    """
+
+    kind: Kind = "nvae"
+    in_channels: int = 1
+    image_size: tuple[int, int] = (96, 112)
+    levels: int = 4
+    latent_channels: int = 2
+    width: int = 32
+    cells_per_scale: int = 2
+    pseudo_inputs: int = 8
+    z_p: int = 2
+    supervised: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"model.kind: expected one of {', '.join(KINDS)}, got {self.kind!r}")
+        for key in ("in_channels", "levels", "latent_channels", "width", "pseudo_inputs"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model.{key}: expected an integer >= 1, got {value!r}")
+        if not isinstance(self.cells_per_scale, int) or self.cells_per_scale < 0:
+            raise ConfigError(
+                f"model.cells_per_scale: expected an integer >= 0, got {self.cells_per_scale!r}"
+            )
+        if not (0 <= self.z_p <= self.levels):
+            raise ConfigError(
+                f"model.z_p: expected a group index in 0..{self.levels} (levels), got {self.z_p!r}"
+            )
+        size = tuple(self.image_size)
+        if len(size) != 2 or any(not isinstance(s, int) or s < 1 for s in size):
+            raise ConfigError(
+                f"model.image_size: expected two positive integers [H, W], got {self.image_size!r}"
+            )
+        self.image_size = (int(size[0]), int(size[1]))
+
+    @property
+    def num_groups(self) -> int:
+        return self.levels + 1
+
+    @property
+    def residual(self) -> bool:
+        """Whether the decoder parameterises priors and residual posteriors for l > 0."""
+        return self.kind != "vae"
+
+    @property
+    def vamp(self) -> bool:
+        """Whether p(z_0) is a VampPrior over trainable pseudo-inputs."""
+        return self.kind in ("nvmp", "nvmp+")
+
+
+@dataclass
+class Group:
+    """One latent group of a top-down pass.
+
+    ``prior`` is None where it is fixed rather than computed: N(0, I), or the VampPrior for z_0
+    of nvmp/nvmp+ (whose components are in the pass's ``pseudo``). ``delta`` is the encoder's
+    Gaussian N(dmu_l, dsig_l); for the residual kinds at l > 0 the posterior is built from it.
+    """
+
+    z: Tensor
+    posterior: DiagonalGaussian
+    delta: DiagonalGaussian
+    prior: DiagonalGaussian | None
+
+
+@dataclass
+class HVAEOutput:
+    """One stochastic pass x -> q(z | x) -> p(x | z); cropped to the input's H x W."""
+
+    kind: str
+    x_mean: Tensor
+    x_log_scale: Tensor
+    groups: list[Group]
+    # q_phi(z_l | u_k) for every group l, each with batch K; None for kinds without pseudo-inputs.
+    pseudo: list[DiagonalGaussian] | None
+    seg_logits: Tensor | None = None
+
+
+@dataclass
+class Encoding:
+    """A subject's latent code: posterior means, taken top-down (z_l | posterior means above).
+
+    ``residuals[l]`` is (z_l - mu_l) / sig_l, the mean in units of its own prior p(z_l | z_<l) --
+    equal to ``z[l]`` where the prior is fixed (all of vae, and z_0 of every kind).
+    """
+
+    z: list[Tensor]
+    residuals: list[Tensor]
+    posteriors: list[DiagonalGaussian]
+    priors: list[DiagonalGaussian | None]
+    input_size: tuple[int, int]
+
+
+@dataclass
+class Generated:
+    """Images from given latents: the likelihood's mean and log-scale, and the latents used."""
+
+    x_mean: Tensor
+    x_log_scale: Tensor
+    z: list[Tensor]
+    seg_logits: Tensor | None = None
+
+
+def _fp32_conv(conv: nn.Conv2d, h: Tensor) -> Tensor:
+    """Run ``conv`` in float32 even under autocast (the likelihood head: its mean must resolve
+    pixel differences far below bf16's 3 significant digits for an honest NLL)."""
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        return _GradInLayout.apply(conv(h.float()))
+
+
+class _GradInLayout(torch.autograd.Function):
+    """Identity whose backward hands on the gradient in the forward tensor's memory layout.
+
+    The KL and density code reduces and broadcasts, which leaves the gradient of a head's output
+    in the default layout; a channels_last conv fed such a gradient converts layouts internally
+    and its backward became the slowest op of the step. Copying the small (2-channel) gradient
+    once is far cheaper.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.channels_last = x.dim() == 4 and not x.is_contiguous()
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        if ctx.channels_last:
+            return grad.contiguous(memory_format=torch.channels_last)
+        return grad.contiguous()
+
+
+def _head_output(conv: nn.Conv2d, h: Tensor) -> Tensor:
+    """``conv(h)`` cast to float32, its gradient kept in the conv's layout."""
+    return _GradInLayout.apply(conv(h)).float()
+
+
+class GaussianHead(nn.Module):
+    """Two 3x3 convs from a state to the raw (mean, log-scale) of a latent group.
+
+    They run in the trunk's precision (bf16 under autocast: a float32 copy of the full-resolution
+    state per head would cost more than the head); their outputs are cast up to float32 before
+    they are bounded. Two convs rather than one split in two: the backward of a channel split
+    hands the conv a gradient in the default layout, which forces slow layout conversions in a
+    channels_last model.
+    """
+
+    def __init__(self, width: int, channels: int) -> None:
+        super().__init__()
+        self.mu = small_init_(conv3x3(width, channels), HEAD_INIT_SCALE)
+        self.log_sigma = small_init_(conv3x3(width, channels), HEAD_INIT_SCALE)
+
+    def forward(self, h: Tensor) -> DiagonalGaussian:
+        return DiagonalGaussian.from_raw(_head_output(self.mu, h), _head_output(self.log_sigma, h))
+
+
+class Encoder(nn.Module):
+    """Bottom-up trunk: full resolution -> 1/2^L, one head of (dmu_l, dsig_l) per scale."""
+
+    def __init__(self, config: HVAEConfig, residual_scale: float) -> None:
+        super().__init__()
+        width, channels = config.width, config.latent_channels
+        self.stem = conv3x3(config.in_channels, width)
+        # Index l = latent group l (0 coarsest); the pass runs l = L .. 0.
+        self.stacks = nn.ModuleList(
+            residual_stack(width, config.cells_per_scale, residual_scale)
+            for _ in range(config.num_groups)
+        )
+        self.heads = nn.ModuleList(GaussianHead(width, channels) for _ in range(config.num_groups))
+
+    def forward(self, x: Tensor, memory_format: torch.memory_format) -> list[DiagonalGaussian]:
+        """The deltas N(dmu_l(x), dsig_l(x)) of every group, indexed top-down (l = 0 first)."""
+        # With one input channel both layouts look alike to conv, so the stem's output layout is
+        # set explicitly; every later op keeps it.
+        h = self.stem(x).contiguous(memory_format=memory_format)
+        deltas: list[DiagonalGaussian] = []
+        for level in reversed(range(len(self.stacks))):
+            h = self.stacks[level](h)
+            deltas.append(self.heads[level](h))
+            if level > 0:
+                h = downsample(h)
+        return deltas[::-1]
+
+
+class Decoder(nn.Module):
+    """Top-down trunk: a learned constant at 1/2^L, each group injected by a 1x1 conv, then cells.
+
+    For the residual kinds a head on the (upsampled) state gives the prior of groups l > 0.
+    """
+
+    def __init__(self, config: HVAEConfig, residual_scale: float) -> None:
+        super().__init__()
+        width, channels = config.width, config.latent_channels
+        self.start = nn.Parameter(torch.zeros(1, width, 1, 1))
+        self.z_in = nn.ModuleList(conv1x1(channels, width) for _ in range(config.num_groups))
+        self.stacks = nn.ModuleList(
+            residual_stack(width, config.cells_per_scale, residual_scale)
+            for _ in range(config.num_groups)
+        )
+        # prior_heads[l - 1] gives p(z_l | z_<l) for l = 1..L; the vae has none.
+        self.prior_heads = nn.ModuleList(
+            GaussianHead(width, channels) for _ in range(config.levels if config.residual else 0)
+        )
+        self.out = conv3x3(width, 2 * config.in_channels)
+
+    def initial_state(
+        self, batch: int, size: tuple[int, int], memory_format: torch.memory_format
+    ) -> Tensor:
+        return self.start.expand(batch, -1, *size).contiguous(memory_format=memory_format)
+
+    def prior(self, level: int, h: Tensor) -> DiagonalGaussian | None:
+        """p(z_level | z_<level) from the state, or None where the prior is fixed."""
+        if level == 0 or not self.prior_heads:
+            return None
+        return self.prior_heads[level - 1](h)
+
+    def absorb(self, level: int, h: Tensor, z: Tensor) -> Tensor:
+        """The state after injecting z_level and running the cells of that scale."""
+        injected = self.z_in[level](z)
+        # Under autocast the injection is bf16; casting the state to it keeps the whole residual
+        # stream in bf16 rather than promoting it to fp32 and re-casting before every conv.
+        return self.stacks[level](injected + h.to(injected.dtype))
+
+    def likelihood(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-pixel mean and bounded log-scale of p(x | z), in float32."""
+        mean, raw_log_scale = _fp32_conv(self.out, h).chunk(2, dim=1)
+        span = X_LOG_SCALE_MAX - X_LOG_SCALE_MIN
+        return mean, X_LOG_SCALE_MIN + span * torch.sigmoid(raw_log_scale)
+
+
+# choose(level, prior) -> the value of z_level; prior is None where it is fixed (see Group).
+Chooser = Callable[[int, "DiagonalGaussian | None"], Tensor]
+
+
+class HierarchicalVAE(nn.Module):
+    """The one model class; ``config.kind`` selects vae / nvae / nvmp / nvmp+."""
+
+    def __init__(self, config: HVAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        residual_scale = 1.0 / math.sqrt(max(1, 2 * config.num_groups * config.cells_per_scale))
+        self.encoder = Encoder(config, residual_scale)
+        self.decoder = Decoder(config, residual_scale)
+        self.pseudo_inputs = (
+            nn.Parameter(torch.randn(config.pseudo_inputs, config.in_channels, *config.image_size))
+            if config.vamp
+            else None
+        )
+        self.seg_head = (
+            SegmentationHead(config.latent_channels, config.width, config.levels - config.z_p)
+            if config.supervised
+            else None
+        )
+
+    # ---- shapes and layout -------------------------------------------------------------------
+
+    @property
+    def multiple(self) -> int:
+        return 2**self.config.levels
+
+    def padded_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        m = self.multiple
+        return (-(-size[0] // m) * m, -(-size[1] // m) * m)
+
+    def group_shapes(self, size: tuple[int, int]) -> list[tuple[int, int, int]]:
+        """(C, H_l, W_l) of every group for an input of ``size`` (before padding)."""
+        ph, pw = self.padded_size(size)
+        c, L = self.config.latent_channels, self.config.levels
+        return [(c, ph >> (L - level), pw >> (L - level)) for level in range(L + 1)]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _memory_format(self) -> torch.memory_format:
+        # The output conv's weight (2C_in, width, 3, 3) has distinct strides in the two layouts.
+        weight = self.decoder.out.weight
+        channels_last = weight.is_contiguous(memory_format=torch.channels_last)
+        return torch.channels_last if channels_last else torch.contiguous_format
+
+    def _pad(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise InputError(
+                f"model input: expected a batch of shape (B, {self.config.in_channels}, H, W), "
+                f"got {tuple(x.shape)}"
+            )
+        ph, pw = self.padded_size(tuple(x.shape[-2:]))
+        if self.config.vamp and (ph, pw) != self.padded_size(self.config.image_size):
+            raise InputError(
+                f"model input: {self.config.kind} has pseudo-inputs of size "
+                f"{self.config.image_size}, so images must pad to the same "
+                f"{self.padded_size(self.config.image_size)}; got {tuple(x.shape[-2:])}"
+            )
+        pad = (0, pw - x.shape[-1], 0, ph - x.shape[-2])
+        if any(pad):
+            x = F.pad(x, pad, mode="replicate")
+        return x.contiguous(memory_format=self._memory_format())
+
+    # ---- bottom-up ---------------------------------------------------------------------------
+
+    def _deltas(self, x: Tensor) -> tuple[list[DiagonalGaussian], list[DiagonalGaussian] | None]:
+        """Encoder Gaussians of the padded images and, for vamp kinds, of the K pseudo-inputs.
+
+        The images and the pseudo-inputs go through the encoder as one batch.
+        """
+        if self.pseudo_inputs is None:
+            return self.encoder(x, self._memory_format()), None
+        batch = x.shape[0]
+        both = self.encoder(
+            torch.cat([x, self._pad(self.pseudo_inputs)], dim=0), self._memory_format()
+        )
+        image = [DiagonalGaussian(d.mu[:batch], d.log_sigma[:batch]) for d in both]
+        pseudo = [DiagonalGaussian(d.mu[batch:], d.log_sigma[batch:]) for d in both]
+        return image, pseudo
+
+    def pseudo_components(self) -> list[DiagonalGaussian] | None:
+        """q_phi(z_l | u_k) for every group (batch K), or None for kinds without pseudo-inputs."""
+        if self.pseudo_inputs is None:
+            return None
+        return self.encoder(self._pad(self.pseudo_inputs), self._memory_format())
+
+    @torch.no_grad()
+    def init_pseudo_inputs(self, x: Tensor) -> None:
+        """Set the pseudo-inputs to training images (cycled if fewer than K): a better start than
+        noise, since the VampPrior's modes then begin where the data are."""
+        if self.pseudo_inputs is None:
+            raise PathanatError(f"init_pseudo_inputs: kind {self.config.kind} has no pseudo-inputs")
+        if tuple(x.shape[1:]) != tuple(self.pseudo_inputs.shape[1:]):
+            expected = tuple(self.pseudo_inputs.shape[1:])
+            raise InputError(
+                f"init_pseudo_inputs: expected images of shape {expected}, got {tuple(x.shape[1:])}"
+            )
+        index = torch.arange(self.pseudo_inputs.shape[0]) % x.shape[0]
+        self.pseudo_inputs.copy_(x[index])
+
+    # ---- top-down ----------------------------------------------------------------------------
+
+    def _top_down(
+        self, batch: int, padded: tuple[int, int], choose: Chooser
+    ) -> tuple[Tensor, Tensor, list[Tensor], list[DiagonalGaussian | None]]:
+        """Generate top-down; ``choose(l, prior)`` returns z_l given the prior at that point."""
+        L = self.config.levels
+        h = self.decoder.initial_state(
+            batch, (padded[0] >> L, padded[1] >> L), self._memory_format()
+        )
+        zs: list[Tensor] = []
+        priors: list[DiagonalGaussian | None] = []
+        for level in range(L + 1):
+            if level > 0:
+                h = upsample(h)
+            prior = self.decoder.prior(level, h)
+            z = choose(level, prior)
+            h = self.decoder.absorb(level, h, z)
+            zs.append(z)
+            priors.append(prior)
+        mean, log_scale = self.decoder.likelihood(h)
+        return mean, log_scale, zs, priors
+
+    @staticmethod
+    def _posterior(delta: DiagonalGaussian, prior: DiagonalGaussian | None) -> DiagonalGaussian:
+        """q(z_l | .): the encoder's Gaussian where the prior is fixed, else the residual form."""
+        return delta if prior is None else residual_posterior(prior, delta)
+
+    def _seg(self, zs: list[Tensor], size: tuple[int, int]) -> Tensor | None:
+        if self.seg_head is None:
+            return None
+        return self.seg_head(zs[self.config.z_p])[..., : size[0], : size[1]]
+
+    def _posterior_pass(
+        self, deltas: list[DiagonalGaussian], size: tuple[int, int], sample: bool
+    ) -> tuple[Tensor, Tensor, list[Group]]:
+        groups: list[Group] = []
+
+        def choose(level: int, prior: DiagonalGaussian | None) -> Tensor:
+            q = self._posterior(deltas[level], prior)
+            z = q.sample() if sample else q.mu
+            groups.append(Group(z, q, deltas[level], prior))
+            return z
+
+        padded = self.padded_size(size)
+        mean, log_scale, _, _ = self._top_down(deltas[0].mu.shape[0], padded, choose)
+        return mean[..., : size[0], : size[1]], log_scale[..., : size[0], : size[1]], groups
+
+    def forward(self, x: Tensor) -> HVAEOutput:
+        """One reparameterised pass: z ~ q(z | x), then p(x | z); what the objectives need."""
+        size = (x.shape[-2], x.shape[-1])
+        deltas, pseudo = self._deltas(self._pad(x))
+        mean, log_scale, groups = self._posterior_pass(deltas, size, sample=True)
+        seg = self._seg([g.z for g in groups], size)
+        return HVAEOutput(self.config.kind, mean, log_scale, groups, pseudo, seg)
+
+    # ---- densities ---------------------------------------------------------------------------
+
+    def log_prior_z(
+        self, level: int, group: Group, pseudo: list[DiagonalGaussian] | None
+    ) -> Tensor:
+        """Per-sample log p(z_l | z_<l) of a pass's group (the VampPrior for z_0 of vamp kinds)."""
+        if group.prior is not None:
+            return sum_per_sample(group.prior.log_prob(group.z))
+        if level == 0 and pseudo is not None:
+            return mixture_log_prob(group.z, pseudo[0])
+        return sum_per_sample(DiagonalGaussian.standard(group.z).log_prob(group.z))
+
+    @torch.no_grad()
+    def importance_weighted_log_likelihood(
+        self, x: Tensor, samples: int = 100, chunk_size: int = 64
+    ) -> Tensor:
+        """Per-image estimate of log p(x) in nats: log (1/S) sum_s p(x, z_s) / q(z_s | x).
+
+        The encoder runs once (its deltas do not depend on z); the top-down pass runs for the S
+        samples in chunks of at most ``chunk_size`` (image, sample) pairs, so memory is bounded
+        by ``chunk_size`` whatever S is. A lower bound on log p(x) that tightens as S grows;
+        S = 1 is the one-sample ELBO.
+        """
+        if samples < 1 or chunk_size < 1:
+            raise PathanatError(
+                f"importance_weighted_log_likelihood: samples and chunk_size must be >= 1, got "
+                f"{samples} and {chunk_size}"
+            )
+        size = (x.shape[-2], x.shape[-1])
+        batch = x.shape[0]
+        deltas, pseudo = self._deltas(self._pad(x))
+        per_chunk = max(1, chunk_size // batch)
+        log_w = []
+        for start in range(0, samples, per_chunk):
+            n = min(per_chunk, samples - start)
+            repeated = [d.expand_batch(n) for d in deltas]
+            mean, log_scale, groups = self._posterior_pass(repeated, size, sample=True)
+            w = gaussian_log_likelihood(x.repeat(n, 1, 1, 1), mean, log_scale)
+            for level, g in enumerate(groups):
+                log_q = sum_per_sample(g.posterior.log_prob(g.z))
+                w = w + self.log_prior_z(level, g, pseudo) - log_q
+            log_w.append(w.view(n, batch))
+        return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(samples)
+
+    # ---- codes, generation, synthesis ---------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Encoding:
+        """Posterior means of every group, top-down, each given the means above it."""
+        size = (x.shape[-2], x.shape[-1])
+        deltas, _ = self._deltas(self._pad(x))
+        _, _, groups = self._posterior_pass(deltas, size, sample=False)
+        residuals = [g.z if g.prior is None else g.prior.standardise(g.z) for g in groups]
+        return Encoding(
+            z=[g.z for g in groups],
+            residuals=residuals,
+            posteriors=[g.posterior for g in groups],
+            priors=[g.prior for g in groups],
+            input_size=size,
+        )
+
+    def _generated(self, batch: int, size: tuple[int, int], choose: Chooser) -> Generated:
+        mean, log_scale, zs, _ = self._top_down(batch, self.padded_size(size), choose)
+        crop = (..., slice(0, size[0]), slice(0, size[1]))
+        return Generated(mean[crop], log_scale[crop], zs, self._seg(zs, size))
+
+    def _prior_sample(
+        self, level: int, prior: DiagonalGaussian | None, shape: tuple[int, ...], temperature: float
+    ) -> Tensor:
+        """z_level from its prior at ``temperature`` (the std of the noise is scaled by it)."""
+        if prior is not None:
+            return prior.sample(temperature)
+        device = self.decoder.start.device
+        if level == 0 and self.pseudo_inputs is not None:
+            components = self.pseudo_components()[0]
+            pick = torch.randint(components.mu.shape[0], (shape[0],), device=device)
+            chosen = DiagonalGaussian(components.mu[pick], components.log_sigma[pick])
+            return chosen.sample(temperature)
+        return temperature * torch.randn(shape, device=device)
+
+    @torch.no_grad()
+    def decode(self, z: list[Tensor], size: tuple[int, int] | None = None) -> Generated:
+        """Images from given latents (one tensor per group, shapes as ``group_shapes``).
+
+        ``size`` crops the output (default: the padded size the latents imply).
+        """
+        self._check_latents(z)
+        L = self.config.levels
+        padded = (z[0].shape[-2] << L, z[0].shape[-1] << L)
+        return self._generated(z[0].shape[0], size or padded, lambda level, prior: z[level])
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, temperature: float = 1.0, size: tuple[int, int] | None = None
+    ) -> Generated:
+        """``n`` images drawn from the prior, top-down, noise scaled by ``temperature``."""
+        size = size or self.config.image_size
+        shapes = self.group_shapes(size)
+
+        def choose(level: int, prior: DiagonalGaussian | None) -> Tensor:
+            return self._prior_sample(level, prior, (n, *shapes[level]), temperature)
+
+        return self._generated(n, size, choose)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """The likelihood mean for the posterior means of ``x`` (cropped to x's size)."""
+        enc = self.encode(x)
+        return self._generated(x.shape[0], enc.input_size, lambda level, prior: enc.z[level]).x_mean
+
+    def _kept(
+        self, enc: Encoding, level: int, prior: DiagonalGaussian | None, mode: ResampleMode
+    ) -> Tensor:
+        if mode == "residual" and prior is not None:
+            return prior.unstandardise(enc.residuals[level])
+        return enc.z[level]
+
+    def _check_groups(self, groups: Collection[int], name: str) -> set[int]:
+        groups = set(groups)
+        bad = sorted(g for g in groups if not (isinstance(g, int) and 0 <= g <= self.config.levels))
+        if bad:
+            raise PathanatError(
+                f"{name}: expected group indices in 0..{self.config.levels}, got {bad}"
+            )
+        return groups
+
+    @staticmethod
+    def _check_mode(mode: str) -> None:
+        if mode not in ("value", "residual"):
+            raise PathanatError(f"mode: expected 'value' or 'residual', got {mode!r}")
+
+    def _check_latents(self, z: list[Tensor]) -> None:
+        if len(z) != self.config.num_groups:
+            raise InputError(f"latents: expected {self.config.num_groups} groups, got {len(z)}")
+
+    @torch.no_grad()
+    def resample(
+        self,
+        x: Tensor,
+        keep: Collection[int],
+        temperature: float = 1.0,
+        mode: ResampleMode = "value",
+    ) -> Generated:
+        """Keep the groups in ``keep`` from x's posterior (means); draw the others from the prior,
+        top-down, conditioned on what is kept and drawn above them.
+
+        ``mode="value"``: a kept group keeps its value z_l. ``mode="residual"``: a kept group keeps
+        its standardised residual r_l = (z_l - mu_l) / sig_l and is re-expressed in the new context
+        as mu'_l + sig'_l * r_l, so it moves with the groups above it (for the residual kinds and
+        l > 0; where the prior is fixed -- vae, z_0 -- value and residual coincide).
+        """
+        keep = self._check_groups(keep, "resample keep")
+        self._check_mode(mode)
+        enc = self.encode(x)
+        shapes = self.group_shapes(enc.input_size)
+        batch = x.shape[0]
+
+        def choose(level: int, prior: DiagonalGaussian | None) -> Tensor:
+            if level in keep:
+                return self._kept(enc, level, prior, mode)
+            return self._prior_sample(level, prior, (batch, *shapes[level]), temperature)
+
+        return self._generated(batch, enc.input_size, choose)
+
+    @torch.no_grad()
+    def mix(
+        self, x_a: Tensor, x_b: Tensor, from_a: Collection[int], mode: ResampleMode = "value"
+    ) -> Generated:
+        """Groups in ``from_a`` from subject a's posterior means, the rest from subject b's
+        (``mode`` as in :meth:`resample`); x_a and x_b have the same shape."""
+        from_a = self._check_groups(from_a, "mix from_a")
+        self._check_mode(mode)
+        if x_a.shape != x_b.shape:
+            raise InputError(f"mix: x_a {tuple(x_a.shape)} and x_b {tuple(x_b.shape)} differ")
+        enc_a, enc_b = self.encode(x_a), self.encode(x_b)
+
+        def choose(level: int, prior: DiagonalGaussian | None) -> Tensor:
+            return self._kept(enc_a if level in from_a else enc_b, level, prior, mode)
+
+        return self._generated(x_a.shape[0], enc_a.input_size, choose)

@@ -1,0 +1,185 @@
+"""Training objectives: the ELBOs of Table 3, KL annealing and balancing, lesion supervision.
+
+All terms are in nats, float32, per sample. The KL of a group is summed over its elements:
+- a standard-normal prior (every group of vae, z_0 of nvae): analytic KL[q || N(0, I)];
+- a residual posterior (l > 0 of nvae/nvmp/nvmp+): eq. 4, analytic;
+- the VampPrior of z_0 (nvmp/nvmp+): one-sample Monte Carlo log q(z_0) - log p(z_0), z_0 the
+  posterior sample of the pass (an unbiased estimate whose gradient reaches the encoder and the
+  pseudo-inputs).
+nvmp+ adds, for l >= 1, KL[p(z_l | z_<l) || (1/K) sum_k q_phi(z_l | u_k)], estimated with one fresh
+reparameterised sample from p(z_l | z_<l); it is returned apart (``kl_extra``) since it is a
+regulariser of Table 3's objective, not part of the bound on log p(x).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pathanat.errors import PathanatError
+from pathanat.models.distributions import (
+    gaussian_log_likelihood,
+    mc_kl_to_mixture,
+    residual_kl,
+    sum_per_sample,
+)
+from pathanat.models.hvae import HVAEOutput
+
+# Cyclical annealing (Fu et al. 2019): within each cycle the weight rises linearly from its start
+# value to 1 over this fraction of the cycle, then holds at 1 -- the fraction Fu et al. use, which
+# leaves half of every cycle to optimise the full ELBO.
+RISE_FRACTION = 0.5
+
+
+@dataclass
+class ELBOTerms:
+    """Per-sample terms of one pass: log p(x | z) (B,), KL per group (B, L+1), nvmp+'s extra KL
+    per group l = 1..L (B, L) or None, and the number of image dimensions per sample."""
+
+    log_px: Tensor
+    kl: Tensor
+    kl_extra: Tensor | None
+    dims: int
+
+    @property
+    def elbo(self) -> Tensor:
+        """The evidence lower bound log p(x | z) - sum_l KL_l per sample (nats)."""
+        return self.log_px - self.kl.sum(1)
+
+
+def group_kl(out: HVAEOutput) -> Tensor:
+    """Per-sample, per-group KL (B, L+1) of a forward pass, as Table 3 defines it for its kind."""
+    columns = []
+    for level, g in enumerate(out.groups):
+        if level == 0 and out.pseudo is not None:
+            columns.append(mc_kl_to_mixture(g.posterior, g.z, out.pseudo[0]))
+        elif g.prior is None:
+            columns.append(sum_per_sample(g.posterior.kl_standard()))
+        else:
+            columns.append(sum_per_sample(residual_kl(g.delta, g.prior)))
+    return torch.stack(columns, dim=1)
+
+
+def extra_kl(out: HVAEOutput) -> Tensor | None:
+    """nvmp+ only: KL[p(z_l | z_<l) || VampPrior_l] for l = 1..L, shape (B, L); else None."""
+    if out.kind != "nvmp+":
+        return None
+    columns = []
+    for level, g in enumerate(out.groups[1:], start=1):
+        z = g.prior.sample()
+        columns.append(mc_kl_to_mixture(g.prior, z, out.pseudo[level]))
+    return torch.stack(columns, dim=1)
+
+
+def elbo_terms(out: HVAEOutput, x: Tensor) -> ELBOTerms:
+    """The terms of Table 3's objective for the kind of ``out`` (a forward pass on ``x``)."""
+    log_px = gaussian_log_likelihood(x, out.x_mean, out.x_log_scale)
+    return ELBOTerms(log_px, group_kl(out), extra_kl(out), dims=x[0].numel())
+
+
+def group_sizes(out: HVAEOutput) -> Tensor:
+    """Number of latent elements per sample in each group, (L+1,)."""
+    return torch.tensor([float(g.z[0].numel()) for g in out.groups])
+
+
+def kl_weight(step: int, cycle: int = 10_000, start: float = 2e-7) -> float:
+    """Cyclical linear KL annealing: ``start`` at the beginning of each ``cycle`` steps, rising
+    linearly to 1 over the first ``RISE_FRACTION`` of the cycle, then 1 until the cycle ends."""
+    if cycle < 1 or step < 0:
+        raise PathanatError(f"kl_weight: expected cycle >= 1 and step >= 0, got {cycle}, {step}")
+    position = (step % cycle) / (RISE_FRACTION * cycle)
+    return start + (1.0 - start) * min(1.0, position)
+
+
+def kl_balance_coefficients(kl: Tensor, sizes: Tensor) -> Tensor:
+    """NVAE-style KL balancing coefficients (L+1,), detached, with mean 1.
+
+    Each group's coefficient is proportional to its size times its current batch-mean KL per
+    element -- that is, to its batch-mean total KL (paper, App. B: "proportional to the size of
+    each latent layer as well as the KLD value of that layer"). A group that carries little
+    information is pushed less, so no group collapses while the KL weight is small. (NVAE's own
+    code instead divides by a size factor, i.e. uses the KL per element; with 2 x 96 x 112 vs
+    2 x 6 x 7 elements this matters, so the choice is written here.) The 0.01 keeps a collapsed
+    group's coefficient above zero, as in NVAE.
+    """
+    per_element = kl.detach().abs().mean(0) / sizes.to(kl.device) + 0.01
+    coefficients = sizes.to(kl.device) * per_element
+    return coefficients / coefficients.mean()
+
+
+def soft_dice_loss(logits: Tensor, mask: Tensor, smooth: float = 1.0) -> Tensor:
+    """Per-sample 1 - soft Dice between sigmoid(logits) and a binary mask."""
+    p = torch.sigmoid(logits.float()).flatten(1)
+    t = mask.float().flatten(1)
+    return 1.0 - (2.0 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
+
+
+def supervision_loss(logits: Tensor, mask: Tensor) -> Tensor:
+    """Per-sample lesion loss: pixel-mean binary cross-entropy plus soft Dice."""
+    if logits.shape != mask.shape:
+        raise PathanatError(
+            f"supervision: logits {tuple(logits.shape)} and mask {tuple(mask.shape)} differ"
+        )
+    bce = F.binary_cross_entropy_with_logits(logits.float(), mask.float(), reduction="none")
+    return bce.flatten(1).mean(1) + soft_dice_loss(logits, mask)
+
+
+@dataclass
+class Loss:
+    """The scalar to minimise and its parts (batch means, for logging)."""
+
+    loss: Tensor
+    nll_per_dim: Tensor
+    kl_per_dim: Tensor
+    kl_extra_per_dim: Tensor
+    supervision: Tensor
+    coefficients: Tensor
+
+
+def training_loss(
+    terms: ELBOTerms,
+    sizes: Tensor,
+    beta: float,
+    balance: bool = True,
+    seg_logits: Tensor | None = None,
+    mask: Tensor | None = None,
+    supervision_weight: float = 1.0,
+) -> Loss:
+    """``mean_b[(-log p(x|z) + beta * sum_l c_l KL_l + beta * sum_l KLextra_l) / D]
+    + lambda * mean_b[BCE + Dice]``.
+
+    Dividing by D (pixels x channels) makes the loss scale independent of the image size and
+    comparable with the per-pixel supervision loss, so lambda = 1 weighs them evenly. The KL
+    balancing coefficients c_l apply while ``beta < 1`` and ``balance``; otherwise c_l = 1. nvmp+'s
+    extra KL is annealed with the same beta but not balanced.
+    """
+    if balance and beta < 1.0:
+        coefficients = kl_balance_coefficients(terms.kl, sizes)
+    else:
+        coefficients = torch.ones(terms.kl.shape[1], device=terms.kl.device)
+    nll = -terms.log_px
+    kl = (terms.kl * coefficients).sum(1)
+    extra = terms.kl_extra.sum(1) if terms.kl_extra is not None else torch.zeros_like(nll)
+    per_sample = (nll + beta * (kl + extra)) / terms.dims
+    supervision = torch.zeros((), device=nll.device)
+    if seg_logits is not None and mask is not None:
+        supervision = supervision_loss(seg_logits, mask).mean()
+    elif (seg_logits is None) != (mask is None):
+        raise PathanatError("training_loss: supervision needs both seg_logits and mask")
+    return Loss(
+        loss=per_sample.mean() + supervision_weight * supervision,
+        nll_per_dim=nll.mean().detach() / terms.dims,
+        kl_per_dim=terms.kl.sum(1).mean().detach() / terms.dims,
+        kl_extra_per_dim=extra.mean().detach() / terms.dims,
+        supervision=supervision.detach(),
+        coefficients=coefficients,
+    )
+
+
+def bits_per_dim(log_px: Tensor, dims: int) -> Tensor:
+    """Convert per-image log-likelihood in nats to bits per dimension (higher NLL = worse)."""
+    return -log_px / (dims * math.log(2.0))

@@ -1,0 +1,294 @@
+"""The four hierarchical VAEs: structure per kind, shapes, synthesis, IW likelihood, overfitting."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pathanat import objectives
+from pathanat.config import from_dict
+from pathanat.errors import ConfigError, InputError
+from pathanat.models import KINDS, HierarchicalVAE, HVAEConfig
+
+SMALL = dict(image_size=(48, 56), width=8, cells_per_scale=1, pseudo_inputs=3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two OpenMP threads on two shared, busy cores ran these tests 5-10x slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def mni_slices() -> torch.Tensor:
+    """Four axial MNI152 T1 slices (2 mm template, pooled to 4 mm), 48 x 56, standardised."""
+    from nilearn.datasets import load_mni152_template
+
+    volume = load_mni152_template(resolution=2).get_fdata()
+    slices = np.stack([volume[:, :, k] for k in (38, 44, 50, 56)])
+    x = F.avg_pool2d(torch.tensor(slices, dtype=torch.float32)[:, None], 2)[..., :48, 1:57]
+    return (x - x.mean()) / x.std()
+
+
+def small_model(kind: str, seed: int = 0, **overrides) -> HierarchicalVAE:
+    torch.manual_seed(seed)
+    return HierarchicalVAE(HVAEConfig(kind=kind, **{**SMALL, **overrides}))
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(10 * torch.log10((x.max() - x.min()) ** 2 / ((x - y) ** 2).mean()))
+
+
+# ---- structure per kind ------------------------------------------------------------------------
+
+
+def test_group_shapes_and_outputs_for_96x112():
+    model = HierarchicalVAE(HVAEConfig(kind="nvae", width=8, cells_per_scale=1, supervised=True))
+    x = torch.randn(2, 1, 96, 112)
+    out = model(x)
+    expected = [(2, 2, 6, 7), (2, 2, 12, 14), (2, 2, 24, 28), (2, 2, 48, 56), (2, 2, 96, 112)]
+    assert [tuple(g.z.shape) for g in out.groups] == expected
+    assert out.x_mean.shape == out.x_log_scale.shape == out.seg_logits.shape == x.shape
+    assert model.group_shapes((96, 112)) == [s[1:] for s in expected]
+
+
+@pytest.mark.parametrize("kind", ["vae", "nvae"])
+def test_non_multiple_of_16_input_round_trips_to_its_shape(kind):
+    model = small_model(kind, supervised=True)
+    x = torch.randn(2, 1, 50, 61)
+    out = model(x)
+    assert out.x_mean.shape == out.seg_logits.shape == x.shape
+    assert out.groups[0].z.shape[-2:] == (4, 4)  # padded to 64 x 64
+    assert model.reconstruct(x).shape == x.shape
+    assert model.resample(x, keep={1}).x_mean.shape == x.shape
+
+
+def test_parameters_differ_only_by_what_a_kind_needs():
+    counts = {kind: small_model(kind).num_parameters() for kind in KINDS}
+    nvae = small_model("nvae")
+    prior_heads = sum(p.numel() for p in nvae.decoder.prior_heads.parameters())
+    assert counts["nvae"] == counts["vae"] + prior_heads
+    pseudo = 3 * 48 * 56
+    assert counts["nvmp"] == counts["nvmp+"] == counts["nvae"] + pseudo
+
+
+def test_only_vamp_kinds_have_pseudo_inputs_and_their_gradient_reaches_them(mni_slices):
+    for kind in KINDS:
+        model = small_model(kind)
+        names = [name for name, _ in model.named_parameters()]
+        if kind in ("vae", "nvae"):
+            assert model.pseudo_inputs is None and not any("pseudo" in n for n in names)
+            continue
+        out = model(mni_slices)
+        loss = objectives.training_loss(
+            objectives.elbo_terms(out, mni_slices), objectives.group_sizes(out), beta=1.0
+        ).loss
+        loss.backward()
+        assert model.pseudo_inputs.grad is not None
+        assert model.pseudo_inputs.grad.abs().sum() > 0
+
+
+def test_vae_posterior_ignores_decoder_weights_and_nvae_does_not(mni_slices):
+    for kind in ("vae", "nvae"):
+        model = small_model(kind)
+        before = model.encode(mni_slices).posteriors
+        with torch.no_grad():
+            for p in model.decoder.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        after = model.encode(mni_slices).posteriors
+        same = [
+            torch.equal(a.mu, b.mu) and torch.equal(a.log_sigma, b.log_sigma)
+            for a, b in zip(before, after, strict=True)
+        ]
+        if kind == "vae":
+            assert all(same)
+        else:
+            assert same[0] and not any(same[1:])  # z_0 is encoder-only in every kind
+
+
+def test_extra_kl_only_for_nvmp_plus(mni_slices):
+    for kind in KINDS:
+        terms = objectives.elbo_terms(small_model(kind)(mni_slices), mni_slices)
+        assert terms.kl.shape == (4, 5) and torch.isfinite(terms.kl).all()
+        if kind == "nvmp+":
+            assert terms.kl_extra.shape == (4, 4) and torch.isfinite(terms.kl_extra).all()
+        else:
+            assert terms.kl_extra is None
+
+
+def test_segmentation_head_sees_only_z_p():
+    model = small_model("nvae", supervised=True)
+    z = model.sample(2).z
+    base = model.decode(z).seg_logits
+    for level in range(5):
+        changed = [t.clone() for t in z]
+        changed[level] = changed[level] + torch.randn_like(changed[level])
+        seg = model.decode(changed).seg_logits
+        if level == model.config.z_p:
+            assert not torch.allclose(seg, base)
+        else:
+            assert torch.equal(seg, base)
+
+
+# ---- synthesis API -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_resample_and_mix_keep_what_they_are_told(kind, mni_slices):
+    model = small_model(kind)
+    x_a, x_b = mni_slices[:2], mni_slices[2:]
+    enc = model.encode(x_a)
+    recon = model.reconstruct(x_a)
+    for mode in ("value", "residual"):
+        assert torch.allclose(model.resample(x_a, keep=range(5), mode=mode).x_mean, recon)
+        assert torch.allclose(model.mix(x_a, x_b, from_a=range(5), mode=mode).x_mean, recon)
+        assert torch.allclose(
+            model.mix(x_a, x_b, from_a=[], mode=mode).x_mean, model.reconstruct(x_b)
+        )
+    partial = model.resample(x_a, keep={0, 2}, mode="value")
+    assert torch.equal(partial.z[0], enc.z[0]) and torch.equal(partial.z[2], enc.z[2])
+    assert not torch.allclose(partial.z[1], enc.z[1])
+    # residual mode: z_0 is resampled, so a kept residual group moves with its new prior
+    moved = model.resample(x_a, keep={3, 4}, mode="residual")
+    if kind == "vae":  # fixed N(0, I) priors: the residual is the value
+        assert torch.equal(moved.z[3], enc.z[3])
+    else:
+        assert not torch.allclose(moved.z[3], enc.z[3])
+
+
+def test_residual_mode_keeps_standardised_residual():
+    """Re-encoding the residual-mode result's own top-down pass gives back the kept residual."""
+    model = small_model("nvae")
+    x = torch.randn(2, 1, 48, 56)
+    enc = model.encode(x)
+    out = model.resample(x, keep={4}, mode="residual")
+    priors = []
+
+    def choose(level, prior):
+        priors.append(prior)
+        return out.z[level]
+
+    model._top_down(2, model.padded_size((48, 56)), choose)
+    assert torch.allclose(priors[4].standardise(out.z[4]), enc.residuals[4], atol=1e-4)
+
+
+def test_prior_sampling_temperature_zero_is_deterministic_and_shapes():
+    for kind in ("vae", "nvae"):
+        model = small_model(kind)
+        a, b = model.sample(3, temperature=0.0), model.sample(3, temperature=0.0)
+        assert torch.equal(a.x_mean, b.x_mean)
+        assert a.x_mean.shape == (3, 1, 48, 56)
+    vamp = small_model("nvmp").sample(2)
+    assert vamp.x_mean.shape == (2, 1, 48, 56) and torch.isfinite(vamp.x_mean).all()
+
+
+# ---- validation and numerics ---------------------------------------------------------------------
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"model\.kind"):
+        HVAEConfig(kind="nvmp++")
+    with pytest.raises(ConfigError, match=r"model\.z_p"):
+        HVAEConfig(z_p=5)
+    with pytest.raises(ConfigError, match=r"model\.width"):
+        HVAEConfig(width=0)
+    with pytest.raises(ConfigError, match="widht"):
+        from_dict(HVAEConfig, {"widht": 16})
+    config = from_dict(HVAEConfig, {"kind": "nvmp+", "image_size": [64, 80]})
+    assert config.kind == "nvmp+" and config.image_size == (64, 80)
+
+
+def test_input_errors():
+    with pytest.raises(InputError, match="shape"):
+        small_model("vae")(torch.randn(2, 3, 48, 56))
+    with pytest.raises(InputError, match="pseudo-inputs"):
+        small_model("nvmp")(torch.randn(2, 1, 96, 112))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_losses_stay_finite_for_extreme_inputs(kind):
+    model = small_model(kind)
+    x = 1e4 * torch.randn(2, 1, 48, 56)
+    out = model(x)
+    loss = objectives.training_loss(objectives.elbo_terms(out, x), objectives.group_sizes(out), 1.0)
+    assert torch.isfinite(loss.loss)
+
+
+def test_bf16_autocast_channels_last_keeps_densities_in_float32(mni_slices):
+    model = small_model("nvmp+").to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(mni_slices)
+        terms = objectives.elbo_terms(out, mni_slices)
+    assert out.groups[4].posterior.mu.dtype == torch.float32
+    assert terms.kl.dtype == terms.log_px.dtype == torch.float32
+    assert out.x_mean.dtype == torch.float32
+    assert torch.isfinite(terms.kl).all() and torch.isfinite(terms.kl_extra).all()
+    # the full-resolution latent stays channels_last
+    assert out.groups[4].z.is_contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = model.reconstruct(mni_slices)
+    assert psnr(model.reconstruct(mni_slices), fast) > 30.0
+
+
+# ---- importance-weighted likelihood --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["vae", "nvae", "nvmp"])
+def test_iw_nll_is_below_negative_elbo_and_tightens_with_samples(kind, mni_slices):
+    model = small_model(kind)
+    x = mni_slices[:2]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        repeats = 100
+        out = model(x.repeat(repeats, 1, 1, 1))
+        neg_elbo = -objectives.elbo_terms(out, x.repeat(repeats, 1, 1, 1)).elbo.view(repeats, 2)
+    neg_elbo_mean, neg_elbo_se = neg_elbo.mean(0), neg_elbo.std(0) / repeats**0.5
+    nll = {}
+    for samples, runs in ((1, 40), (8, 8), (64, 2)):
+        estimates = torch.stack(
+            [
+                -model.importance_weighted_log_likelihood(x, samples, chunk_size=32)
+                for _ in range(runs)
+            ]
+        )
+        nll[samples] = estimates.mean(0)
+    for samples, value in nll.items():
+        assert torch.all(value <= neg_elbo_mean + 4 * neg_elbo_se + 1e-3), (samples, value)
+    # S = 1 is the one-sample ELBO: the same expectation as the objective's -ELBO
+    se_1 = neg_elbo.std(0) / 40**0.5
+    assert torch.all((nll[1] - neg_elbo_mean).abs() < 4 * (neg_elbo_se + se_1))
+    assert torch.all(nll[64] < nll[8]) and torch.all(nll[8] < nll[1])
+
+
+# ---- training -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_overfits_mni_slices(kind, mni_slices, capsys):
+    model = small_model(kind, width=16)
+    if model.pseudo_inputs is not None:
+        model.init_pseudo_inputs(mni_slices)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for step in range(150):
+        out = model(mni_slices)
+        terms = objectives.elbo_terms(out, mni_slices)
+        loss = objectives.training_loss(
+            terms, objectives.group_sizes(out), objectives.kl_weight(step)
+        ).loss
+        optimiser.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimiser.step()
+        losses.append(loss.item())
+    reached = psnr(mni_slices, model.reconstruct(mni_slices))
+    with capsys.disabled():
+        print(
+            f"\n{kind}: loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}, "
+            f"PSNR {reached:.1f} dB"
+        )
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 1.0
+    assert reached > 22.0

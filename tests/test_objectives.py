@@ -1,0 +1,128 @@
+"""KL annealing, KL balancing, supervision loss and the loss assembly against hand computations."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pathanat import objectives
+from pathanat.errors import PathanatError
+from pathanat.models import HierarchicalVAE, HVAEConfig
+from pathanat.models.distributions import sum_per_sample
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two OpenMP threads on two shared, busy cores ran these tests several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_cyclical_kl_weight_rises_linearly_then_holds_then_restarts():
+    cycle, start = 10_000, 2e-7
+    rise = int(objectives.RISE_FRACTION * cycle)
+    assert objectives.kl_weight(0) == pytest.approx(start)
+    assert objectives.kl_weight(rise // 2) == pytest.approx(start + (1 - start) / 2)
+    assert objectives.kl_weight(rise) == 1.0
+    assert objectives.kl_weight(cycle - 1) == 1.0
+    assert objectives.kl_weight(cycle) == pytest.approx(start)
+    assert objectives.kl_weight(cycle + rise // 4) == pytest.approx(start + (1 - start) / 4)
+    weights = [objectives.kl_weight(s) for s in range(0, rise, 97)]
+    assert np.all(np.diff(weights) > 0)
+    with pytest.raises(PathanatError, match="cycle"):
+        objectives.kl_weight(5, cycle=0)
+
+
+def test_kl_balance_coefficients_follow_size_times_kl_per_element():
+    kl = torch.tensor([[1.0, 4.0, 30.0], [3.0, 8.0, 50.0]], requires_grad=True)
+    sizes = torch.tensor([10.0, 40.0, 160.0])
+    got = objectives.kl_balance_coefficients(kl, sizes)
+    per_element = np.array([2.0, 6.0, 40.0]) / sizes.numpy() + 0.01
+    expected = sizes.numpy() * per_element
+    np.testing.assert_allclose(got.numpy(), expected / expected.mean(), rtol=1e-6)
+    assert got.mean().item() == pytest.approx(1.0)
+    assert not got.requires_grad
+
+
+def test_supervision_loss_matches_hand_formulas():
+    logits = torch.tensor([[[[2.0, -1.0], [0.5, -3.0]]]])
+    mask = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
+    p = 1 / (1 + np.exp(-logits.numpy().ravel()))
+    t = mask.numpy().ravel()
+    bce = -np.mean(t * np.log(p) + (1 - t) * np.log(1 - p))
+    dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+    assert objectives.supervision_loss(logits, mask).item() == pytest.approx(bce + dice, rel=1e-5)
+    perfect = objectives.soft_dice_loss(100 * (2 * mask - 1), mask)
+    assert perfect.item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(PathanatError, match="differ"):
+        objectives.supervision_loss(logits, mask[..., :1])
+
+
+def test_training_loss_assembles_terms_per_dimension():
+    torch.manual_seed(0)
+    model = HierarchicalVAE(
+        HVAEConfig(
+            kind="nvmp+",
+            image_size=(32, 32),
+            width=8,
+            cells_per_scale=1,
+            supervised=True,
+            pseudo_inputs=2,
+        )
+    )
+    x = torch.randn(3, 1, 32, 32)
+    mask = (torch.rand(3, 1, 32, 32) > 0.9).float()
+    out = model(x)
+    terms = objectives.elbo_terms(out, x)
+    sizes = objectives.group_sizes(out)
+    assert sizes.tolist() == [2 * 2 * 2, 2 * 4 * 4, 2 * 8 * 8, 2 * 16 * 16, 2 * 32 * 32]
+    beta, lam = 0.3, 0.5
+    loss = objectives.training_loss(terms, sizes, beta, True, out.seg_logits, mask, lam)
+    c = objectives.kl_balance_coefficients(terms.kl, sizes)
+    kl = (terms.kl * c).sum(1) + terms.kl_extra.sum(1)
+    expected = ((-terms.log_px + beta * kl) / 1024).mean() + lam * objectives.supervision_loss(
+        out.seg_logits, mask
+    ).mean()
+    assert loss.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # at full KL weight the balancing is off: all coefficients are 1
+    full = objectives.training_loss(terms, sizes, 1.0)
+    assert torch.equal(full.coefficients, torch.ones(5))
+    assert terms.elbo.shape == (3,)
+    assert torch.allclose(terms.elbo, terms.log_px - terms.kl.sum(1))
+
+
+def test_likelihood_is_gaussian_log_density_and_bits_per_dim():
+    x = torch.randn(2, 1, 4, 4)
+    mean, log_scale = torch.zeros_like(x), torch.full_like(x, math.log(2.0))
+    got = objectives.gaussian_log_likelihood(x, mean, log_scale)
+    from scipy.stats import norm
+
+    expected = norm.logpdf(x.numpy(), 0.0, 2.0).reshape(2, -1).sum(1)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+    bpd = objectives.bits_per_dim(got, 16)
+    np.testing.assert_allclose(bpd.numpy(), -expected / (16 * math.log(2)), rtol=1e-5)
+
+
+def test_group_kl_uses_analytic_forms_where_they_exist():
+    """vae: every group is KL[q || N(0, I)]; nvae at l > 0: eq. 4 on the pass's own deltas."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 32, 32)
+    for kind in ("vae", "nvae"):
+        model = HierarchicalVAE(HVAEConfig(kind=kind, image_size=(32, 32), width=8))
+        out = model(x)
+        kl = objectives.group_kl(out)
+        for level, g in enumerate(out.groups):
+            mu, sigma = g.posterior.mu, g.posterior.sigma
+            if kind == "vae" or level == 0:
+                by_hand = 0.5 * (sigma**2 + mu**2 - 1) - torch.log(sigma)
+            else:
+                p = g.prior
+                by_hand = (
+                    torch.log(p.sigma / sigma)
+                    + (sigma**2 + (mu - p.mu) ** 2) / (2 * p.sigma**2)
+                    - 0.5
+                )
+            assert torch.allclose(kl[:, level], sum_per_sample(by_hand), rtol=1e-4, atol=1e-3)
