@@ -23,13 +23,13 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def mni_slices() -> torch.Tensor:
-    """Four axial MNI152 T1 slices (2 mm template, pooled to 4 mm), 48 x 56, standardised."""
-    from nilearn.datasets import load_mni152_template
+def phantom_slices() -> torch.Tensor:
+    """Four axial slices of two MS phantom subjects, pooled to 4 mm: 48 x 56, standardised."""
+    from pathanat.data.phantom import make_subject
 
-    volume = load_mni152_template(resolution=2).get_fdata()
-    slices = np.stack([volume[:, :, k] for k in (38, 44, 50, 56)])
-    x = F.avg_pool2d(torch.tensor(slices, dtype=torch.float32)[:, None], 2)[..., :48, 1:57]
+    slabs = [make_subject("ms", i, cohort_seed=0, slab_mm=8.0).image for i in (0, 1)]
+    slices = np.stack([slab[:, :, k] for slab in slabs for k in (2, 6)])
+    x = F.avg_pool2d(torch.tensor(slices, dtype=torch.float32)[:, None], 4)[..., :48, 1:57]
     return (x - x.mean()) / x.std()
 
 
@@ -75,30 +75,30 @@ def test_parameters_differ_only_by_what_a_kind_needs():
     assert counts["nvmp"] == counts["nvmp+"] == counts["nvae"] + pseudo
 
 
-def test_only_vamp_kinds_have_pseudo_inputs_and_their_gradient_reaches_them(mni_slices):
+def test_only_vamp_kinds_have_pseudo_inputs_and_their_gradient_reaches_them(phantom_slices):
     for kind in KINDS:
         model = small_model(kind)
         names = [name for name, _ in model.named_parameters()]
         if kind in ("vae", "nvae"):
             assert model.pseudo_inputs is None and not any("pseudo" in n for n in names)
             continue
-        out = model(mni_slices)
+        out = model(phantom_slices)
         loss = objectives.training_loss(
-            objectives.elbo_terms(out, mni_slices), objectives.group_sizes(out), beta=1.0
+            objectives.elbo_terms(out, phantom_slices), objectives.group_sizes(out), beta=1.0
         ).loss
         loss.backward()
         assert model.pseudo_inputs.grad is not None
         assert model.pseudo_inputs.grad.abs().sum() > 0
 
 
-def test_vae_posterior_ignores_decoder_weights_and_nvae_does_not(mni_slices):
+def test_vae_posterior_ignores_decoder_weights_and_nvae_does_not(phantom_slices):
     for kind in ("vae", "nvae"):
         model = small_model(kind)
-        before = model.encode(mni_slices).posteriors
+        before = model.encode(phantom_slices).posteriors
         with torch.no_grad():
             for p in model.decoder.parameters():
                 p.add_(0.3 * torch.randn_like(p))
-        after = model.encode(mni_slices).posteriors
+        after = model.encode(phantom_slices).posteriors
         same = [
             torch.equal(a.mu, b.mu) and torch.equal(a.log_sigma, b.log_sigma)
             for a, b in zip(before, after, strict=True)
@@ -109,9 +109,9 @@ def test_vae_posterior_ignores_decoder_weights_and_nvae_does_not(mni_slices):
             assert same[0] and not any(same[1:])  # z_0 is encoder-only in every kind
 
 
-def test_extra_kl_only_for_nvmp_plus(mni_slices):
+def test_extra_kl_only_for_nvmp_plus(phantom_slices):
     for kind in KINDS:
-        terms = objectives.elbo_terms(small_model(kind)(mni_slices), mni_slices)
+        terms = objectives.elbo_terms(small_model(kind)(phantom_slices), phantom_slices)
         assert terms.kl.shape == (4, 5) and torch.isfinite(terms.kl).all()
         if kind == "nvmp+":
             assert terms.kl_extra.shape == (4, 4) and torch.isfinite(terms.kl_extra).all()
@@ -137,9 +137,9 @@ def test_segmentation_head_sees_only_z_p():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_resample_and_mix_keep_what_they_are_told(kind, mni_slices):
+def test_resample_and_mix_keep_what_they_are_told(kind, phantom_slices):
     model = small_model(kind)
-    x_a, x_b = mni_slices[:2], mni_slices[2:]
+    x_a, x_b = phantom_slices[:2], phantom_slices[2:]
     enc = model.encode(x_a)
     recon = model.reconstruct(x_a)
     for mode in ("value", "residual"):
@@ -217,11 +217,11 @@ def test_losses_stay_finite_for_extreme_inputs(kind):
     assert torch.isfinite(loss.loss)
 
 
-def test_bf16_autocast_channels_last_keeps_densities_in_float32(mni_slices):
+def test_bf16_autocast_channels_last_keeps_densities_in_float32(phantom_slices):
     model = small_model("nvmp+").to(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(mni_slices)
-        terms = objectives.elbo_terms(out, mni_slices)
+        out = model(phantom_slices)
+        terms = objectives.elbo_terms(out, phantom_slices)
     assert out.groups[4].posterior.mu.dtype == torch.float32
     assert terms.kl.dtype == terms.log_px.dtype == torch.float32
     assert out.x_mean.dtype == torch.float32
@@ -229,17 +229,17 @@ def test_bf16_autocast_channels_last_keeps_densities_in_float32(mni_slices):
     # the full-resolution latent stays channels_last
     assert out.groups[4].z.is_contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fast = model.reconstruct(mni_slices)
-    assert psnr(model.reconstruct(mni_slices), fast) > 30.0
+        fast = model.reconstruct(phantom_slices)
+    assert psnr(model.reconstruct(phantom_slices), fast) > 30.0
 
 
 # ---- importance-weighted likelihood --------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["vae", "nvae", "nvmp"])
-def test_iw_nll_is_below_negative_elbo_and_tightens_with_samples(kind, mni_slices):
+def test_iw_nll_is_below_negative_elbo_and_tightens_with_samples(kind, phantom_slices):
     model = small_model(kind)
-    x = mni_slices[:2]
+    x = phantom_slices[:2]
     torch.manual_seed(0)
     with torch.no_grad():
         repeats = 100
@@ -267,15 +267,15 @@ def test_iw_nll_is_below_negative_elbo_and_tightens_with_samples(kind, mni_slice
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_each_kind_overfits_mni_slices(kind, mni_slices, capsys):
+def test_each_kind_overfits_phantom_slices(kind, phantom_slices, capsys):
     model = small_model(kind, width=16)
     if model.pseudo_inputs is not None:
-        model.init_pseudo_inputs(mni_slices)
+        model.init_pseudo_inputs(phantom_slices)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     for step in range(150):
-        out = model(mni_slices)
-        terms = objectives.elbo_terms(out, mni_slices)
+        out = model(phantom_slices)
+        terms = objectives.elbo_terms(out, phantom_slices)
         loss = objectives.training_loss(
             terms, objectives.group_sizes(out), objectives.kl_weight(step)
         ).loss
@@ -284,7 +284,7 @@ def test_each_kind_overfits_mni_slices(kind, mni_slices, capsys):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimiser.step()
         losses.append(loss.item())
-    reached = psnr(mni_slices, model.reconstruct(mni_slices))
+    reached = psnr(phantom_slices, model.reconstruct(phantom_slices))
     with capsys.disabled():
         print(
             f"\n{kind}: loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}, "
