@@ -36,6 +36,14 @@ def test_yaml_and_overrides_fill_nested_dataclasses(tmp_path):
     assert isinstance(cfg.inner.rate, float)
 
 
+def test_a_number_matches_its_literal_string_choice():
+    @dataclass
+    class Trainer:
+        precision: Literal["32", "bf16-mixed"] = "bf16-mixed"
+
+    assert load_config(Trainer, None, ["precision=32"]).precision == "32"
+
+
 def test_round_trip_through_yaml(tmp_path):
     cfg = Outer(inner=Inner(cache=Path("c")))
     save_config(cfg, tmp_path / "c.yaml")

@@ -50,8 +50,24 @@ def _prepare(args: argparse.Namespace) -> None:
         seed=args.seed,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        modality=args.modality,
+        workers=args.workers,
     )
     print(f"slice cache written to {out}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from pathanat.training.run import resume, train
+
+    if args.resume is not None:
+        # with --resume every positional item is an override (the run carries its config)
+        overrides = ([str(args.config)] if args.config else []) + args.overrides
+        run = resume(args.resume, overrides)
+    elif args.config is None:
+        raise PathanatError("train: expected a CONFIG file, or --resume RUN")
+    else:
+        run = train(args.config, args.overrides, out=args.out, overwrite=args.overwrite)
+    print(f"run folder: {run} (config.yaml, checkpoints/, metrics.csv, tensorboard/, figures/)")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -128,9 +144,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the subject-level split (default 0)"
     )
+    p.add_argument(
+        "--modality",
+        choices=["FLAIR", "T2w", "T1w"],
+        default=None,
+        help="which image of a BIDS cohort to use when it holds several",
+    )
+    p.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_prepare)
+
+    p = _add(
+        sub,
+        "train",
+        "Train a hierarchical VAE from a YAML config (any key overridable), or resume a run.",
+        "pathanat train configs/nvmp_ms.yaml trainer.max_steps=200 --out runs/nvmp_ms",
+    )
+    p.add_argument("config", nargs="?", type=Path, help="experiment YAML (see configs/)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="KEY=VALUE overrides, e.g. model.kind=nvmp trainer.max_steps=200",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="run folder (default runs/<config name>)"
+    )
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN",
+        default=None,
+        help="continue RUN from its last checkpoint (only trainer.* keys may be overridden)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.set_defaults(func=_train)
 
     p = _add(
         sub,

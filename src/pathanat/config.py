@@ -107,6 +107,9 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
                 continue
         raise ConfigError(f"{where}: expected {_name(hint)}, got {_show(value)}")
     if origin is Literal:
+        # `trainer.precision=32` on the command line reads as the number 32; the choice is "32"
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and str(value) in args:
+            return str(value)
         if value not in args:
             raise ConfigError(
                 f"{where}: expected one of {', '.join(map(repr, args))}, got {_show(value)}"

@@ -1,0 +1,166 @@
+"""The experiment config: data, model, objective, optimiser and trainer sections.
+
+Read from YAML with :func:`load_experiment` (strict: an unknown key or a wrong type stops with a
+``ConfigError`` naming the dotted key); the model section is :class:`HVAEConfig` itself. Defaults
+are the paper's training settings (Adam, lr 5e-5, weight decay 1e-8, cyclical linear KL annealing
+with a 10 000-step cycle from 2e-7, KL balancing).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pathanat.config import load_config
+from pathanat.errors import ConfigError
+from pathanat.models import HVAEConfig
+
+Precision = Literal["32", "bf16-mixed"]
+
+
+@dataclass
+class PhantomConfig:
+    """A phantom cohort to generate and prepare (reused when already made)."""
+
+    kind: Literal["ms", "ad"] = "ms"
+    subjects: int = 30
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where the slices come from (exactly one of ``cache`` and ``phantom``) and how they load.
+
+    ``data_dir`` holds a generated phantom (cohort and cache); by default the run folder's parent,
+    so runs side by side share one phantom. ``shape`` and ``slices`` are passed to ``prepare``.
+    """
+
+    cache: Path | None = None
+    phantom: PhantomConfig | None = None
+    data_dir: Path | None = None
+    shape: tuple[int, int] = (96, 112)
+    slices: int | None = None
+    batch_size: int = 16
+    num_workers: int = 0
+    flip_prob: float = 0.0
+    intensity_scale: float = 0.0
+
+
+@dataclass
+class ObjectiveConfig:
+    """Table 3's objective with the paper's KL annealing and balancing; supervision weight lambda
+    is used when ``model.supervised``."""
+
+    kl_cycle: int = 10_000
+    kl_start: float = 2e-7
+    kl_balance: bool = True
+    supervision_weight: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    """Adam (weight decay as an L2 term, as torch's Adam and the paper) and gradient-norm clipping
+    (``grad_clip: null`` = none, as in the paper)."""
+
+    lr: float = 5e-5
+    weight_decay: float = 1e-8
+    grad_clip: float | None = None
+
+
+@dataclass
+class TrainerConfig:
+    """How and where to run. Steps count applied optimiser updates (skipped steps do not count).
+
+    ``channels_last: null`` means on for bf16-mixed, off for 32. ``val_batches: null`` validates on
+    the whole validation split. ``max_consecutive_skips`` non-finite steps in a row stop the run.
+    """
+
+    max_steps: int = 100_000
+    seed: int = 0
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: Precision = "32"
+    channels_last: bool | None = None
+    log_every: int = 50
+    val_every: int = 1000
+    val_batches: int | None = None
+    checkpoint_every: int = 1000
+    max_consecutive_skips: int = 20
+    progress_bar: bool = True
+
+    @property
+    def use_channels_last(self) -> bool:
+        return self.precision == "bf16-mixed" if self.channels_last is None else self.channels_last
+
+
+@dataclass
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: HVAEConfig = field(default_factory=HVAEConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        check_experiment(self)
+
+
+def check_experiment(config: ExperimentConfig) -> None:
+    """Reject values that parse but make no sense, naming the key."""
+    data, trainer = config.data, config.trainer
+    if (data.cache is None) == (data.phantom is None):
+        raise ConfigError(
+            "data: expected exactly one of data.cache (a prepared slice cache) and data.phantom "
+            f"(kind, subjects, seed), got {'both' if data.cache is not None else 'neither'}"
+        )
+    positive = {
+        "data.batch_size": data.batch_size,
+        "objective.kl_cycle": config.objective.kl_cycle,
+        "trainer.max_steps": trainer.max_steps,
+        "trainer.num_nodes": trainer.num_nodes,
+        "trainer.log_every": trainer.log_every,
+        "trainer.val_every": trainer.val_every,
+        "trainer.checkpoint_every": trainer.checkpoint_every,
+        "trainer.max_consecutive_skips": trainer.max_consecutive_skips,
+    }
+    if data.phantom is not None:
+        positive["data.phantom.subjects"] = data.phantom.subjects
+    if trainer.val_batches is not None:
+        positive["trainer.val_batches"] = trainer.val_batches
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: expected an integer >= 1, got {value!r}")
+    nonnegative = {
+        "data.num_workers": data.num_workers,
+        "optim.lr": config.optim.lr,
+        "optim.weight_decay": config.optim.weight_decay,
+        "objective.supervision_weight": config.objective.supervision_weight,
+    }
+    for key, value in nonnegative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: expected a value >= 0, got {value!r}")
+    if not 0.0 < config.objective.kl_start <= 1.0:
+        raise ConfigError(
+            f"objective.kl_start: expected a value in (0, 1], got {config.objective.kl_start!r}"
+        )
+    clip = config.optim.grad_clip
+    if clip is not None and clip <= 0:
+        raise ConfigError(f"optim.grad_clip: expected a value > 0 or null, got {clip!r}")
+    if data.batch_size < 2:
+        # active units are a variance over the batch
+        raise ConfigError(f"data.batch_size: expected at least 2, got {data.batch_size}")
+    if config.model.supervised and data.phantom is not None and data.phantom.kind != "ms":
+        raise ConfigError(
+            "model.supervised: lesion supervision needs lesion masks; data.phantom.kind is 'ad'"
+        )
+
+
+def load_experiment(
+    path: str | os.PathLike | None, overrides: list[str] | None = None
+) -> ExperimentConfig:
+    """Read an experiment YAML and apply ``key.sub=value`` overrides (strictly checked)."""
+    return load_config(ExperimentConfig, path, overrides)

@@ -1,0 +1,453 @@
+"""The training engine: configs, run folder, metrics, resume, checkpoint safety, faults, DDP, bf16.
+
+Everything runs on a tiny BIDS-like cohort written here (10 subjects, ellipse "brains" with a
+bright round "lesion"), prepared into 32 x 32 slices once per session, and tiny models (width 8,
+one cell per scale) for a handful of steps.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pathanat.cli import main
+from pathanat.config import from_dict, to_dict
+from pathanat.data.prepare import load_cache, prepare_cohort
+from pathanat.errors import ConfigError, PathanatError
+from pathanat.models import KINDS, HierarchicalVAE
+from pathanat.training import checkpoint as checkpoint_module
+from pathanat.training.checkpoint import AtomicCheckpointIO, load_checkpoint
+from pathanat.training.config import ExperimentConfig, load_experiment
+from pathanat.training.data import StepBatchSampler
+from pathanat.training.module import active_units
+from pathanat.training.run import load_trained, resume, train
+
+# Our checkpoints are meant to hold the state after each step's update.
+pytestmark = pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+SIZE = 32
+
+
+def write_bids_cohort(root: Path, n: int = 10, depth: int = 6, seed: int = 0) -> Path:
+    """FLAIR-like volumes at 2 mm: an ellipse of varying size with a bright lesion disc."""
+    rng = np.random.default_rng(seed)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = -np.array([SIZE, SIZE, depth])
+    i, j, _ = np.meshgrid(np.arange(SIZE), np.arange(SIZE), np.arange(depth), indexing="ij")
+    rows = []
+    for s in range(n):
+        sid = f"sub-{s:04d}"
+        a, b = rng.uniform(9, 13, 2)
+        r = np.sqrt(((i - SIZE / 2 + 0.5) / a) ** 2 + ((j - SIZE / 2 + 0.5) / b) ** 2)
+        brain = (r < 1).astype(np.uint8)
+        c = rng.integers(SIZE // 2 - 5, SIZE // 2 + 5, 2)
+        lesion = ((((i - c[0]) ** 2 + (j - c[1]) ** 2) < rng.uniform(2, 9)) & (brain > 0))
+        image = brain * (100 + 20 * np.cos(3 * r)) + 60 * lesion + rng.normal(0, 2, r.shape)
+        anat = root / sid / "anat"
+        anat.mkdir(parents=True)
+        for suffix, array in (
+            ("FLAIR", image.astype(np.float32)),
+            ("label-lesion_mask", lesion.astype(np.uint8)),
+            ("desc-brain_mask", brain),
+        ):
+            nib.save(nib.Nifti1Image(array, affine), anat / f"{sid}_{suffix}.nii.gz")
+        rows.append({"participant_id": sid, "size": a * b})
+    pd.DataFrame(rows).to_csv(root / "participants.tsv", sep="\t", index=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory) -> Path:
+    return write_bids_cohort(tmp_path_factory.mktemp("training") / "cohort")
+
+
+@pytest.fixture(scope="session")
+def cache(cohort: Path) -> Path:
+    out = cohort.parent / "cache"
+    prepare_cohort(
+        cohort, out, shape=(SIZE, SIZE), n_slices=4, slice_mm=2.0, progress=False, workers=1
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_config(cache: Path) -> Path:
+    """A tiny nvmp+ experiment (every logged term exists for it) on the session's cache."""
+    path = cache.parent / "tiny.yaml"
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            data: {{cache: {cache}, batch_size: 4}}
+            model: {{kind: nvmp+, image_size: [{SIZE}, {SIZE}], width: 8, cells_per_scale: 1,
+                     pseudo_inputs: 4}}
+            optim: {{lr: 1.0e-3}}
+            trainer: {{max_steps: 4, accelerator: cpu, log_every: 1, val_every: 2,
+                       checkpoint_every: 2, progress_bar: false}}
+            """
+        )
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_config: Path, tmp_path_factory) -> Path:
+    return train(tiny_config, out=tmp_path_factory.mktemp("runs") / "tiny")
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["state_dict"]
+
+
+# ---- configs ----------------------------------------------------------------------------------
+
+
+def test_every_config_loads_and_builds_its_model():
+    paths = sorted(CONFIGS.glob("*.yaml"))
+    experiments = {p.stem: load_experiment(p) for p in paths}
+    paper = {k: v for k, v in experiments.items() if k != "demo"}
+    # 4 kinds x {ms, ad} + the 4 z_P-supervised ms variants, plus the demo
+    assert len(paper) == 12 and "demo" in experiments
+    for kind in KINDS:
+        for suffix in ("ms", "ad", "ms_sup"):
+            config = experiments[f"{kind.replace('+', 'plus')}_{suffix}"]
+            assert config.model.kind == kind
+            assert config.model.supervised == suffix.endswith("sup")
+            assert config.data.phantom.kind == suffix[:2]
+    for name, config in paper.items():
+        assert (config.optim.lr, config.optim.weight_decay) == (5e-5, 1e-8), name
+        assert (config.objective.kl_cycle, config.objective.kl_start) == (10_000, 2e-7), name
+        assert config.objective.kl_balance, name
+        assert (config.model.levels, config.model.latent_channels) == (4, 2), name
+    for name, config in experiments.items():
+        model = HierarchicalVAE(config.model)
+        out = model(torch.randn(2, 1, *config.model.image_size))
+        assert len(out.groups) == 5, name
+        assert (out.seg_logits is not None) == config.model.supervised, name
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.widht=8", "model.widht"),
+        ("trainer.max_steps=many", "trainer.max_steps"),
+        ("optim.lr=[1]", "optim.lr"),
+        ("trainer.precision=16", "trainer.precision"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("data.phantom={kind: ms}", "data.cache"),  # a cache and a phantom: which one?
+    ],
+)
+def test_bad_keys_and_types_are_rejected_with_the_key_named(tiny_config, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_experiment(tiny_config, [override])
+
+
+def test_cli_train_reports_a_config_typo_by_key(tiny_config, tmp_path, capsys):
+    assert main(["train", str(tiny_config), "model.kidn=vae", "--out", str(tmp_path / "r")]) == 2
+    assert "model.kidn" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+# ---- run folder and metrics -------------------------------------------------------------------
+
+
+def test_run_folder_holds_config_checkpoints_logs_metrics_and_figure(finished_run):
+    run = finished_run
+    for name in ("config.yaml", "metrics.csv", "summary.json", "figures/val_reconstructions.png"):
+        assert (run / name).is_file(), name
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {
+        "last.ckpt", "step0000002.ckpt", "step0000004.ckpt"
+    }
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert load_experiment(run / "config.yaml").data.cache.is_absolute()
+
+    metrics = pd.read_csv(run / "metrics.csv")
+    expected = {
+        "train/loss", "train/nll_per_dim", "train/kl_per_dim", "train/kl_extra", "train/kl_weight",
+        "train/grad_norm", "train/skipped_steps", "val/psnr", "val/psnr_brain", "val/elbo_per_dim",
+        *(f"{m}/group_{g}" for m in ("kl", "balance", "active_units") for g in range(5)),
+    }
+    assert expected <= set(metrics.columns)
+    train_rows = metrics.dropna(subset=["train/loss"])
+    assert train_rows["step"].tolist() == [0, 1, 2, 3]
+    # the paper's cyclical schedule from 2e-7, rising over the first half of a 10 000-step cycle
+    truth = [2e-7 + (1 - 2e-7) * s / 5000 for s in range(4)]
+    np.testing.assert_allclose(train_rows["train/kl_weight"], truth, rtol=1e-6)
+    # balancing coefficients have mean 1 while the KL weight is below 1
+    coefficients = train_rows[[f"balance/group_{g}" for g in range(5)]].to_numpy()
+    np.testing.assert_allclose(coefficients.mean(1), 1.0, rtol=1e-5)
+    assert (train_rows["train/skipped_steps"] == 0).all()
+    val = metrics.dropna(subset=["val/psnr"])
+    assert val["step"].tolist() == [1, 3] and np.isfinite(val["val/psnr_brain"]).all()
+
+
+def test_active_units_count_units_whose_posterior_mean_varies_over_the_batch():
+    # 3 units per sample: constant (inactive), variance 0.005 (inactive), variance 1 (active)
+    mu = torch.stack(
+        [torch.zeros(6), torch.tensor([0.1, -0.1] * 3) * math.sqrt(0.5 * 6 / 5), torch.arange(6.0)],
+        dim=1,
+    ).view(6, 3, 1, 1)
+    group = SimpleNamespace(posterior=SimpleNamespace(mu=mu))
+    fractions = active_units(SimpleNamespace(groups=[group, group]))
+    assert torch.allclose(fractions, torch.tensor([1 / 3, 1 / 3]))
+
+
+# ---- data order -------------------------------------------------------------------------------
+
+
+def test_train_stream_is_a_function_of_the_batch_number_and_shards_replicas():
+    def take(sampler, n):
+        stream = iter(sampler)
+        return [[index for _, index in next(stream)] for _ in range(n)]
+
+    straight = take(StepBatchSampler(20, 3, seed=5), 14)  # 6 batches per epoch
+    assert take(StepBatchSampler(20, 3, seed=5, start=7), 7) == straight[7:]
+    for epoch in (0, 1):
+        seen = {i for batch in straight[6 * epoch : 6 * epoch + 6] for i in batch}
+        assert len(seen) == 18  # each epoch: a permutation, last partial batch dropped
+    rank0 = {i for batch in take(StepBatchSampler(20, 3, 5, rank=0, world=2), 3) for i in batch}
+    rank1 = {i for batch in take(StepBatchSampler(20, 3, 5, rank=1, world=2), 3) for i in batch}
+    assert len(rank0) == len(rank1) == 9 and not rank0 & rank1
+
+
+# ---- resume -----------------------------------------------------------------------------------
+
+
+def test_resume_continues_exactly(tiny_config, tmp_path):
+    """2N steps straight == N steps, then `train --resume` for N more (N = 3), with augmentation
+    on, so the data order, the augmentation draws and the reparameterisation noise must all be
+    restored. Tolerance: 1e-6 absolute on every weight (CPU, same threads; we observe 0)."""
+    common = ["trainer.val_every=100", "trainer.checkpoint_every=100", "data.flip_prob=0.5",
+              "data.intensity_scale=0.1"]
+    straight = train(tiny_config, [*common, "trainer.max_steps=6"], out=tmp_path / "straight")
+    split = train(tiny_config, [*common, "trainer.max_steps=3"], out=tmp_path / "split")
+    assert main(["train", "--resume", str(split), "trainer.max_steps=6"]) == 0
+    a, b = weights(straight / "checkpoints/last.ckpt"), weights(split / "checkpoints/last.ckpt")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    assert load_checkpoint(split / "checkpoints/last.ckpt")["global_step"] == 6
+    # both sessions' metrics are in the one CSV
+    assert pd.read_csv(split / "metrics.csv").dropna(subset=["train/loss"])["step"].tolist() == [
+        0, 1, 2, 3, 4, 5
+    ]
+
+
+def test_resume_accepts_only_trainer_overrides(finished_run):
+    with pytest.raises(ConfigError, match="only trainer"):
+        resume(finished_run, ["model.kind=vae"])
+
+
+def test_a_finished_run_is_not_overwritten_by_accident(tiny_config, finished_run):
+    with pytest.raises(PathanatError, match="--resume"):
+        train(tiny_config, out=finished_run)
+
+
+# ---- checkpoint safety -------------------------------------------------------------------------
+
+
+def test_checkpoints_hold_only_tensors_and_plain_types(finished_run):
+    path = finished_run / "checkpoints/last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)  # raises on anything else pickled
+
+    def plain(value) -> bool:
+        if isinstance(value, dict):
+            return all(isinstance(k, (str, int)) and plain(v) for k, v in value.items())
+        if isinstance(value, (list, tuple)):
+            return all(plain(v) for v in value)
+        return value is None or isinstance(value, (str, int, float, bool, torch.Tensor))
+
+    assert plain(checkpoint)
+    model, config = load_trained(finished_run)
+    assert config.model.kind == "nvmp+" and isinstance(model, HierarchicalVAE)
+
+
+def test_a_failed_checkpoint_write_leaves_the_last_checkpoint_readable(
+    finished_run, tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    last = run / "checkpoints" / "last.ckpt"
+    before = weights(last)
+    real_save = torch.save
+
+    def dies_midway(obj, path):  # write half of the bytes, then fail as a kill would
+        real_save(obj, path)
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[: len(data) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", dies_midway)
+    # the resumed run's first checkpoint write (step 6) fails and stops the run
+    with pytest.raises(OSError, match="disk full"):
+        resume(run, ["trainer.max_steps=8"])
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    after = weights(last)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not [p for p in (run / "checkpoints").iterdir() if "tmp" in p.name]
+    # and the direct path: a failed save raises and keeps the destination
+    with pytest.raises(OSError):
+        monkeypatch.setattr(checkpoint_module.torch, "save", dies_midway)
+        AtomicCheckpointIO().save_checkpoint({"x": torch.ones(3)}, last)
+    assert torch.equal(weights(last)[next(iter(before))], before[next(iter(before))])
+
+
+# ---- faults -----------------------------------------------------------------------------------
+
+
+class Inject(pl.Callback):
+    """Poison chosen batches (NaN pixel) or gradients (NaN hook), and record the weights."""
+
+    def __init__(self, nan_batches=(), nan_grad_batches=()) -> None:
+        self.nan_batches, self.nan_grad_batches = set(nan_batches), set(nan_grad_batches)
+        self.records: list[dict] = []
+        self._hook = None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._before = {k: v.clone() for k, v in module.state_dict().items()}
+        self._step, self._skipped = trainer.global_step, module.skipped_steps
+        if batch_idx in self.nan_batches:
+            batch["image"][0, 0, 0, 0] = float("nan")
+        if batch_idx in self.nan_grad_batches:
+            param = module.model.decoder.out.weight
+            self._hook = param.register_hook(lambda g: g * float("nan"))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        after = module.state_dict()
+        self.records.append(
+            {
+                "batch": batch_idx,
+                "unchanged": all(torch.equal(self._before[k], after[k]) for k in after),
+                "finite": all(torch.isfinite(v).all() for v in after.values()),
+                "steps": trainer.global_step - self._step,
+                "skips": module.skipped_steps - self._skipped,
+            }
+        )
+
+
+def test_non_finite_loss_or_gradient_is_skipped_and_counted(tiny_config, tmp_path):
+    inject = Inject(nan_batches={1}, nan_grad_batches={3})
+    run = train(tiny_config, ["trainer.max_steps=4", "trainer.val_every=100"],
+                out=tmp_path / "r", callbacks=[inject])
+    by_batch = {r["batch"]: r for r in inject.records}
+    for bad in (1, 3):
+        assert by_batch[bad] | {"batch": 0} == {
+            "batch": 0, "unchanged": True, "finite": True, "steps": 0, "skips": 1
+        }
+    for good in (0, 2, 4, 5):
+        assert not by_batch[good]["unchanged"] and by_batch[good]["steps"] == 1
+    assert len(inject.records) == 6  # 4 applied steps took 6 batches
+    metrics = pd.read_csv(run / "metrics.csv").dropna(subset=["train/skipped_steps"])
+    assert metrics["train/skipped_steps"].iloc[-1] == 2
+    assert load_checkpoint(run / "checkpoints/last.ckpt")["pathanat"]["skipped_steps"] == 2
+
+
+def test_too_many_skips_in_a_row_stop_the_run_with_its_last_good_checkpoint(tiny_config, tmp_path):
+    inject = Inject(nan_batches=range(2, 100))
+    with pytest.raises(PathanatError, match="max_consecutive_skips"):
+        train(tiny_config, ["trainer.max_steps=10", "trainer.max_consecutive_skips=3",
+                            "trainer.val_every=100"], out=tmp_path / "r", callbacks=[inject])
+    # the third skip in a row raises inside its step, so only two skipped steps completed
+    assert [r["skips"] for r in inject.records] == [0, 0, 1, 1]
+    last = load_checkpoint(tmp_path / "r/checkpoints/last.ckpt")
+    assert last["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+# ---- precision and scale ------------------------------------------------------------------------
+
+
+def test_bf16_mixed_with_channels_last_trains(tiny_config, tmp_path):
+    run = train(tiny_config, ["trainer.max_steps=2", "trainer.precision=bf16-mixed",
+                              "model.kind=nvae"], out=tmp_path / "r")
+    metrics = pd.read_csv(run / "metrics.csv").dropna(subset=["train/loss"])
+    assert np.isfinite(metrics["train/loss"]).all() and (metrics["train/skipped_steps"] == 0).all()
+    _, config = load_trained(run)
+    assert config.trainer.use_channels_last and config.trainer.precision == "bf16-mixed"
+
+
+DDP_SCRIPT = """
+import sys, torch
+import lightning.pytorch as pl
+from pathanat.training.run import train
+
+class Dump(pl.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.first = self.__dict__.get("first", batch["image"].clone())
+    def on_train_end(self, trainer, module):
+        backend = torch.distributed.get_backend()
+        torch.save({"state": module.state_dict(), "first": self.first, "backend": backend},
+                   f"{sys.argv[2]}/rank{trainer.global_rank}.pt")
+
+train(sys.argv[1], ["trainer.max_steps=3", "trainer.devices=2", "trainer.strategy=ddp",
+                    "trainer.val_every=100", "model.kind=nvmp"],
+      out=f"{sys.argv[2]}/run", callbacks=[Dump()])
+"""
+
+
+def test_ddp_on_two_cpu_processes_keeps_replicas_identical(tiny_config, tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tiny_config), str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["backend"] == r1["backend"] == "gloo"
+    assert not torch.equal(r0["first"], r1["first"])  # each replica read its own shard
+    for key in r0["state"]:
+        assert torch.equal(r0["state"][key], r1["state"][key]), key
+    assert load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")["global_step"] == 3
+
+
+# ---- data made from a phantom config -------------------------------------------------------------
+
+
+def test_a_phantom_named_by_the_config_is_made_once_and_reused(
+    cohort, tiny_config, tmp_path, monkeypatch
+):
+    calls = []
+
+    def fake_generate(kind, n_subjects, out_dir, seed=0, **kwargs):
+        calls.append((kind, n_subjects, seed))
+        shutil.copytree(cohort, out_dir)
+        return out_dir
+
+    monkeypatch.setattr("pathanat.data.phantom.generate_cohort", fake_generate)
+    overrides = ["data.cache=null", "data.phantom={kind: ms, subjects: 10, seed: 3}",
+                 f"data.shape=[{SIZE}, {SIZE}]", "data.slices=4", "trainer.max_steps=1"]
+    first = train(tiny_config, overrides, out=tmp_path / "runs/a")
+    second = train(tiny_config, overrides, out=tmp_path / "runs/b")
+    assert calls == [("ms", 10, 3)]
+    made = tmp_path / "runs/phantom-ms-n10-seed3"
+    assert load_cache(made / f"cache-{SIZE}x{SIZE}-k4").shape == (SIZE, SIZE)
+    for run in (first, second):
+        assert load_experiment(run / "config.yaml").data.data_dir == made.parent
+    assert to_dict(load_experiment(first / "config.yaml")) == to_dict(
+        load_experiment(second / "config.yaml")
+    )
+
+
+def test_the_demo_trains_the_demo_config():
+    from pathanat.demo import DEMO_CONFIG
+
+    assert to_dict(load_experiment(CONFIGS / "demo.yaml")) == to_dict(
+        from_dict(ExperimentConfig, DEMO_CONFIG)
+    )
