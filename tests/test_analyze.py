@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,19 +14,6 @@ import torch
 from pathanat.data.prepare import CacheSplit
 from pathanat.errors import InputError, PathanatError
 from pathanat.evaluation.analyze import analyze, analyze_run, subject_average
-from test_evaluate import tiny_phantom_run
-
-pytestmark = pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs on a 2-core machine shared with other jobs: one thread is ~100x faster than two
-    (threads spin-wait for a busy core), so these tests run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 N = 16  # image side
 SQUARE = [(i, j) for i in range(5, 11) for j in range(5, 11)]  # lesions fill it in this order
@@ -170,11 +156,6 @@ def test_a_cohort_without_pathology_columns_is_refused():
         analyze(PlantedModel(), train, test)
     with pytest.raises(PathanatError, match="factors"):
         analyze(PlantedModel(), test, test, factors=())
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
-    return tiny_phantom_run(tmp_path_factory.getbasetemp() / "tiny-phantom-run")
 
 
 def test_analyze_run_writes_json_csvs_and_figures(tiny_run):

@@ -3,65 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from pathanat.data.phantom import generate_cohort
-from pathanat.data.prepare import load_cache, prepare_cohort
+from pathanat.data.prepare import load_cache
 from pathanat.errors import InputError, PathanatError
 from pathanat.evaluation.evaluate import evaluate, evaluate_run
 from pathanat.models import HierarchicalVAE, HVAEConfig
 from pathanat.objectives import elbo_terms
-from pathanat.training.config import DataConfig, ExperimentConfig, TrainerConfig
-from pathanat.training.run import train_config
 
-pytestmark = pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs on a 2-core machine shared with other jobs: one thread is ~100x faster than two
-    (threads spin-wait for a busy core), so these tests run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-SHAPE = (48, 48)
-
-
-def tiny_phantom_run(root: Path) -> Path:
-    """A 10-subject MS phantom (6/2/2 subjects, 4 slices of 48 x 48 at 4 mm) and an nvmp model
-    of width 8 trained for 6 steps on it; made once under ``root`` and reused."""
-    run = root / "run"
-    if (run / "checkpoints" / "last.ckpt").is_file():
-        return run
-    cohort = generate_cohort("ms", 10, root / "cohort", seed=1, slab_mm=16.0, progress=False)
-    cache = prepare_cohort(cohort, root / "cache", in_plane_mm=4.0, n_slices=4, shape=SHAPE,
-                           progress=False, workers=1)
-    config = ExperimentConfig(
-        data=DataConfig(cache=cache, shape=SHAPE, batch_size=8),
-        model=HVAEConfig(kind="nvmp", image_size=SHAPE, width=8, cells_per_scale=1,
-                         pseudo_inputs=4),
-        trainer=TrainerConfig(max_steps=6, accelerator="cpu", log_every=2, val_every=6,
-                              checkpoint_every=6, progress_bar=False),
-    )
-    config.optim.lr = 2e-3
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see one_thread
-    try:
-        return train_config(config, run)
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
-    return tiny_phantom_run(tmp_path_factory.getbasetemp() / "tiny-phantom-run")
 
 
 def test_evaluate_run_writes_metrics_json_and_appends_a_csv_row(tiny_run):

@@ -13,15 +13,6 @@ from pathanat.models import KINDS, HierarchicalVAE, HVAEConfig
 SMALL = dict(image_size=(48, 56), width=8, cells_per_scale=1, pseudo_inputs=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two OpenMP threads on two shared, busy cores ran these tests 5-10x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def phantom_slices() -> torch.Tensor:
     """Four axial slices of two MS phantom subjects, pooled to 4 mm: 48 x 56, standardised."""

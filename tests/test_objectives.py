@@ -12,15 +12,6 @@ from pathanat.models import HierarchicalVAE, HVAEConfig
 from pathanat.models.distributions import sum_per_sample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two OpenMP threads on two shared, busy cores ran these tests several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_cyclical_kl_weight_rises_linearly_then_holds_then_restarts():
     cycle, start = 10_000, 2e-7
     rise = int(objectives.RISE_FRACTION * cycle)

@@ -35,7 +35,6 @@ from pathanat.training.module import active_units
 from pathanat.training.run import load_trained, resume, train
 
 # Our checkpoints are meant to hold the state after each step's update.
-pytestmark = pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
