@@ -16,7 +16,6 @@ from pathanat.models import HierarchicalVAE, HVAEConfig
 from pathanat.objectives import elbo_terms
 
 
-
 def test_evaluate_run_writes_metrics_json_and_appends_a_csv_row(tiny_run):
     metrics = evaluate_run(tiny_run, iw_samples=2, progress=False)
     written = json.loads((tiny_run / "metrics.json").read_text())
