@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from pathanat.cli import build_parser, main
+from pathanat.cli import _summary, build_parser, main
 
 SUBCOMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
 
@@ -36,3 +36,13 @@ def test_user_error_is_one_line_without_traceback(tmp_path, capsys):
     assert str(missing) in err
     assert "Traceback" not in err
     assert not (tmp_path / "cache").exists()
+
+
+def test_summary_prints_estimates_with_their_interval():
+    result = {
+        "nll": {"bits": {"mean": 1.0, "ci_low": 0.5, "ci_high": 1.5, "n_slices": 3}},
+        "split": "test",
+        "psnr": 26.123456,
+        "per_slice": [1.0, 2.0],
+    }
+    assert _summary(result) == ["nll.bits: 1 [0.5, 1.5]", "split: test", "psnr: 26.12"]

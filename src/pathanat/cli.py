@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -83,7 +82,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         with_fid=not args.no_fid,
         progress=True,
     )
-    print(json.dumps(_scalars(metrics), indent=1))
+    print("\n".join(_summary(metrics)))
     print(f"written: {args.run / 'metrics.json'}, {args.run / 'metrics_eval.csv'}")
 
 
@@ -99,15 +98,28 @@ def _analyze(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         seed=args.seed,
     )
-    print(json.dumps(_scalars(summary), indent=1))
+    print("\n".join(_summary(summary)))
     print(
         f"written: {args.run / 'analysis.json'}, {args.run / 'analysis'}/, {args.run / 'figures'}/"
     )
 
 
-def _scalars(result: dict) -> dict:
-    """The top-level numbers and strings of a result, for a short printed summary."""
-    return {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
+def _summary(result: dict, prefix: str = "") -> list[str]:
+    """One line per number of a nested result: estimates as ``mean [ci_low, ci_high]``."""
+    lines = []
+    for key, value in result.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and {"mean", "ci_low", "ci_high"} <= value.keys():
+            lines.append(
+                f"{name}: {value['mean']:.4g} [{value['ci_low']:.4g}, {value['ci_high']:.4g}]"
+            )
+        elif isinstance(value, dict):
+            lines += _summary(value, f"{name}.")
+        elif isinstance(value, float):
+            lines.append(f"{name}: {value:.4g}")
+        elif isinstance(value, (int, str)) and len(str(value)) <= 60:
+            lines.append(f"{name}: {value}")
+    return lines
 
 
 def _demo(args: argparse.Namespace) -> None:
