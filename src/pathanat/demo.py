@@ -19,25 +19,49 @@ from pathanat.config import from_dict
 from pathanat.data.phantom import generate_cohort
 from pathanat.data.prepare import load_cache, prepare_cohort
 from pathanat.errors import PathanatError
+from pathanat.evaluation.evaluate import reconstructions
+from pathanat.evaluation.reconstruction import psnr
 from pathanat.figures import save_figure, slice_montage
 from pathanat.training.config import ExperimentConfig
-from pathanat.training.run import LAST, load_trained, reconstruction_psnr, resume, train_config
+from pathanat.training.run import LAST, load_trained, resume, train_config
 
 # The `demo` experiment (identical to configs/demo.yaml; a test keeps them equal): an NVMP small
 # enough to train for a few minutes on 2 CPU cores; a faster lr and a shorter KL cycle than the
 # paper's so that a short run reconstructs well.
 DEMO_CONFIG = {
-    "data": {"phantom": {"kind": "ms", "subjects": 30, "seed": 0}, "shape": [96, 112],
-             "batch_size": 16, "num_workers": 0},
-    "model": {"kind": "nvmp", "image_size": [96, 112], "levels": 4, "latent_channels": 2,
-              "width": 16, "cells_per_scale": 1, "pseudo_inputs": 8, "z_p": 2,
-              "supervised": False},
-    "objective": {"kl_cycle": 600, "kl_start": 2e-7, "kl_balance": True,
-                  "supervision_weight": 1.0},
+    "data": {
+        "phantom": {"kind": "ms", "subjects": 30, "seed": 0},
+        "shape": [96, 112],
+        "batch_size": 16,
+        "num_workers": 0,
+    },
+    "model": {
+        "kind": "nvmp",
+        "image_size": [96, 112],
+        "levels": 4,
+        "latent_channels": 2,
+        "width": 16,
+        "cells_per_scale": 1,
+        "pseudo_inputs": 8,
+        "z_p": 2,
+        "supervised": False,
+    },
+    "objective": {"kl_cycle": 600, "kl_start": 2e-7, "kl_balance": True, "supervision_weight": 1.0},
     "optim": {"lr": 2e-3, "weight_decay": 1e-8, "grad_clip": 100.0},
-    "trainer": {"max_steps": 400, "seed": 0, "accelerator": "cpu", "devices": 1, "num_nodes": 1,
-                "strategy": "auto", "precision": "32", "log_every": 10, "val_every": 100,
-                "val_batches": 4, "checkpoint_every": 100, "max_consecutive_skips": 20},
+    "trainer": {
+        "max_steps": 400,
+        "seed": 0,
+        "accelerator": "cpu",
+        "devices": 1,
+        "num_nodes": 1,
+        "strategy": "auto",
+        "precision": "32",
+        "log_every": 10,
+        "val_every": 100,
+        "val_batches": 4,
+        "checkpoint_every": 100,
+        "max_consecutive_skips": 20,
+    },
 }
 
 
@@ -73,9 +97,10 @@ def run_demo(out: Path, n_subjects: int = 30, seed: int = 0, overwrite: bool = F
 
 def _train(cache: Path, run: Path, overwrite: bool) -> None:
     """Train the demo config, or finish or reuse the run already in ``run``."""
-    config = from_dict(ExperimentConfig, DEMO_CONFIG | {
-        "data": DEMO_CONFIG["data"] | {"cache": str(cache), "phantom": None}
-    })
+    config = from_dict(
+        ExperimentConfig,
+        DEMO_CONFIG | {"data": DEMO_CONFIG["data"] | {"cache": str(cache), "phantom": None}},
+    )
     summary = run / "summary.json"
     finished = summary.is_file() and (
         json.loads(summary.read_text())["steps"] >= config.trainer.max_steps
@@ -99,10 +124,27 @@ def _reconstruction_figure(run: Path, cache: Path, path: Path) -> dict[str, floa
     with torch.no_grad():
         recon = model.reconstruct(x)[:, 0].numpy()
         samples = model.sample(8, temperature=0.8).x_mean[:, 0].numpy()
-    titles = ([f"test input {i}" for i in range(8)] + [f"reconstruction {i}" for i in range(8)]
-              + [f"prior sample {i} (t=0.8)" for i in range(8)])
+    titles = (
+        [f"test input {i}" for i in range(8)]
+        + [f"reconstruction {i}" for i in range(8)]
+        + [f"prior sample {i} (t=0.8)" for i in range(8)]
+    )
     save_figure(slice_montage([*x[:, 0].numpy(), *recon, *samples], titles=titles), path)
-    return reconstruction_psnr(model, cache, "test")
+    return _test_psnr(model, test)
+
+
+def _test_psnr(model, test) -> dict:
+    """Mean per-slice PSNR (each slice's own range) of the posterior-mean reconstructions of the
+    test split, over the whole slice and inside the brain mask."""
+    with torch.no_grad():
+        recon = reconstructions(model, test.image, batch_size=32)
+    image, brain = np.asarray(test.image), np.asarray(test.brain) > 0
+    has_brain = brain.any(axis=(1, 2))
+    return {
+        "psnr": float(psnr(image, recon).mean()),
+        "psnr_brain": float(psnr(image[has_brain], recon[has_brain], mask=brain[has_brain]).mean()),
+        "slices": len(image),
+    }
 
 
 def _check_reusable(cohort: Path, n_subjects: int, seed: int) -> None:

@@ -12,7 +12,6 @@ from pathanat.training.config import (
 from pathanat.training.module import HVAEModule
 from pathanat.training.run import (
     load_trained,
-    reconstruction_psnr,
     resume,
     train,
     train_config,
@@ -28,7 +27,6 @@ __all__ = [
     "TrainerConfig",
     "load_experiment",
     "load_trained",
-    "reconstruction_psnr",
     "resume",
     "train",
     "train_config",

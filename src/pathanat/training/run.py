@@ -50,7 +50,7 @@ from pathanat.training.callbacks import ReconstructionGrid, RunCSVLogger
 from pathanat.training.checkpoint import AtomicCheckpointIO, load_checkpoint
 from pathanat.training.config import ExperimentConfig, load_experiment
 from pathanat.training.data import TrainingDataModule
-from pathanat.training.module import HVAEModule, batch_psnr, config_from_checkpoint
+from pathanat.training.module import HVAEModule, config_from_checkpoint
 
 LAST = "last.ckpt"
 # Our checkpoints are meant to hold the state after the step's update (manual optimisation).
@@ -313,25 +313,3 @@ def load_trained(path: str | os.PathLike) -> tuple[HierarchicalVAE, ExperimentCo
     }
     model.load_state_dict(state)
     return model.eval(), config
-
-
-@torch.no_grad()
-def reconstruction_psnr(
-    model: HierarchicalVAE, cache: str | os.PathLike, split: str = "test", batch_size: int = 32
-) -> dict[str, float]:
-    """Mean per-slice PSNR (dB; each slice's own range) of the posterior-mean reconstructions of a
-    cache split, over the whole slice and inside the brain mask."""
-    data = TrainingDataModule(cache, batch_size=batch_size)
-    data.setup()
-    loader = torch.utils.data.DataLoader(data.datasets[split], batch_size=batch_size)
-    whole, inside = [], []
-    for batch in loader:
-        w, i = batch_psnr(batch["image"], model.reconstruct(batch["image"]), batch["brain"])
-        whole.append(w)
-        inside.append(i)
-    whole_t, inside_t = torch.cat(whole), torch.cat(inside)
-    return {
-        "psnr": float(whole_t.mean()),
-        "psnr_brain": float(inside_t[torch.isfinite(inside_t)].mean()),
-        "slices": len(whole_t),
-    }
