@@ -23,13 +23,13 @@ import pytest
 import torch
 
 from pathanat.cli import main
-from pathanat.config import from_dict, to_dict
+from pathanat.config import to_dict
 from pathanat.data.prepare import load_cache, prepare_cohort
 from pathanat.errors import ConfigError, PathanatError
 from pathanat.models import KINDS, HierarchicalVAE
 from pathanat.training import checkpoint as checkpoint_module
 from pathanat.training.checkpoint import AtomicCheckpointIO, load_checkpoint
-from pathanat.training.config import ExperimentConfig, load_experiment
+from pathanat.training.config import load_experiment
 from pathanat.training.data import StepBatchSampler
 from pathanat.training.module import active_units
 from pathanat.training.run import load_trained, resume, train
@@ -444,9 +444,19 @@ def test_a_phantom_named_by_the_config_is_made_once_and_reused(
     )
 
 
-def test_the_demo_trains_the_demo_config():
-    from pathanat.demo import DEMO_CONFIG
+def test_the_demo_trains_the_packaged_demo_config(tmp_path):
+    from pathanat.demo import demo_config
 
-    assert to_dict(load_experiment(CONFIGS / "demo.yaml")) == to_dict(
-        from_dict(ExperimentConfig, DEMO_CONFIG)
-    )
+    config = demo_config(tmp_path)
+    assert config.data.cache == tmp_path and config.data.phantom is None
+    shipped = load_experiment(CONFIGS / "demo.yaml")
+    assert to_dict(config.model) == to_dict(shipped.model)
+    assert to_dict(config.trainer) == to_dict(shipped.trainer)
+
+
+def test_a_packaged_config_loads_by_name_and_a_wrong_name_lists_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: the name must come from the package
+    assert load_experiment("nvmp_ms").model.kind == "nvmp"
+    assert load_experiment("nvmpplus_ms.yaml").model.kind == "nvmp+"
+    with pytest.raises(ConfigError, match=r"nvmp_mss.*packaged: .*nvmp_ms"):
+        load_experiment("nvmp_mss")

@@ -1,7 +1,7 @@
 """`pathanat demo`: the main job end to end on a small embedded phantom MS cohort.
 
 Today it generates the cohort, prepares the slice cache, draws the prepared slices, trains a small
-NVMP (the `demo` config, also in configs/demo.yaml) and draws test reconstructions and prior
+NVMP (the packaged `demo` config, configs/demo.yaml) and draws test reconstructions and prior
 samples; evaluation and the report join it as they land. It says plainly what it did and did not
 do.
 """
@@ -15,54 +15,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pathanat.config import from_dict
 from pathanat.data.phantom import generate_cohort
 from pathanat.data.prepare import load_cache, prepare_cohort
 from pathanat.errors import PathanatError
 from pathanat.evaluation.evaluate import reconstructions
 from pathanat.evaluation.reconstruction import psnr
 from pathanat.figures import save_figure, slice_montage
-from pathanat.training.config import ExperimentConfig
+from pathanat.training.config import ExperimentConfig, load_experiment
 from pathanat.training.run import LAST, load_trained, resume, train_config
 
-# The `demo` experiment (identical to configs/demo.yaml; a test keeps them equal): an NVMP small
-# enough to train for a few minutes on 2 CPU cores; a faster lr and a shorter KL cycle than the
-# paper's so that a short run reconstructs well.
-DEMO_CONFIG = {
-    "data": {
-        "phantom": {"kind": "ms", "subjects": 30, "seed": 0},
-        "shape": [96, 112],
-        "batch_size": 16,
-        "num_workers": 0,
-    },
-    "model": {
-        "kind": "nvmp",
-        "image_size": [96, 112],
-        "levels": 4,
-        "latent_channels": 2,
-        "width": 16,
-        "cells_per_scale": 1,
-        "pseudo_inputs": 8,
-        "z_p": 2,
-        "supervised": False,
-    },
-    "objective": {"kl_cycle": 600, "kl_start": 2e-7, "kl_balance": True, "supervision_weight": 1.0},
-    "optim": {"lr": 2e-3, "weight_decay": 1e-8, "grad_clip": 100.0},
-    "trainer": {
-        "max_steps": 400,
-        "seed": 0,
-        "accelerator": "cpu",
-        "devices": 1,
-        "num_nodes": 1,
-        "strategy": "auto",
-        "precision": "32",
-        "log_every": 10,
-        "val_every": 100,
-        "val_batches": 4,
-        "checkpoint_every": 100,
-        "max_consecutive_skips": 20,
-    },
-}
+
+def demo_config(cache: Path) -> ExperimentConfig:
+    """The packaged `demo` experiment on ``cache`` (configs/demo.yaml: an NVMP small enough to
+    train for a few minutes on 2 CPU cores; faster lr and shorter KL cycle than the paper's)."""
+    return load_experiment("demo", [f"data.cache={cache}", "data.phantom=null"])
 
 
 def run_demo(out: Path, n_subjects: int = 30, seed: int = 0, overwrite: bool = False) -> Path:
@@ -84,7 +50,8 @@ def run_demo(out: Path, n_subjects: int = 30, seed: int = 0, overwrite: bool = F
     print("[3/5] drawing prepared training slices with their lesion outlines")
     save_figure(_train_montage(cache), figure)
     run = out / "run"
-    print(f"[4/5] training the demo NVMP ({DEMO_CONFIG['trainer']['max_steps']} steps) into {run}")
+    steps = demo_config(cache).trainer.max_steps
+    print(f"[4/5] training the demo NVMP ({steps} steps) into {run}")
     started = time.monotonic()
     _train(cache, run, overwrite)
     minutes = (time.monotonic() - started) / 60
@@ -97,10 +64,7 @@ def run_demo(out: Path, n_subjects: int = 30, seed: int = 0, overwrite: bool = F
 
 def _train(cache: Path, run: Path, overwrite: bool) -> None:
     """Train the demo config, or finish or reuse the run already in ``run``."""
-    config = from_dict(
-        ExperimentConfig,
-        DEMO_CONFIG | {"data": DEMO_CONFIG["data"] | {"cache": str(cache), "phantom": None}},
-    )
+    config = demo_config(cache)
     summary = run / "summary.json"
     finished = summary.is_file() and (
         json.loads(summary.read_text())["steps"] >= config.trainer.max_steps

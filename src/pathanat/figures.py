@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib
 
@@ -46,8 +47,18 @@ def slice_montage(
     return fig
 
 
-def save_figure(fig: plt.Figure, path: str | os.PathLike, dpi: int = 150) -> None:
-    """Write a figure as PNG atomically and release its memory."""
+def caption_path(figure: str | os.PathLike) -> Path:
+    """Where a figure's one-line caption lives: beside it, same name, ``.txt``."""
+    return Path(figure).with_suffix(".txt")
+
+
+def save_figure(
+    fig: plt.Figure, path: str | os.PathLike, caption: str | None = None, dpi: int = 150
+) -> None:
+    """Write a figure as PNG atomically (and its caption beside it) and release its memory."""
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
+    if caption is not None:
+        with atomic_file(caption_path(path)) as tmp:
+            Path(tmp).write_text(" ".join(caption.split()) + "\n")

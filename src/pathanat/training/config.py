@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -159,8 +160,31 @@ def check_experiment(config: ExperimentConfig) -> None:
         )
 
 
+def packaged_configs() -> dict[str, Path]:
+    """The experiment YAMLs shipped inside the package, by name (``nvmp_ms``, ``demo``, ...)."""
+    folder = Path(str(resources.files("pathanat") / "configs"))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def config_path(name_or_path: str | os.PathLike) -> Path:
+    """An existing YAML file, or the packaged config of that name (``nvmp_ms`` or ``nvmp_ms.yaml``),
+    so installed users can train the shipped experiments without a checkout."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = packaged_configs()
+    stem = path.name.removesuffix(".yaml")
+    if path.parent == Path(".") and stem in shipped:
+        return shipped[stem]
+    raise ConfigError(
+        f"{name_or_path}: config file not found, and not a packaged config "
+        f"(packaged: {', '.join(shipped)})"
+    )
+
+
 def load_experiment(
     path: str | os.PathLike | None, overrides: list[str] | None = None
 ) -> ExperimentConfig:
-    """Read an experiment YAML and apply ``key.sub=value`` overrides (strictly checked)."""
-    return load_config(ExperimentConfig, path, overrides)
+    """Read an experiment YAML (a file or a packaged config's name) and apply ``key.sub=value``
+    overrides (strictly checked)."""
+    return load_config(ExperimentConfig, None if path is None else config_path(path), overrides)
