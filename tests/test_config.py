@@ -44,6 +44,14 @@ def test_a_number_matches_its_literal_string_choice():
     assert load_config(Trainer, None, ["precision=32"]).precision == "32"
 
 
+def test_exponent_without_a_dot_is_a_float_and_a_word_is_not():
+    # YAML 1.1 reads 2e-3 as a string; a float key must still take it
+    assert load_config(Outer, None, ["inner.rate=2e-3"]).inner.rate == pytest.approx(0.002)
+    assert load_config(Outer, None, ["inner.rate=-1E5"]).inner.rate == -1e5
+    with pytest.raises(ConfigError, match="inner.rate: expected float"):
+        load_config(Outer, None, ["inner.rate=e-3"])
+
+
 def test_round_trip_through_yaml(tmp_path):
     cfg = Outer(inner=Inner(cache=Path("c")))
     save_config(cfg, tmp_path / "c.yaml")

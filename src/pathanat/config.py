@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -133,6 +134,9 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     return _scalar(hint, value, where)
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _scalar(hint: Any, value: Any, where: str) -> Any:
     if hint is Any:
         return value
@@ -145,6 +149,8 @@ def _scalar(hint: Any, value: Any, where: str) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 2e-3 (no dot) as a string
     elif hint is str:
         if isinstance(value, str):
             return value

@@ -1,0 +1,291 @@
+"""`pathanat reproduce`: the paper's grid on the phantom cohort, end to end, resumable.
+
+For ``--dataset ms`` the grid is the four kinds (vae, nvae, nvmp, nvmp+) and their four
+z_P-supervised variants; for ``ad`` the four kinds. Every run uses its packaged config
+(``configs/<kind>_<dataset>[_sup].yaml``) with the budget's overrides, one shared phantom cohort
+and cache, and then goes through the same stages:
+
+    train -> evaluate -> analyze -> validity (ms) -> synthesize,   and one report over all runs.
+
+Resumable: a finished run is not trained again (an interrupted one is resumed from its last
+checkpoint), and a stage whose output is newer than the run's last checkpoint is not redone. A run
+folder that holds a different model than the grid asks for stops the command rather than being
+mixed in. ``OUT/reproduce.json`` records the budget, the runs, each stage's seconds and the claims.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pathanat.atomic import atomic_file
+from pathanat.config import to_dict
+from pathanat.data.prepare import load_cache
+from pathanat.errors import PathanatError
+from pathanat.training.config import ExperimentConfig, load_experiment
+from pathanat.training.run import LAST, resume, train_config
+
+KINDS = ("vae", "nvae", "nvmp", "nvmpplus")  # config-name spelling (nvmp+ is "nvmpplus")
+DATASETS = ("ms", "ad")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much compute each run of the grid gets; ``overrides`` apply to every packaged config."""
+
+    about: str
+    subjects: int
+    overrides: tuple[str, ...]
+    iw_samples: int
+    fid: bool
+    validity_samples: int
+
+
+_SMALL_FAST = (  # what lets a model learn in minutes on a CPU (as the demo)
+    "model.width=16", "model.cells_per_scale=1", "optim.lr=2e-3", "optim.grad_clip=100",
+    "trainer.precision=bf16-mixed", "data.num_workers=0", "trainer.val_batches=4",
+)
+
+BUDGETS = {
+    "cpu": Budget(
+        about="about an hour on 2 CPU cores: 60 subjects, width 16, 1 cell per scale, bf16, "
+              "1500 steps (KL weight reaches 1 at step 1000), IW NLL with S=8, FID on",
+        subjects=60,
+        overrides=(*_SMALL_FAST, "objective.kl_cycle=2000", "trainer.max_steps=1500",
+                   "trainer.log_every=25", "trainer.val_every=500",
+                   "trainer.checkpoint_every=500"),
+        iw_samples=8, fid=True, validity_samples=256,
+    ),
+    "paper": Budget(
+        about="the paper's settings for a GPU: 100 subjects, width 32, 2 cells per scale, "
+              "100 000 steps, IW NLL with S=32",
+        subjects=100, overrides=(), iw_samples=32, fid=True, validity_samples=1024,
+    ),
+    "smoke": Budget(
+        about="a few minutes: checks that every stage runs; the numbers mean nothing",
+        subjects=12,
+        overrides=(*_SMALL_FAST, "model.width=8", "objective.kl_cycle=20",
+                   "trainer.max_steps=10", "trainer.log_every=5", "trainer.val_every=10",
+                   "trainer.checkpoint_every=10", "trainer.val_batches=1",
+                   "trainer.progress_bar=false"),
+        iw_samples=2, fid=False, validity_samples=16,
+    ),
+}
+
+
+def grid(dataset: str) -> list[str]:
+    """The packaged config names of the dataset's grid, in the paper's order."""
+    if dataset not in DATASETS:
+        raise PathanatError(f"--dataset: expected one of {', '.join(DATASETS)}, got {dataset!r}")
+    names = [f"{kind}_{dataset}" for kind in KINDS]
+    if dataset == "ms":
+        names += [f"{kind}_ms_sup" for kind in KINDS]
+    return names
+
+
+def budget_named(name: str) -> Budget:
+    if name not in BUDGETS:
+        raise PathanatError(f"--budget: expected one of {', '.join(BUDGETS)}, got {name!r}")
+    return BUDGETS[name]
+
+
+def run_config(name: str, budget: Budget, out: Path, cache: Path | None) -> ExperimentConfig:
+    """The packaged config ``name`` under the budget, on ``cache`` or on the budget's phantom."""
+    overrides = list(budget.overrides)
+    if cache is None:
+        overrides += [f"data.phantom.subjects={budget.subjects}", f"data.data_dir={out}"]
+    else:
+        shape = list(load_cache(cache).shape)
+        overrides += [f"data.cache={cache}", "data.phantom=null", f"data.shape={shape}",
+                      f"model.image_size={shape}"]
+        if budget is BUDGETS["smoke"]:
+            overrides.append("data.batch_size=8")
+    return load_experiment(name, overrides)
+
+
+# ---- stages ------------------------------------------------------------------------------------
+
+
+def trained_steps(run: Path) -> int:
+    summary = run / "summary.json"
+    return json.loads(summary.read_text())["steps"] if summary.is_file() else 0
+
+
+def check_same_model(run: Path, config: ExperimentConfig) -> None:
+    """Stop if ``run`` holds a model other than the one the grid asks for (another budget)."""
+    saved = run / "config.yaml"
+    if not saved.is_file():
+        return
+    held = load_experiment(saved)
+    for section in ("model", "objective", "optim"):
+        if to_dict(getattr(held, section)) != to_dict(getattr(config, section)):
+            raise PathanatError(
+                f"{run} holds a run whose {section} settings differ from this grid's (another "
+                "budget?); pass another --out, or delete that run folder to train it again"
+            )
+
+
+def train_stage(run: Path, config: ExperimentConfig) -> str:
+    check_same_model(run, config)
+    steps = config.trainer.max_steps
+    if trained_steps(run) >= steps:
+        return "done"
+    if (run / "checkpoints" / LAST).is_file():
+        resume(run, [f"trainer.max_steps={steps}"])
+        return "resumed"
+    train_config(config, run, overwrite=True)  # a folder without a checkpoint holds nothing
+    return "trained"
+
+
+def is_current(output: Path, run: Path) -> bool:
+    """Whether ``output`` was written after the run's last checkpoint (so it describes it)."""
+    last = run / "checkpoints" / LAST
+    return output.is_file() and output.stat().st_mtime >= last.stat().st_mtime
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    output: str
+    compute: Callable[[Path, Budget], object]
+    datasets: tuple[str, ...] = DATASETS
+
+
+def _evaluate(run: Path, budget: Budget) -> object:
+    from pathanat.evaluation.evaluate import evaluate_run
+
+    return evaluate_run(run, iw_samples=budget.iw_samples, with_fid=budget.fid)
+
+
+def _analyze(run: Path, budget: Budget) -> object:
+    from pathanat.evaluation.analyze import analyze_run
+
+    return analyze_run(run)
+
+
+def _validity(run: Path, budget: Budget) -> object:
+    from pathanat.evaluation.validity import validity_run
+
+    return validity_run(run, n=budget.validity_samples)
+
+
+def _synthesize(run: Path, budget: Budget) -> object:
+    from pathanat.evaluation.synthesis import synthesize_run
+
+    return synthesize_run(run)
+
+
+STAGES = (
+    Stage("evaluate", "metrics.json", _evaluate),
+    Stage("analyze", "analysis.json", _analyze),
+    Stage("validity", "validity.json", _validity, ("ms",)),
+    Stage("synthesize", "synthesis.json", _synthesize),
+)
+
+
+# ---- the grid ----------------------------------------------------------------------------------
+
+
+def reproduce(
+    dataset: str,
+    budget: str = "cpu",
+    out: str | os.PathLike | None = None,
+    cache: str | os.PathLike | None = None,
+    runs: Sequence[str] | None = None,
+) -> Path:
+    """Train, evaluate, analyse, check and draw the grid of ``dataset`` into ``out`` (default
+    ``reproduce-<dataset>-<budget>``) and write ``OUT/report.html``; returns ``out``.
+
+    ``cache``: a prepared slice cache to use instead of the phantom (e.g. a real cohort).
+    ``runs``: a subset of the grid's config names. Example: ``reproduce("ms", "cpu")``.
+    """
+    chosen = budget_named(budget)
+    names = grid(dataset)
+    if runs is not None:
+        unknown = sorted(set(runs) - set(names))
+        if unknown:
+            raise PathanatError(f"--runs: {unknown} not in the {dataset} grid ({names})")
+        names = [n for n in names if n in runs]
+    out = Path(out or f"reproduce-{dataset}-{budget}").absolute()
+    cache = None if cache is None else Path(cache).absolute()
+    record = _record(out, dataset, budget, chosen, names)
+    print(f"reproduce {dataset}, budget {budget}: {chosen.about}")
+    for i, name in enumerate(names, 1):
+        run = out / name
+        config = run_config(name, chosen, out, cache)
+        seconds = record["seconds"].setdefault(name, {})
+        _timed(f"[{i}/{len(names)}] {name}: train", seconds, "train",
+               lambda run=run, config=config: train_stage(run, config))
+        for stage in STAGES:
+            if dataset not in stage.datasets:
+                continue
+            if is_current(run / stage.output, run):
+                print(f"[{i}/{len(names)}] {name}: {stage.name}: done")
+                continue
+            _timed(f"[{i}/{len(names)}] {name}: {stage.name}", seconds, stage.name,
+                   lambda run=run, stage=stage: stage.compute(run, chosen))
+        _write_record(out, record)
+    report = _report(out, names)
+    record["claims"] = claims_of(out, dataset, names)
+    _write_record(out, record)
+    print_claims(record["claims"])
+    print(f"report   {report}")
+    return out
+
+
+def _record(out: Path, dataset: str, budget: str, chosen: Budget, names: list[str]) -> dict:
+    path = out / "reproduce.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    return {"dataset": dataset, "budget": budget, "about": chosen.about,
+            "overrides": list(chosen.overrides), "runs": names,
+            "seconds": old.get("seconds", {})}
+
+
+def _write_record(out: Path, record: dict) -> None:
+    with atomic_file(out / "reproduce.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _timed(label: str, seconds: dict, key: str, work: Callable[[], object]) -> None:
+    print(f"{label} ...", flush=True)
+    started = time.monotonic()
+    outcome = work()
+    took = time.monotonic() - started
+    if outcome != "done":
+        seconds[key] = round(took, 1)
+    print(f"{label}: {outcome if isinstance(outcome, str) else 'written'} ({took:.0f} s)",
+          flush=True)
+
+
+def _report(out: Path, names: list[str]) -> Path:
+    from pathanat.evaluation.report import write_report
+
+    return write_report([out / n for n in names], out / "report.html")
+
+
+# ---- the paper's claims, checked on what the grid measured -------------------------------------
+
+
+def _read(run: Path, name: str) -> dict | None:
+    path = run / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def claims_of(out: Path, dataset: str, names: list[str]) -> list[dict]:
+    """The paper's claims as checks on the grid's results: each with ``held`` (True, False, or
+    None when the grid lacks what it needs) and the numbers behind it."""
+    from pathanat.evaluation.claims import check_claims
+
+    results = {n: {f: _read(out / n, f) for f in ("metrics.json", "analysis.json",
+                                                   "validity.json")} for n in names}
+    return check_claims(results, dataset)
+
+
+def print_claims(claims: list[dict]) -> None:
+    for claim in claims:
+        verdict = {True: "held", False: "did not hold", None: "not checked"}[claim["held"]]
+        print(f"claim    {claim['claim']}: {verdict} -- {claim['evidence']}")

@@ -1,0 +1,100 @@
+"""The paper's claims checked on hand-made grid results whose verdicts are known."""
+
+from __future__ import annotations
+
+import pytest
+
+from pathanat.evaluation.claims import check_claims
+
+KINDS = ("vae", "nvae", "nvmp", "nvmpplus")
+
+
+def metrics(psnr: float, nll: float) -> dict:
+    return {"reconstruction": {"psnr": {"mean": psnr, "ci_low": psnr - 1, "ci_high": psnr + 1}},
+            "nll": {"nats_per_slice": {"mean": nll, "ci_low": nll - 5, "ci_high": nll + 5}}}
+
+
+def analysis(r2: dict[str, float], z_p: int = 2) -> dict:
+    return {"z_p_configured": z_p,
+            "table4": {"slice": {"r2": r2}, "subject": {"r2": r2}}}
+
+
+def validity(fraction: float) -> dict:
+    return {"samples": {"invalid_fraction": fraction, "ci_low": fraction / 2,
+                        "ci_high": fraction * 2},
+            "real": {"invalid_fraction": 0.01}}
+
+
+def grid(psnr, nll, r2_unsup, r2_sup, invalid) -> dict:
+    results = {}
+    for i, kind in enumerate(KINDS):
+        results[f"{kind}_ms"] = {"metrics.json": metrics(psnr[i], nll[i]),
+                                 "analysis.json": analysis(r2_unsup[i]),
+                                 "validity.json": validity(invalid[i])}
+        results[f"{kind}_ms_sup"] = {"metrics.json": None, "analysis.json": analysis(r2_sup[i]),
+                                     "validity.json": None}
+    return results
+
+
+def zs(*values: float) -> dict[str, float]:
+    return {f"z{i}": v for i, v in enumerate(values)}
+
+
+PAPER_LIKE = grid(
+    psnr=(24.0, 25.0, 25.5, 26.8), nll=(900, 880, 860, 842),
+    r2_unsup=[zs(0.2, 0.1, 0.3, 0.0, 0.0)] * 4,
+    # the VAE keeps the supervision in z_P; the autoregressive kinds spread it to z_A
+    r2_sup=[zs(0.2, 0.1, 0.6, -0.5, 0.0), zs(0.3, 0.2, 0.6, 0.0, 0.0),
+            zs(0.5, 0.2, 0.6, 0.0, 0.0), zs(0.2, 0.4, 0.6, 0.1, 0.0)],
+    invalid=(0.30, 0.10, 0.08, 0.05),
+)
+
+
+def verdicts(results: dict) -> list:
+    return [c["held"] for c in check_claims(results, "ms")]
+
+
+def test_paper_like_results_hold_every_claim():
+    claims = check_claims(PAPER_LIKE, "ms")
+    assert [c["held"] for c in claims] == [True, True, True, True]
+    assert [c["source"] for c in claims] == ["Table 1", "Table 1", "Table 4", "Fig. 1a"]
+    # the evidence carries the numbers, not only the verdict
+    assert "vae: PSNR 24 [23, 25] dB" in claims[0]["evidence"]
+    # nvae: mean over z0, z1, z3, z4 of max(R2, 0): (0.3 + 0.2) / 4 - (0.2 + 0.1) / 4 = +0.05
+    assert "nvae: +0.050 (slice)" in claims[2]["evidence"]
+    # the VAE's negative z3 counts as 0, not as a loss: gain 0
+    assert "vae: +0.000 (slice)" in claims[2]["evidence"]
+
+
+def test_each_claim_fails_on_its_own_counterexample():
+    worse = dict(PAPER_LIKE)
+    worse["nvmp_ms"] = {**worse["nvmp_ms"], "metrics.json": metrics(23.0, 950)}
+    assert verdicts(worse)[:2] == [False, True]  # nvmp+ is still the best
+
+    not_best = dict(PAPER_LIKE)
+    not_best["nvae_ms"] = {**not_best["nvae_ms"], "metrics.json": metrics(27.0, 800)}
+    assert verdicts(not_best)[:2] == [True, False]
+
+    no_spread = dict(PAPER_LIKE)
+    no_spread["nvmp_ms_sup"] = {**no_spread["nvmp_ms_sup"],
+                                "analysis.json": analysis(zs(0.2, 0.1, 0.7, 0.0, 0.0))}
+    assert verdicts(no_spread)[2] is False
+
+    invalid = dict(PAPER_LIKE)
+    invalid["nvmpplus_ms"] = {**invalid["nvmpplus_ms"], "validity.json": validity(0.5)}
+    assert verdicts(invalid)[3] is False
+
+
+def test_missing_results_leave_a_claim_unchecked_not_decided():
+    partial = {k: v for k, v in PAPER_LIKE.items() if not k.endswith("_sup")}
+    partial["nvmp_ms"] = {**partial["nvmp_ms"], "validity.json": None}
+    held = verdicts(partial)
+    assert held == [True, True, None, None]
+
+
+@pytest.mark.parametrize("dataset", ["ad"])
+def test_ad_checks_only_reconstruction(dataset):
+    results = {f"{k}_ad": {"metrics.json": metrics(25 + i, 900 - i), "analysis.json": None,
+                           "validity.json": None} for i, k in enumerate(KINDS)}
+    claims = check_claims(results, dataset)
+    assert [c["held"] for c in claims] == [True, True]
