@@ -122,6 +122,12 @@ def _summary(result: dict, prefix: str = "") -> list[str]:
     return lines
 
 
+def _reproduce(args: argparse.Namespace) -> None:
+    from pathanat.reproduce import reproduce
+
+    reproduce(args.dataset, args.budget, out=args.out, cache=args.cache, runs=args.runs)
+
+
 def _demo(args: argparse.Namespace) -> None:
     from pathanat.demo import run_demo
 
@@ -213,7 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Train a hierarchical VAE from a YAML config (any key overridable), or resume a run.",
         "pathanat train configs/nvmp_ms.yaml trainer.max_steps=200 --out runs/nvmp_ms",
     )
-    p.add_argument("config", nargs="?", type=Path, help="experiment YAML (see configs/)")
+    p.add_argument(
+        "config",
+        nargs="?",
+        type=Path,
+        help="experiment YAML, or the name of a packaged one (nvmp_ms, vae_ad_sup, ...; configs/)",
+    )
     p.add_argument(
         "overrides",
         nargs="*",
@@ -287,6 +298,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="slices per batch (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.set_defaults(func=_analyze)
+
+    p = _add(
+        sub,
+        "reproduce",
+        "Run the paper's grid on the phantom cohort: the four kinds (and, for ms, their z_P-"
+        "supervised variants) under one budget, then evaluate, analyze, sample validity (ms), "
+        "synthesize, one report over all runs, and the paper's claims checked. Resumable: a "
+        "finished run or stage is not redone. Budgets: cpu (about an hour on 2 CPU cores), paper "
+        "(the paper's settings, for a GPU), smoke (minutes; checks the pipeline only).",
+        "pathanat reproduce --dataset ms --budget cpu --out reproduce-ms",
+    )
+    p.add_argument("--dataset", choices=["ms", "ad"], required=True)
+    p.add_argument("--budget", choices=["cpu", "paper", "smoke"], default="cpu",
+                   help="compute per run (default cpu)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="grid folder (default reproduce-DATASET-BUDGET)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="a prepared slice cache to use instead of the phantom (e.g. real data)")
+    p.add_argument("--runs", nargs="+", default=None, metavar="NAME",
+                   help="only these runs of the grid (config names, e.g. vae_ms nvmpplus_ms)")
+    p.set_defaults(func=_reproduce)
 
     p = _add(
         sub,

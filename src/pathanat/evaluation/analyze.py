@@ -482,9 +482,15 @@ def analyze_run(
         for name, table in tables.items():
             table.to_csv(tmp / f"{name}.csv", index=False)
     save_figure(r2_figure(figure_data["r2"], figure_data["groups"]),
-                folder / "figures" / "latent_r2.png")
+                folder / "figures" / "latent_r2.png",
+                caption=f"Test R2 of a Lasso per latent group (rows) for each cohort factor "
+                        f"(columns), fitted on the {train_split} split, slice and subject level.")
     if "decoded" in figure_data:
+        sens = summary["sensitivity"]
         save_figure(sensitivity_figure(figure_data), folder / "figures" /
-                    "pathology_sensitivity.png")
+                    "pathology_sensitivity.png",
+                    caption=f"Each group's posterior mean scaled by {list(factors)} (columns), one "
+                            f"group per row; ratio = mean image change in {sens['regions']}; "
+                            f"highest ratio (post-hoc z_P): {sens['z_p_posthoc']}.")
     write_json(folder / ANALYSIS_JSON, summary)
     return finite_or_none(summary)

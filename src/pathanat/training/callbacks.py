@@ -40,7 +40,9 @@ class ReconstructionGrid(pl.Callback):
                 logger.experiment.add_figure(
                     "val/reconstructions", fig, trainer.global_step, close=False
                 )
-        save_figure(fig, self.path)
+        save_figure(fig, self.path, caption=(
+            f"Validation slices (top) and their posterior-mean reconstructions (bottom) at step "
+            f"{trainer.global_step}; standardised intensities, window -2.5 to 3.5."))
 
 
 class _AppendingWriter(ExperimentWriter):
