@@ -1,0 +1,124 @@
+"""`pathanat reproduce`: the grid runs every stage, resumes without redoing, refuses to mix runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from pathanat.cli import main
+from pathanat.errors import PathanatError
+from pathanat.reproduce import BUDGETS, grid, reproduce, run_config
+from pathanat.training.config import load_experiment
+
+RUNS = ["vae_ms", "nvmp_ms_sup"]
+
+
+@pytest.fixture(scope="module")
+def tiny_grid(tiny_run, tmp_path_factory):
+    cache = tiny_run.parent / "cache"
+    out = tmp_path_factory.mktemp("grid") / "reproduce"
+    reproduce("ms", "smoke", out=out, cache=cache, runs=RUNS)
+    return out, cache
+
+
+def test_the_grids_are_the_papers():
+    assert grid("ms") == ["vae_ms", "nvae_ms", "nvmp_ms", "nvmpplus_ms", "vae_ms_sup",
+                          "nvae_ms_sup", "nvmp_ms_sup", "nvmpplus_ms_sup"]
+    assert grid("ad") == ["vae_ad", "nvae_ad", "nvmp_ad", "nvmpplus_ad"]
+    with pytest.raises(PathanatError, match="--dataset: expected one of ms, ad, got 'pd'"):
+        grid("pd")
+
+
+def test_a_budget_changes_only_compute_not_the_model_kind(tmp_path):
+    for name in grid("ms"):
+        shipped = load_experiment(name)
+        config = run_config(name, BUDGETS["cpu"], tmp_path, None)
+        assert config.model.kind == shipped.model.kind
+        assert config.model.supervised == shipped.model.supervised
+        assert config.model.z_p == shipped.model.z_p
+        assert config.data.phantom.subjects == BUDGETS["cpu"].subjects
+        assert config.trainer.precision == "bf16-mixed"
+    # the paper budget is the packaged config unchanged but for where the phantom goes
+    paper = run_config("nvmpplus_ms", BUDGETS["paper"], tmp_path, None)
+    assert paper.trainer.max_steps == 100_000 and paper.model.width == 32
+
+
+def test_every_stage_writes_its_output_and_the_report_covers_the_runs(tiny_grid):
+    out, _ = tiny_grid
+    for name in RUNS:
+        run = out / name
+        assert json.loads((run / "summary.json").read_text())["steps"] == 10
+        for output in ("metrics.json", "analysis.json", "validity.json", "synthesis.json"):
+            assert (run / output).is_file(), f"{name}/{output}"
+    record = json.loads((out / "reproduce.json").read_text())
+    assert record["runs"] == RUNS and record["budget"] == "smoke"
+    assert set(record["seconds"]["vae_ms"]) >= {"train", "evaluate", "analyze", "validity",
+                                                 "synthesize"}
+    # a grid of two runs can check no claim: each says so instead of deciding
+    assert [c["held"] for c in record["claims"]] == [None, None, None, None]
+    html = (out / "report.html").read_text()
+    assert all(name in html for name in RUNS)
+
+
+def test_a_second_call_redoes_nothing(tiny_grid, capsys):
+    out, cache = tiny_grid
+    outputs = [out / n / f for n in RUNS for f in ("checkpoints/last.ckpt", "metrics.json",
+                                                   "analysis.json", "validity.json",
+                                                   "synthesis.json")]
+    before = [p.stat().st_mtime_ns for p in outputs]
+    reproduce("ms", "smoke", out=out, cache=cache, runs=RUNS)
+    assert [p.stat().st_mtime_ns for p in outputs] == before
+    printed = capsys.readouterr().out
+    assert printed.count(": done") == len(RUNS) * 5  # train + four stages, each run
+
+
+def test_a_stale_output_is_redone(tiny_grid, tmp_path):
+    out, cache = tiny_grid
+    grid_copy = tmp_path / "copy"
+    shutil.copytree(out, grid_copy)
+    run = grid_copy / "vae_ms"
+    metrics, analysis = (run / "metrics.json").stat().st_mtime_ns, (run / "analysis.json")
+    analysis_mtime = analysis.stat().st_mtime_ns
+    (run / "checkpoints" / "last.ckpt").touch()  # as if trained further after the evaluation
+    reproduce("ms", "smoke", out=grid_copy, cache=cache, runs=["vae_ms"])
+    assert (run / "metrics.json").stat().st_mtime_ns > metrics
+    assert analysis.stat().st_mtime_ns > analysis_mtime
+
+
+def test_an_unfinished_run_is_resumed_and_an_empty_folder_trained(tmp_path, monkeypatch):
+    import pathanat.reproduce as module
+
+    calls = []
+    monkeypatch.setattr(module, "resume", lambda run, overrides: calls.append(("resume",
+                                                                                overrides)))
+    monkeypatch.setattr(module, "train_config", lambda config, run, overwrite: calls.append(
+        ("train", overwrite)))
+    config = run_config("vae_ms", BUDGETS["smoke"], tmp_path, None)
+    run = tmp_path / "vae_ms"
+    assert module.train_stage(run, config) == "trained"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (run / "summary.json").write_text(json.dumps({"steps": 4}))
+    assert module.train_stage(run, config) == "resumed"
+    (run / "summary.json").write_text(json.dumps({"steps": 10}))
+    assert module.train_stage(run, config) == "done"
+    assert calls == [("train", True), ("resume", ["trainer.max_steps=10"])]
+
+
+def test_a_run_folder_holding_another_model_stops_the_grid(tiny_grid, tmp_path, capsys):
+    out, cache = tiny_grid
+    grid_copy = tmp_path / "copy"
+    shutil.copytree(out, grid_copy)
+    config = grid_copy / "vae_ms" / "config.yaml"
+    config.write_text(config.read_text().replace("width: 8", "width: 12"))
+    code = main(["reproduce", "--dataset", "ms", "--budget", "smoke", "--out", str(grid_copy),
+                 "--cache", str(cache), "--runs", "vae_ms"])
+    assert code == 2
+    assert "model settings differ" in capsys.readouterr().err
+
+
+def test_unknown_run_names_are_listed(tmp_path):
+    with pytest.raises(PathanatError, match=r"--runs: \['nvmp_ad'\] not in the ms grid"):
+        reproduce("ms", "smoke", out=tmp_path, runs=["nvmp_ad"])
