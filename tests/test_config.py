@@ -48,7 +48,7 @@ def test_exponent_without_a_dot_is_a_float_and_a_word_is_not():
     # YAML 1.1 reads 2e-3 as a string; a float key must still take it
     assert load_config(Outer, None, ["inner.rate=2e-3"]).inner.rate == pytest.approx(0.002)
     assert load_config(Outer, None, ["inner.rate=-1E5"]).inner.rate == -1e5
-    with pytest.raises(ConfigError, match="inner.rate: expected float"):
+    with pytest.raises(ConfigError, match=r"inner\.rate: expected float"):
         load_config(Outer, None, ["inner.rate=e-3"])
 
 

@@ -122,6 +122,29 @@ def _summary(result: dict, prefix: str = "") -> list[str]:
     return lines
 
 
+def _synthesize(args: argparse.Namespace) -> None:
+    from pathanat.evaluation.synthesis import synthesize_run
+
+    summary = synthesize_run(
+        args.run,
+        what=args.what,
+        pathology_groups=args.pathology_groups,
+        split=args.split,
+        seed=args.seed,
+        temperatures=args.temperatures,
+        temperature=args.temperature,
+        samples=args.samples,
+        draws=args.draws,
+        pairs=args.pairs,
+        per_cluster=args.per_cluster,
+    )
+    groups = summary["pathology_groups"]
+    if groups is not None:
+        print(f"pathology groups: {groups} ({summary['pathology_source']})")
+    for what, figure in summary["figures"].items():
+        print(f"{what}: {args.run / figure}")
+
+
 def _reproduce(args: argparse.Namespace) -> None:
     from pathanat.reproduce import reproduce
 
@@ -298,6 +321,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="slices per batch (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.set_defaults(func=_analyze)
+
+    p = _add(
+        sub,
+        "synthesize",
+        "Draw what a trained run generates: prior samples at temperatures (prior), per-layer "
+        "variation (layers, Fig. 6a), pathology of one slice on another's anatomy (style-mix, "
+        "Fig. 4), pathology resampled on fixed anatomy and fixed pathology on other anatomy "
+        "(conditional, Fig. 3), VampPrior components and their test slices (clusters, Fig. 6b). "
+        "Writes RUN/figures/synth_WHAT.png with a caption beside each, and RUN/synthesis.json.",
+        "pathanat synthesize runs/nvmp_ms --what style-mix conditional --pathology-groups 2",
+    )
+    p.add_argument("run", type=Path, help="run folder made by `pathanat train`")
+    p.add_argument("--what", nargs="+", default=None,
+                   choices=["prior", "layers", "style-mix", "conditional", "clusters"],
+                   help="figures to draw (default: all the run's kind supports)")
+    p.add_argument("--pathology-groups", nargs="+", type=int, default=None, metavar="L",
+                   help="latent groups that hold pathology (default: the supervised z_P, else "
+                        "the post-hoc z_P of `pathanat analyze`)")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0)")
+    p.add_argument("--temperatures", nargs="+", type=float, default=[0.6, 0.8, 1.0],
+                   help="rows of the prior figure (default 0.6 0.8 1.0)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="of the prior draws in layers and conditional (default 1)")
+    p.add_argument("--samples", type=int, default=8, help="prior samples per row (default 8)")
+    p.add_argument("--draws", type=int, default=6,
+                   help="draws per row of layers and conditional (default 6)")
+    p.add_argument("--pairs", type=int, default=4, help="style-mix pairs (default 4)")
+    p.add_argument("--per-cluster", type=int, default=6,
+                   help="test slices shown per VampPrior component (default 6)")
+    p.set_defaults(func=_synthesize)
 
     p = _add(
         sub,
