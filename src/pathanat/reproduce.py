@@ -187,6 +187,18 @@ STAGES = (
 )
 
 
+def run_stages(run: Path, budget: Budget, dataset: str, label: str, seconds: dict) -> None:
+    """Every evaluation stage of a trained run that is not already current; seconds by stage."""
+    for stage in STAGES:
+        if dataset not in stage.datasets:
+            continue
+        if is_current(run / stage.output, run):
+            print(f"{label}: {stage.name}: done")
+            continue
+        _timed(f"{label}: {stage.name}", seconds, stage.name,
+               lambda stage=stage: stage.compute(run, budget))
+
+
 # ---- the grid ----------------------------------------------------------------------------------
 
 
@@ -220,14 +232,7 @@ def reproduce(
         seconds = record["seconds"].setdefault(name, {})
         _timed(f"[{i}/{len(names)}] {name}: train", seconds, "train",
                lambda run=run, config=config: train_stage(run, config))
-        for stage in STAGES:
-            if dataset not in stage.datasets:
-                continue
-            if is_current(run / stage.output, run):
-                print(f"[{i}/{len(names)}] {name}: {stage.name}: done")
-                continue
-            _timed(f"[{i}/{len(names)}] {name}: {stage.name}", seconds, stage.name,
-                   lambda run=run, stage=stage: stage.compute(run, chosen))
+        run_stages(run, chosen, dataset, f"[{i}/{len(names)}] {name}", seconds)
         _write_record(out, record)
     report = _report(out, names)
     record["claims"] = claims_of(out, dataset, names)
