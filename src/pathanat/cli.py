@@ -145,6 +145,13 @@ def _synthesize(args: argparse.Namespace) -> None:
         print(f"{what}: {args.run / figure}")
 
 
+def _report(args: argparse.Namespace) -> None:
+    from pathanat.evaluation.report import default_report_path, write_report
+
+    out = write_report(args.run, args.out or default_report_path(args.run), title=args.title)
+    print(f"report written to {out}")
+
+
 def _reproduce(args: argparse.Namespace) -> None:
     from pathanat.reproduce import reproduce
 
@@ -352,6 +359,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-cluster", type=int, default=6,
                    help="test slices shown per VampPrior component (default 6)")
     p.set_defaults(func=_synthesize)
+
+    p = _add(
+        sub,
+        "report",
+        "One self-contained HTML page over one or more runs: runs overview, Table 1-style metrics "
+        "with 95% CIs, Table 4 R2 grids, pathology sensitivity, DCI, sample validity, training "
+        "curves and every figure with its caption; what a run lacks names the command to run.",
+        "pathanat report runs/vae_ms runs/nvmp_ms --out runs/report.html",
+    )
+    p.add_argument("run", type=Path, nargs="+", help="run folders made by `pathanat train`")
+    p.add_argument("--out", type=Path, default=None,
+                   help="HTML file (default RUN/report.html for one run, else report.html in "
+                        "the runs' common folder)")
+    p.add_argument("--title", default=None, help="page title (default: the run names)")
+    p.set_defaults(func=_report)
 
     p = _add(
         sub,
