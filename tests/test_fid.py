@@ -5,12 +5,15 @@ import pytest
 
 from pathanat.errors import InputError
 from pathanat.evaluation.fid import (
+    FEATURES,
     FID_WINDOW,
     feature_statistics,
     fid,
     frechet_distance,
     inception_features,
     load_inception,
+    reference_path,
+    stored_features,
     to_pixels,
 )
 
@@ -114,3 +117,38 @@ def test_inputs_are_validated():
         frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
     with pytest.raises(InputError, match="FID slices"):
         inception_features(np.zeros((2, 3, 8, 8)), extractor=object())
+
+
+class CountingExtractor:
+    """Stands in for the Inception network: features are a fixed function of the pixels."""
+
+    resize_hw, resample_mode = (299, 299), "nv_bilinear_float"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def extract_feats(self, rgb, **kwargs):
+        self.calls += 1
+        mean = rgb.float().mean(dim=(1, 2, 3)).numpy()
+        return np.repeat(mean[:, None], FEATURES, axis=1)
+
+
+def test_input_features_are_stored_once_and_reused(tmp_path):
+    slices = np.random.default_rng(0).normal(size=(6, 16, 16)).astype(np.float32)
+    net = CountingExtractor()
+    path = reference_path(tmp_path, "test", len(slices))
+    first = stored_features(path, slices, net)
+    assert path.is_file() and net.calls == 1
+    again = stored_features(path, slices, net)
+    assert net.calls == 1 and np.array_equal(first, again)
+    # a stored file of the wrong count is not trusted
+    assert stored_features(path, slices[:4], net).shape == (4, FEATURES) and net.calls == 2
+
+
+def test_input_features_that_cannot_be_stored_are_computed_anyway(tmp_path):
+    slices = np.zeros((3, 8, 8), dtype=np.float32)
+    blocked = tmp_path / "a-file"  # a folder cannot be made under a file (root ignores chmod)
+    blocked.write_text("")
+    net = CountingExtractor()
+    out = stored_features(reference_path(blocked, "test", 3), slices, net)
+    assert out.shape == (3, FEATURES) and net.calls == 1

@@ -39,7 +39,14 @@ from tqdm import tqdm
 from pathanat.atomic import atomic_file
 from pathanat.data.prepare import SPLITS, Cache, CacheSplit, load_cache
 from pathanat.errors import InputError, PathanatError
-from pathanat.evaluation.fid import FID_WINDOW, fid, inception_features, load_inception
+from pathanat.evaluation.fid import (
+    FID_WINDOW,
+    fid,
+    inception_features,
+    load_inception,
+    reference_path,
+    stored_features,
+)
 from pathanat.evaluation.reconstruction import mean_ci, reconstruction_table
 from pathanat.models import HierarchicalVAE
 from pathanat.training.config import ExperimentConfig
@@ -148,8 +155,12 @@ def evaluate(
     batch_size: int = DEFAULT_BATCH_SIZE,
     with_fid: bool = True,
     progress: bool = False,
+    fid_reference: Path | None = None,
 ) -> tuple[dict, pd.DataFrame]:
-    """The metrics of ``model`` on a cache split, and a table with one row per slice."""
+    """The metrics of ``model`` on a cache split, and a table with one row per slice.
+
+    ``fid_reference``: a file keeping the inputs' Inception features between evaluations (every
+    run on a cache shares them); None computes them each time."""
     if not (isinstance(iw_samples, int) and iw_samples >= 1):
         raise PathanatError(f"iw_samples: expected an integer >= 1, got {iw_samples!r}")
     if not (isinstance(batch_size, int) and batch_size >= 1):
@@ -183,7 +194,9 @@ def evaluate(
             start = time.perf_counter()
             samples = prior_samples(model, len(images), size, batch_size)
             net = inception()
-            real = inception_features(images, extractor=net, progress=progress)
+            real = (inception_features(images, extractor=net, progress=progress)
+                    if fid_reference is None
+                    else stored_features(fid_reference, images, net, progress))
             fids["fid_reconstruction"] = fid(real, inception_features(recon, extractor=net))
             fids["fid_samples"] = fid(real, inception_features(samples, extractor=net))
             timings["fid"] = time.perf_counter() - start
@@ -297,8 +310,11 @@ def evaluate_run(
     """
     folder = run_folder(run)
     model, config = load_trained(folder)
-    data = split_arrays(run_cache(folder, config), split)
-    metrics, per_slice = evaluate(model, data, iw_samples, seed, batch_size, with_fid, progress)
+    cache = run_cache(folder, config)
+    data = split_arrays(cache, split)
+    reference = reference_path(cache.path, split, len(data))
+    metrics, per_slice = evaluate(model, data, iw_samples, seed, batch_size, with_fid, progress,
+                                  reference)
     metrics = {
         "run": str(folder),
         "model": config.model.kind,

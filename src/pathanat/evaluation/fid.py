@@ -17,8 +17,10 @@ comparisons: ``fid(real_features, fake_features)``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,9 +28,11 @@ import scipy.linalg
 import torch
 from tqdm import tqdm
 
+from pathanat.atomic import atomic_file
 from pathanat.errors import InputError, PathanatError
 from pathanat.evaluation.reconstruction import as_slices
 
+FEATURES = 2048  # pool3
 FID_WINDOW = (-4.0, 4.0)  # standardised intensities shown as 0..255; lesions and CSF stay inside
 INCEPTION_FILE = "default_1.pt"
 
@@ -48,7 +52,10 @@ def load_inception(device: str | torch.device = "cpu") -> Any:
     # The defaults are the standard FID's: TF input range, 299 x 299, nv_bilinear in float.
     with warnings.catch_warnings():  # torch deprecates jit.load; the file is TorchScript
         warnings.simplefilter("ignore", DeprecationWarning)
-        return FidHelper(model_path=str(path), device=device)
+        helper = FidHelper(model_path=str(path), device=device)
+    # channels_last: 1.3x faster fp32 convolutions on CPU, features equal to 1e-5 (of ~10)
+    helper.model = helper.model.to(memory_format=torch.channels_last)
+    return helper
 
 
 def to_pixels(
@@ -91,6 +98,27 @@ def inception_features(
         )
         out.append(feats.astype(np.float64))
     return np.concatenate(out)
+
+
+def stored_features(
+    path: Path, slices: np.ndarray, extractor: Any, progress: bool = False
+) -> np.ndarray:
+    """The features of ``slices``, read from ``path`` if an earlier call stored them there (same
+    count and window in the name), else computed and stored (best effort: a read-only folder only
+    costs the recomputation). For the inputs of a cache split, shared by every run on it."""
+    if path.is_file():
+        features = np.load(path)
+        if features.shape == (len(slices), FEATURES):
+            return features
+    features = inception_features(slices, extractor=extractor, progress=progress)
+    with contextlib.suppress(OSError), atomic_file(path) as tmp, open(tmp, "wb") as file:
+        np.save(file, features)
+    return features
+
+
+def reference_path(folder: Path, split: str, n: int, window: tuple = FID_WINDOW) -> Path:
+    """Where the Inception features of a cache split's ``n`` inputs are kept."""
+    return folder / "fid" / f"{split}_inputs_n{n}_window{window[0]:g}_{window[1]:g}.npy"
 
 
 def checked_features(name: str, features: np.ndarray) -> np.ndarray:
