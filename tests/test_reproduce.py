@@ -8,16 +8,21 @@ import shutil
 import pytest
 
 from pathanat.cli import main
+from pathanat.data.prepare import load_cache
 from pathanat.errors import PathanatError
+from pathanat.evaluation.segmenters import cohort_segmenters
 from pathanat.reproduce import BUDGETS, grid, reproduce, run_config
 from pathanat.training.config import load_experiment
 
 RUNS = ["vae_ms", "nvmp_ms_sup"]
+SEGMENTER_TEST_STEPS = 400  # as tests/test_segmenters.py
 
 
 @pytest.fixture(scope="module")
 def tiny_grid(tiny_run, tmp_path_factory):
     cache = tiny_run.parent / "cache"
+    # the cohort's segmenters, trained as briefly as their own tests do (and shared with them)
+    cohort_segmenters(load_cache(cache), steps=SEGMENTER_TEST_STEPS)
     out = tmp_path_factory.mktemp("grid") / "reproduce"
     reproduce("ms", "smoke", out=out, cache=cache, runs=RUNS)
     return out, cache

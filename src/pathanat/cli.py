@@ -145,6 +145,17 @@ def _synthesize(args: argparse.Namespace) -> None:
         print(f"{what}: {args.run / figure}")
 
 
+def _validity(args: argparse.Namespace) -> None:
+    from pathanat.evaluation.validity import validity_run
+
+    for run in args.run:
+        result = validity_run(run, n=args.samples, temperature=args.temperature, seed=args.seed)
+        rates = {k: result[k]["invalid_fraction"] for k in ("samples", "real", "truth")}
+        shown = ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in rates.items())
+        print(f"{run}: invalid fraction of lesion voxels: {shown}")
+        print(f"written: {run / 'validity.json'}, {run / 'figures' / 'sample_validity.png'}")
+
+
 def _report(args: argparse.Namespace) -> None:
     from pathanat.evaluation.report import default_report_path, write_report
 
@@ -359,6 +370,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-cluster", type=int, default=6,
                    help="test slices shown per VampPrior component (default 6)")
     p.set_defaults(func=_synthesize)
+
+    p = _add(
+        sub,
+        "validity",
+        "Sample validity (MS): the fraction of lesion-like voxels of prior samples that fall in "
+        "background, CSF or ventricles, by a lesion and a tissue segmenter trained once per cache "
+        "on its ground truth (their test accuracy reported beside), with real test slices as the "
+        "reference rate. Writes RUN/validity.json and RUN/figures/sample_validity.png.",
+        "pathanat validity runs/vae_ms runs/nvmp_ms --samples 1024",
+    )
+    p.add_argument("run", type=Path, nargs="+", help="run folders made by `pathanat train`")
+    p.add_argument("--samples", type=int, default=1024, help="prior samples (default 1024)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.set_defaults(func=_validity)
 
     p = _add(
         sub,

@@ -1,0 +1,298 @@
+"""Sample validity: how many lesion-like voxels of an MS model's prior samples lie where no lesion
+can be (the paper's Figure 1a, made measurable on the phantom).
+
+Definition. A voxel is *lesion-like* when the cohort's lesion segmenter gives it a probability
+above 0.5; it is *invalid* when the cohort's tissue segmenter labels it background, CSF or
+ventricles (MS lesions sit in white matter; the phantom puts them in WM only). The rate is
+invalid / lesion-like voxels pooled over all slices, with a 95% percentile bootstrap over slices.
+
+Three rates, all on the same definition:
+
+- ``samples``: N prior samples (the likelihood mean of each draw, at the given temperature),
+  segmented by both segmenters;
+- ``real``: the real test slices segmented the same way: the reference rate, which the
+  segmenters' own errors (a lesion edge next to a ventricle) keep above zero;
+- ``truth``: the test slices' ground-truth lesion masks on the ground-truth tissue labels: zero
+  by construction of the phantom, a check of the definition.
+
+``per_label`` gives the share of lesion-like voxels on each tissue label (GM is not counted
+invalid, but a model that paints lesions on the cortex shows there).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.colors import ListedColormap
+
+from pathanat.data.phantom import BACKGROUND, CSF, VENTRICLES
+from pathanat.data.prepare import CacheSplit
+from pathanat.errors import InputError, PathanatError
+from pathanat.evaluation.evaluate import (
+    batches,
+    finite_or_none,
+    run_cache,
+    run_folder,
+    split_arrays,
+    write_json,
+)
+from pathanat.evaluation.segmenters import (
+    LESION_THRESHOLD,
+    TISSUE_LABELS,
+    Segmenters,
+    cohort_segmenters,
+    segment,
+)
+from pathanat.figures import display, save_figure
+from pathanat.training.run import load_trained
+
+INVALID = (BACKGROUND, CSF, VENTRICLES)
+DEFINITION = (
+    f"a voxel is lesion-like when the lesion segmenter's probability exceeds {LESION_THRESHOLD}; "
+    "it is invalid when the tissue segmenter labels it background, CSF or ventricles"
+)
+# 1024 samples: a width-16 model at 96 x 112 draws and segments 256 in ~3.5 s on one loaded core
+# (benchmarks/bench_validity.py), so a run takes well under a minute once the segmenters exist;
+# the 95% interval over 256 noisy samples was already under +-1 point.
+DEFAULT_SAMPLES = 1024
+DEFAULT_BATCH_SIZE = 32
+BOOTSTRAP = 2000
+CONFIDENCE = 0.95
+VALIDITY_JSON = "validity.json"
+FIGURE = "figures/sample_validity.png"
+FIGURE_SAMPLES = 16
+FIGURE_REAL = 8
+INVALID_COLOUR = ListedColormap(["cyan"])
+
+
+def validity_rates(lesion: np.ndarray, tissue: np.ndarray, seed: int = 0) -> dict:
+    """RATES of lesion voxels ``lesion`` (N, H, W) bool on tissue labels ``tissue`` (N, H, W):
+    the pooled invalid fraction, its bootstrap interval over slices and the share per label."""
+    lesion = np.asarray(lesion, dtype=bool)
+    tissue = np.asarray(tissue)
+    if lesion.shape != tissue.shape or lesion.ndim != 3:
+        raise ValueError(f"lesion {lesion.shape} and tissue {tissue.shape}: expected (N, H, W)")
+    found = lesion.sum(axis=(1, 2))
+    invalid = (lesion & np.isin(tissue, INVALID)).sum(axis=(1, 2))
+    total = int(found.sum())
+    counts = np.bincount(tissue[lesion].ravel(), minlength=len(TISSUE_LABELS))
+    low = high = None
+    if total:
+        # Slices are the sampling unit (voxels of one slice are not independent): resample them.
+        rng = np.random.default_rng(seed)
+        idx = rng.integers(0, len(found), (BOOTSTRAP, len(found)))
+        totals = found[idx].sum(axis=1)
+        kept = totals > 0
+        ratios = invalid[idx].sum(axis=1)[kept] / totals[kept]
+        tail = 100 * (1 - CONFIDENCE) / 2
+        low, high = (float(v) for v in np.percentile(ratios, [tail, 100 - tail]))
+    return {
+        "n": len(found),
+        "lesion_voxels": total,
+        "invalid_voxels": int(invalid.sum()),
+        "invalid_fraction": float(invalid.sum() / total) if total else None,
+        "ci_low": low,
+        "ci_high": high,
+        "slices_with_lesions": int((found > 0).sum()),
+        "per_label": {name: float(counts[k] / total) if total else None
+                      for k, name in enumerate(TISSUE_LABELS)},
+    }
+
+
+@torch.no_grad()
+def prior_samples(model: Any, n: int, temperature: float, batch_size: int) -> np.ndarray:
+    """``n`` likelihood means of prior draws (n, H, W) float32, from the global torch RNG."""
+    out = [model.sample(p.stop - p.start, temperature).x_mean[:, 0].float().numpy()
+           for p in batches(n, batch_size)]
+    return np.concatenate(out)
+
+
+@dataclass
+class Scored:
+    """What the figure shows: images with their lesion masks and tissue labels."""
+
+    images: np.ndarray
+    lesion: np.ndarray
+    tissue: np.ndarray
+
+
+def scored_validity(
+    model: Any,
+    segmenters: Segmenters,
+    test: CacheSplit,
+    n: int,
+    temperature: float,
+    seed: int,
+    batch_size: int,
+) -> tuple[dict, Scored, Scored]:
+    """``sample_validity``'s result and the segmented samples and real slices behind it."""
+    if not (isinstance(n, int) and n >= 1):
+        raise PathanatError(f"n: expected an integer >= 1 (prior samples), got {n!r}")
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature)
+            and temperature > 0):
+        raise PathanatError(f"temperature: expected a positive number, got {temperature!r}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise PathanatError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    if test.lesion is None or test.dseg is None:
+        raise InputError(
+            f"split {test.name!r}: sample validity needs ground-truth lesion masks and dseg "
+            "labels (an MS phantom cache); this split has "
+            + ("no lesion masks" if test.lesion is None else "no dseg")
+        )
+    seconds = {}
+    start = time.perf_counter()
+    # fork_rng: the seed fixes the draws without changing the caller's RNG state
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        images = prior_samples(model, n, float(temperature), batch_size)
+    seconds["sampling"] = time.perf_counter() - start
+    if images.shape[1:] != test.image.shape[1:]:
+        raise PathanatError(
+            f"the model draws {images.shape[1]} x {images.shape[2]} samples; the test split's "
+            f"slices are {test.image.shape[1]} x {test.image.shape[2]}"
+        )
+    if not np.isfinite(images).all():
+        raise PathanatError("the model drew samples with NaN or infinite values")
+
+    start = time.perf_counter()
+    tissue, probs = segment(segmenters, images, batch_size)
+    samples = Scored(images, probs > LESION_THRESHOLD, tissue)
+    real_images = np.array(test.image, dtype=np.float32)
+    tissue, probs = segment(segmenters, real_images, batch_size)
+    real = Scored(real_images, probs > LESION_THRESHOLD, tissue)
+    seconds["segmentation"] = time.perf_counter() - start
+
+    accuracy = segmenters.accuracy
+    result = {
+        "split": test.name,
+        "seed": seed,
+        "temperature": float(temperature),
+        "definition": DEFINITION,
+        "invalid_labels": [TISSUE_LABELS[k] for k in INVALID],
+        "samples": validity_rates(samples.lesion, samples.tissue, seed),
+        "real": validity_rates(real.lesion, real.tissue, seed),
+        "truth": validity_rates(np.asarray(test.lesion, dtype=bool), np.asarray(test.dseg), seed),
+        "segmenters": {
+            "file": None if segmenters.path is None else str(segmenters.path),
+            "split": accuracy.get("split"),
+            **{key: accuracy.get(key) for key in
+               ("tissue_dice", "lesion_dice", "lesion_precision", "lesion_recall")},
+        },
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+    }
+    return finite_or_none(result), samples, real
+
+
+def sample_validity(
+    model: Any,
+    segmenters: Segmenters,
+    test: CacheSplit,
+    n: int = DEFAULT_SAMPLES,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> dict:
+    """The invalid-lesion RATES of ``n`` prior samples of ``model`` (anything with
+    ``sample(n, temperature).x_mean`` of shape (n, 1, H, W)), of the real slices of ``test``
+    and of its ground truth, with the segmenters' accuracy. Seeded: the same call, the same
+    numbers."""
+    return scored_validity(model, segmenters, test, n, temperature, seed, batch_size)[0]
+
+
+def overlay(ax: Any, scored: Scored, i: int, title: str) -> None:
+    """Slice ``i`` with its lesions outlined in red and their invalid voxels filled in cyan."""
+    ax.imshow(display(scored.images[i]), cmap="gray", vmin=-2.5, vmax=3.5)
+    lesion = scored.lesion[i]
+    if lesion.any():
+        ax.contour(display(lesion).astype(float), levels=[0.5], colors="red", linewidths=0.6)
+    invalid = lesion & np.isin(scored.tissue[i], INVALID)
+    if invalid.any():
+        shown = display(invalid)
+        ax.imshow(np.ma.masked_where(~shown, shown), cmap=INVALID_COLOUR, interpolation="nearest")
+    ax.set_title(title, fontsize=6)
+    ax.axis("off")
+
+
+def percent(rates: dict) -> str:
+    value = rates["invalid_fraction"]
+    if value is None:
+        return "no lesions found"
+    if rates["ci_low"] is None:
+        return f"{value:.1%}"
+    return f"{value:.1%} ({rates['ci_low']:.1%}-{rates['ci_high']:.1%})"
+
+
+def validity_figure(result: dict, samples: Scored, real: Scored, kind: str) -> Any:
+    import matplotlib.pyplot as plt
+
+    columns = FIGURE_REAL
+    rows = -(-min(FIGURE_SAMPLES, len(samples.images)) // columns) + 1
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows + 0.5),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, ax in enumerate(axes[:-1].flat):
+        if i < len(samples.images):
+            overlay(ax, samples, i, f"sample {i}")
+    # Real slices spread over the split, those with lesions first: the reference look.
+    with_lesions = np.flatnonzero(real.lesion.any(axis=(1, 2)))
+    pool = with_lesions if len(with_lesions) >= columns else np.arange(len(real.images))
+    for ax, i in zip(axes[-1], pool[np.linspace(0, len(pool) - 1, columns).astype(int)],
+                     strict=True):
+        overlay(ax, real, int(i), f"real test {i}")
+    fig.suptitle(
+        f"{kind}: invalid lesion voxels, prior samples {percent(result['samples'])}, "
+        f"real {percent(result['real'])}, truth {percent(result['truth'])}",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def validity_run(
+    run: str | os.PathLike,
+    n: int = DEFAULT_SAMPLES,
+    temperature: float = 1.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Sample validity of an MS run: writes RUN/validity.json and RUN/figures/sample_validity.png
+    (+ caption) and returns the result. The cohort's segmenters are trained on first use and
+    kept in CACHE/segmenters. Example: ``validity_run("runs/nvmp")``."""
+    start = time.perf_counter()
+    folder = run_folder(run)
+    model, config = load_trained(folder)
+    cache = run_cache(folder, config)
+    if not cache.has_lesion:
+        raise PathanatError(
+            f"{folder}: sample validity is MS-only; its cache {cache.path} has no lesion masks "
+            "(an AD cohort?)"
+        )
+    segs_start = time.perf_counter()
+    segmenters = cohort_segmenters(cache, progress=progress)
+    segs_seconds = time.perf_counter() - segs_start
+    test = split_arrays(cache, "test")
+    result, samples, real = scored_validity(
+        model.float().eval(), segmenters, test, n, temperature, seed, DEFAULT_BATCH_SIZE
+    )
+    result = {"run": str(folder), "model": config.model.kind, **result}
+    result["seconds"] = {"segmenters": round(segs_seconds, 2), **result["seconds"],
+                         "total": round(time.perf_counter() - start, 2)}
+    fig = validity_figure(result, samples, real, config.model.kind)
+    shown = min(FIGURE_SAMPLES, n)
+    save_figure(
+        fig, folder / FIGURE,
+        caption=f"Prior samples of the {config.model.kind} run (temperature {temperature:g}, "
+                f"first {shown} of {n}) and real test slices (bottom row): lesions found by the "
+                f"lesion segmenter (p > {LESION_THRESHOLD}) outlined in red, the lesion voxels "
+                "the tissue segmenter places in background, CSF or ventricles filled in cyan; "
+                "title: invalid fraction with 95% bootstrap interval.",
+    )
+    write_json(folder / VALIDITY_JSON, result)
+    return result

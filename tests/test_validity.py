@@ -1,0 +1,163 @@
+import json
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage as ndi
+
+from pathanat.data.phantom import BACKGROUND, CSF, GM, VENTRICLES, WM
+from pathanat.data.prepare import load_cache
+from pathanat.errors import PathanatError
+from pathanat.evaluation import validity
+from pathanat.evaluation.evaluate import run_cache
+from pathanat.evaluation.segmenters import FOLDER, cohort_segmenters
+from pathanat.figures import caption_path
+from pathanat.training import load_trained
+
+TEST_STEPS = 400  # as in test_segmenters.py (either module's segmenters serve both)
+
+@pytest.fixture(scope="module")
+def tiny_cache(tiny_run):
+    return run_cache(tiny_run, load_trained(tiny_run)[1])
+
+
+@pytest.fixture(scope="module")
+def segmenters(tiny_cache):
+    # The same call as test_segmenters.py: whichever module runs first trains, the other reuses.
+    return cohort_segmenters(tiny_cache, steps=TEST_STEPS)
+
+
+def test_rates_of_a_hand_built_case():
+    tissue = np.full((3, 6, 6), WM, dtype=np.uint8)
+    tissue[:, :, 4:] = CSF
+    tissue[1, :, :2] = VENTRICLES
+    tissue[1, 5, 2:4] = GM
+    tissue[2, 0, :] = BACKGROUND
+    lesion = np.zeros((3, 6, 6), dtype=bool)
+    lesion[0, 0, 0:4] = True  # 4 on WM
+    lesion[0, 1, 4:6] = True  # 2 on CSF
+    lesion[1, 0:3, 0] = True  # 3 on ventricles
+    lesion[1, 5, 2] = True  # 1 on GM
+    lesion[2, 0, 0] = True  # 1 on background
+    rates = validity.validity_rates(lesion, tissue, seed=0)
+    assert rates["n"] == 3
+    assert rates["lesion_voxels"] == 11
+    assert rates["invalid_voxels"] == 6
+    assert rates["invalid_fraction"] == pytest.approx(6 / 11)
+    assert rates["slices_with_lesions"] == 3
+    assert rates["per_label"] == pytest.approx(
+        {"background": 1 / 11, "CSF": 2 / 11, "ventricles": 3 / 11, "GM": 1 / 11, "WM": 4 / 11,
+         "hippocampus": 0.0}
+    )
+    assert 0 <= rates["ci_low"] <= 6 / 11 <= rates["ci_high"] <= 1
+
+
+def test_bootstrap_interval_collapses_when_every_slice_has_the_same_rate():
+    tissue = np.full((5, 4, 4), WM, dtype=np.uint8)
+    tissue[:, 0, 0] = CSF
+    lesion = np.zeros((5, 4, 4), dtype=bool)
+    lesion[:, 0, :] = True  # 1 invalid of 4 on every slice
+    rates = validity.validity_rates(lesion, tissue)
+    assert rates["invalid_fraction"] == rates["ci_low"] == rates["ci_high"] == 0.25
+
+
+def test_no_lesions_give_null_rates():
+    rates = validity.validity_rates(np.zeros((2, 3, 3), bool), np.zeros((2, 3, 3), np.uint8))
+    assert rates["lesion_voxels"] == 0
+    assert rates["invalid_fraction"] is rates["ci_low"] is rates["ci_high"] is None
+
+
+def test_truth_rate_is_zero_on_the_phantom(tiny_cache):
+    test = tiny_cache.split("test")
+    rates = validity.validity_rates(np.asarray(test.lesion, bool), np.asarray(test.dseg))
+    assert rates["lesion_voxels"] > 0
+    assert rates["invalid_fraction"] == 0.0
+    assert rates["per_label"]["WM"] == 1.0
+
+
+def blobs_in_ventricles(test, radius: float = 1.6, value: float = 2.5) -> np.ndarray:
+    """Test slices with a bright disc painted into the ventricles, centred on the ventricle voxel
+    deepest inside them (the disc is clipped to the ventricles, so all of it is invalid)."""
+    images = np.array(test.image, dtype=np.float32)
+    dseg = np.asarray(test.dseg)
+    yy, xx = np.mgrid[: images.shape[1], : images.shape[2]]
+    for i in range(len(images)):
+        fluid = dseg[i] == VENTRICLES
+        depth = ndi.distance_transform_edt(fluid)
+        cy, cx = np.unravel_index(depth.argmax(), depth.shape)
+        disc = ((yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2) & fluid
+        images[i][disc] = value
+    return images
+
+
+class BlobModel:
+    """A 'model' whose prior samples are test slices with lesions painted into the ventricles."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = torch.tensor(images)
+        self.drawn = 0
+
+    def sample(self, n: int, temperature: float = 1.0) -> SimpleNamespace:
+        idx = (self.drawn + torch.arange(n)) % len(self.images)
+        self.drawn += n
+        return SimpleNamespace(x_mean=self.images[idx][:, None])
+
+
+def test_lesions_painted_into_ventricles_are_invalid_real_ones_are_not(segmenters, tiny_cache):
+    test = tiny_cache.split("test")
+    painted = blobs_in_ventricles(test)
+    result = validity.sample_validity(BlobModel(painted), segmenters, test, n=16, batch_size=5)
+    assert result["samples"]["n"] == 16 and result["real"]["n"] == len(test)
+    assert result["truth"]["invalid_fraction"] == 0.0
+    # Perfect segmenters would find painted / (painted + real lesion voxels) invalid: ~0.5 here
+    # (the samples keep the slices' real WM lesions). Measured after 400 steps (one thread):
+    # samples 0.61, real 0.08 (2 of 25 voxels: lesion edges next to the 4 mm ventricles).
+    n_painted = (painted != np.asarray(test.image)).sum()
+    ideal = n_painted / (n_painted + np.asarray(test.lesion).sum())
+    assert result["samples"]["invalid_fraction"] > ideal / 2
+    assert result["real"]["invalid_fraction"] < 0.2
+    assert result["samples"]["ci_low"] > result["real"]["ci_high"]
+
+
+def test_sample_validity_is_seeded_and_reads_a_real_model(segmenters, tiny_run, tiny_cache):
+    model = load_trained(tiny_run)[0]
+    test = tiny_cache.split("test")
+    a = validity.sample_validity(model, segmenters, test, n=6, seed=3)
+    b = validity.sample_validity(model, segmenters, test, n=6, seed=3)
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+    assert a["seed"] == 3 and a["samples"]["n"] == 6
+    with pytest.raises(PathanatError, match="temperature"):
+        validity.sample_validity(model, segmenters, test, n=6, temperature=0.0)
+
+
+def test_validity_run_writes_result_and_figure(segmenters, tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    result = validity.validity_run(run, n=8, seed=1, progress=False)
+    on_disk = json.loads((run / validity.VALIDITY_JSON).read_text())
+    assert on_disk == result
+    assert on_disk["model"] == "nvmp" and on_disk["samples"]["n"] == 8
+    assert on_disk["invalid_labels"] == ["background", "CSF", "ventricles"]
+    assert on_disk["segmenters"]["file"] == str(segmenters.path)
+    assert on_disk["segmenters"]["lesion_dice"] == pytest.approx(segmenters.accuracy["lesion_dice"])
+    assert set(on_disk["segmenters"]["tissue_dice"]) == {
+        "background", "CSF", "ventricles", "GM", "WM", "hippocampus"}
+    figure = run / validity.FIGURE
+    assert figure.stat().st_size > 10_000
+    assert "cyan" in caption_path(figure).read_text()
+
+
+def test_validity_run_refuses_a_cache_without_lesions(tiny_run, tiny_cache, tmp_path,
+                                                      monkeypatch):
+    copy = tmp_path / "cache"
+    shutil.copytree(tiny_cache.path, copy, ignore=shutil.ignore_patterns(FOLDER))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["arrays"] = ["image", "brain", "dseg"]  # as an AD cache
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(validity, "run_cache", lambda folder, config: load_cache(copy))
+    with pytest.raises(PathanatError, match="MS-only"):
+        validity.validity_run(tiny_run, n=2, progress=False)
+    assert not (tiny_run / validity.VALIDITY_JSON).exists()
