@@ -13,7 +13,7 @@ import torch
 
 from pathanat.data.prepare import CacheSplit
 from pathanat.errors import InputError, PathanatError
-from pathanat.evaluation.analyze import analyze, analyze_run, subject_average
+from pathanat.evaluation.analyze import analyze, analyze_run, r2_tables, subject_average
 
 N = 16  # image side
 SQUARE = [(i, j) for i in range(5, 11) for j in range(5, 11)]  # lesions fill it in this order
@@ -194,3 +194,13 @@ def test_ad_uses_atrophy_severity_and_csf_versus_tissue():
         assert entry["r2"]["z1"] > 0.8 and max(entry["r2"]["z0"], entry["r2"]["z2"]) < 0.2
     assert summary["sensitivity"]["regions"] == "CSF vs tissue"
     assert summary["sensitivity"]["z_p_posthoc"] == "z1"
+
+
+def test_a_target_constant_on_the_test_split_is_skipped_not_fatal():
+    # one test subject: a subject-level target has a single value there, so R^2 is undefined
+    codes = [np.random.default_rng(0).normal(size=(4, 3))]
+    train = pd.DataFrame({"lesion_volume_mm3": [1.0, 2.0, 3.0, 4.0]})
+    test = pd.DataFrame({"lesion_volume_mm3": [5.0, 5.0, 5.0, 5.0]})
+    table, skipped = r2_tables(["z0"], codes, codes, train, test)
+    assert table.empty and skipped == ["lesion_volume_mm3"]
+    assert table.attrs["not_converged"] == 0

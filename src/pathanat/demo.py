@@ -1,28 +1,30 @@
 """`pathanat demo`: the main job end to end on a small embedded phantom MS cohort.
 
-Today it generates the cohort, prepares the slice cache, draws the prepared slices, trains a small
-NVMP (the packaged `demo` config, configs/demo.yaml) and draws test reconstructions and prior
-samples; evaluation and the report join it as they land. It says plainly what it did and did not
-do.
+phantom cohort -> slice cache -> a small NVMP trained (the packaged `demo` config,
+configs/demo.yaml) -> evaluate -> analyze -> sample validity -> synthesize -> ``report.html``.
+The stages are the ones `pathanat reproduce` runs for every model of the paper's grid; a step
+found finished in the demo folder is reused, not redone.
 """
 
 from __future__ import annotations
 
 import json
-import time
+import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pathanat.data.phantom import generate_cohort
 from pathanat.data.prepare import load_cache, prepare_cohort
 from pathanat.errors import PathanatError
-from pathanat.evaluation.evaluate import reconstructions
-from pathanat.evaluation.reconstruction import psnr
 from pathanat.figures import save_figure, slice_montage
+from pathanat.reproduce import Budget, run_stages, train_stage
 from pathanat.training.config import ExperimentConfig, load_experiment
-from pathanat.training.run import LAST, load_trained, resume, train_config
+
+DEMO_BUDGET = Budget(
+    about="the demo: one NVMP, 30 subjects, IW NLL with S=8, FID on, 64 samples for validity",
+    subjects=30, overrides=(), iw_samples=8, fid=True, validity_samples=64,
+)
 
 
 def demo_config(cache: Path) -> ExperimentConfig:
@@ -32,9 +34,9 @@ def demo_config(cache: Path) -> ExperimentConfig:
 
 
 def run_demo(out: Path, n_subjects: int = 30, seed: int = 0, overwrite: bool = False) -> Path:
-    """Run the demo into folder ``out``; a finished step found there is reused, not redone."""
-    out = Path(out)
-    cohort, cache = out / "cohort", out / "cache"
+    """Run the demo into folder ``out``; returns the report's path."""
+    out = Path(out).absolute()
+    cohort, cache, run = out / "cohort", out / "cache", out / "run"
     if overwrite or not cohort.exists():
         print(f"[1/5] generating a {n_subjects}-subject MS phantom cohort (seed {seed})")
         generate_cohort("ms", n_subjects, cohort, seed=seed, overwrite=overwrite)
@@ -46,69 +48,25 @@ def run_demo(out: Path, n_subjects: int = 30, seed: int = 0, overwrite: bool = F
         prepare_cohort(cohort, cache, seed=seed, overwrite=overwrite)
     else:
         print(f"[2/5] reusing the slice cache in {cache}")
-    figure = out / "figures" / "slices.png"
-    print("[3/5] drawing prepared training slices with their lesion outlines")
-    save_figure(_train_montage(cache), figure)
-    run = out / "run"
-    steps = demo_config(cache).trainer.max_steps
-    print(f"[4/5] training the demo NVMP ({steps} steps) into {run}")
-    started = time.monotonic()
-    _train(cache, run, overwrite)
-    minutes = (time.monotonic() - started) / 60
-    print("[5/5] drawing test reconstructions and prior samples; test PSNR")
-    samples = out / "figures" / "reconstructions.png"
-    scores = _reconstruction_figure(run, cache, samples)
-    _summarise(out, cohort, cache, figure, run, samples, scores, minutes)
-    return out
-
-
-def _train(cache: Path, run: Path, overwrite: bool) -> None:
-    """Train the demo config, or finish or reuse the run already in ``run``."""
     config = demo_config(cache)
-    summary = run / "summary.json"
-    finished = summary.is_file() and (
-        json.loads(summary.read_text())["steps"] >= config.trainer.max_steps
-    )
-    if not overwrite and finished:
+    print(f"[3/5] training the demo NVMP ({config.trainer.max_steps} steps) into {run}")
+    if overwrite and run.exists():
+        shutil.rmtree(run)
+    outcome = train_stage(run, config)
+    if outcome == "done":
         print(f"      reusing the finished run in {run}")
-        return
-    if not overwrite and (run / "checkpoints" / LAST).is_file():
-        resume(run)
-    else:
-        train_config(config, run, overwrite=True)
+    save_figure(_train_montage(cache), run / "figures" / "prepared_slices.png",
+                caption="Prepared training slices (central and off-centre, standardised FLAIR) "
+                        "with the ground-truth lesion outlines in red.")
+    print("[4/5] evaluate, analyze, sample validity, synthesize")
+    seconds: dict = {}
+    run_stages(run, DEMO_BUDGET, "ms", "     ", seconds)
+    print("[5/5] writing the report")
+    from pathanat.evaluation.report import write_report
 
-
-def _reconstruction_figure(run: Path, cache: Path, path: Path) -> dict[str, float]:
-    """Eight test slices, their reconstructions and eight prior samples; the test-split PSNR."""
-    model, _ = load_trained(run)
-    test = load_cache(cache).split("test", mmap=True)
-    index = np.linspace(0, len(test) - 1, 8).round().astype(int)
-    x = torch.from_numpy(np.asarray(test.image[index], dtype=np.float32))[:, None]
-    torch.manual_seed(0)
-    with torch.no_grad():
-        recon = model.reconstruct(x)[:, 0].numpy()
-        samples = model.sample(8, temperature=0.8).x_mean[:, 0].numpy()
-    titles = (
-        [f"test input {i}" for i in range(8)]
-        + [f"reconstruction {i}" for i in range(8)]
-        + [f"prior sample {i} (t=0.8)" for i in range(8)]
-    )
-    save_figure(slice_montage([*x[:, 0].numpy(), *recon, *samples], titles=titles), path)
-    return _test_psnr(model, test)
-
-
-def _test_psnr(model, test) -> dict:
-    """Mean per-slice PSNR (each slice's own range) of the posterior-mean reconstructions of the
-    test split, over the whole slice and inside the brain mask."""
-    with torch.no_grad():
-        recon = reconstructions(model, test.image, batch_size=32)
-    image, brain = np.asarray(test.image), np.asarray(test.brain) > 0
-    has_brain = brain.any(axis=(1, 2))
-    return {
-        "psnr": float(psnr(image, recon).mean()),
-        "psnr_brain": float(psnr(image[has_brain], recon[has_brain], mask=brain[has_brain]).mean()),
-        "slices": len(image),
-    }
+    report = write_report([run], out / "report.html")
+    _summarise(out, cohort, cache, run, report, config.trainer.max_steps)
+    return report
 
 
 def _check_reusable(cohort: Path, n_subjects: int, seed: int) -> None:
@@ -134,19 +92,23 @@ def _train_montage(cache_path: Path, n_subjects: int = 8, per_subject: int = 3):
     return slice_montage(train.image[rows], lesions, titles, columns=per_subject * 4)
 
 
+def _estimate(tree: dict, *keys: str) -> str:
+    for key in keys:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    if not isinstance(tree, dict) or tree.get("mean") is None:
+        return "n/a"
+    return f"{tree['mean']:.3g} [{tree['ci_low']:.3g}, {tree['ci_high']:.3g}]"
+
+
 def _summarise(
-    out: Path,
-    cohort: Path,
-    cache_path: Path,
-    figure: Path,
-    run: Path,
-    samples: Path,
-    scores: dict[str, float],
-    minutes: float,
+    out: Path, cohort: Path, cache_path: Path, run: Path, report: Path, steps: int
 ) -> None:
     cache = load_cache(cache_path)
     counts = cache.subjects["split"].value_counts()
     slices = {s: len(cache.split(s, mmap=True)) for s in ("train", "val", "test")}
+    metrics = json.loads((run / "metrics.json").read_text())
+    analysis = json.loads((run / "analysis.json").read_text())
+    validity = json.loads((run / "validity.json").read_text())
     print()
     print(f"cohort   {cohort}  (NIfTI volumes, lesion masks, participants.tsv)")
     print(
@@ -154,16 +116,26 @@ def _summarise(
         + ", ".join(f"{s}: {counts.get(s, 0)} subjects / {slices[s]} slices" for s in slices)
         + ")"
     )
-    print(f"figure   {figure}")
-    print(f"run      {run}  (config.yaml, checkpoints/, metrics.csv, tensorboard/)")
-    print(f"figure   {samples}  (test reconstructions, prior samples)")
-    print(
-        f"test     PSNR {scores['psnr']:.1f} dB (brain {scores['psnr_brain']:.1f} dB) over "
-        f"{scores['slices']} slices, posterior-mean reconstructions, each slice's own range"
-    )
+    print(f"run      {run}  (config, checkpoints, metrics, analysis, figures)")
+    nll = metrics["nll"]
+    print(f"test     NLL {_estimate(nll, 'nats_per_slice')} nats/slice "
+          f"(S={nll['iw_samples']}), PSNR {_estimate(metrics, 'reconstruction', 'psnr')} dB, "
+          f"SSIM {_estimate(metrics, 'reconstruction', 'ssim')} (95% CIs over subjects)")
+    fid = metrics.get("fid") or {}
+    if fid:
+        print(f"FID      reconstructions {fid['fid_reconstruction']:.1f}, prior samples "
+              f"{fid['fid_samples']:.1f} (vs test inputs, {fid['samples']} slices each)")
+    posthoc = (analysis.get("sensitivity") or {}).get("z_p_posthoc")
+    print(f"latents  post-hoc z_P (pathology sensitivity): {posthoc}")
+    samples, real = validity["samples"], validity["real"]
+    print(f"validity invalid lesion voxels: prior samples {_fraction(samples)}, real test "
+          f"slices {_fraction(real)}")
+    print(f"report   {report}")
     print()
-    print(f"Done: {out} holds the phantom data and an NVMP trained on it ({minutes:.1f} min of")
-    print("training). Its reconstructions follow the inputs; its prior samples, after so short a")
-    print("run, show tissue texture rather than whole brains (sampling well needs the paper-length")
-    print("training of configs/). Evaluation beyond PSNR (NLL, SSIM, FID, latent analyses),")
-    print("synthesis and the report are not part of this demo yet.")
+    print(f"A {steps}-step model on {counts.get('train', 0)} training subjects: look at the "
+          "report; `pathanat reproduce --dataset ms` trains and compares the paper's grid.")
+
+
+def _fraction(rates: dict) -> str:
+    value = rates.get("invalid_fraction")
+    return "n/a (no lesion voxels)" if value is None else f"{value:.3f}"

@@ -163,7 +163,9 @@ def r2_tables(
     names = usable(train_targets, test_targets)
     skipped = [c for c in train_targets.columns if c not in names]
     if not names:
-        return pd.DataFrame(columns=["group", "target", "alpha", "scale", "r2"]), skipped
+        empty = pd.DataFrame(columns=["group", "target", "alpha", "scale", "r2"])
+        empty.attrs["not_converged"] = 0
+        return empty, skipped
     tr, te = train_targets[names].astype(float), test_targets[names].astype(float)
     scaled = [c for c in names if c not in raw]
     if scaled:
