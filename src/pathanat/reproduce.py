@@ -234,8 +234,8 @@ def reproduce(
                lambda run=run, config=config: train_stage(run, config))
         run_stages(run, chosen, dataset, f"[{i}/{len(names)}] {name}", seconds)
         _write_record(out, record)
-    report = _report(out, names)
     record["claims"] = claims_of(out, dataset, names)
+    report = _report(out, names, record["claims"])
     _write_record(out, record)
     print_claims(record["claims"])
     print(f"report   {report}")
@@ -266,10 +266,10 @@ def _timed(label: str, seconds: dict, key: str, work: Callable[[], object]) -> N
           flush=True)
 
 
-def _report(out: Path, names: list[str]) -> Path:
+def _report(out: Path, names: list[str], claims: list[dict]) -> Path:
     from pathanat.evaluation.report import write_report
 
-    return write_report([out / n for n in names], out / "report.html")
+    return write_report([out / n for n in names], out / "report.html", claims=claims)
 
 
 # ---- the paper's claims, checked on what the grid measured -------------------------------------

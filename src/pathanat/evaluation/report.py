@@ -750,10 +750,23 @@ def run_figures_section(run: Run) -> str:
 # ---- the page -----------------------------------------------------------------------------------
 
 
-def report_html(runs: Sequence[Run], title: str) -> str:
+def claims_section(claims: Sequence[dict]) -> str:
+    """The paper's claims as checked on these runs (``evaluation.claims``), verdict and numbers."""
+    verdicts = {True: "held", False: "did not hold", None: "not checked (results missing)"}
+    rows = [[td(esc(c["source"])), td(esc(c["claim"])), td(esc(verdicts[c["held"]])),
+             td(esc(c["evidence"]))] for c in claims]
+    caption = ("Each claim compares point estimates across the runs; the numbers behind it are "
+               "beside, with 95% intervals where the metric has them, so a difference inside the "
+               "noise is visible.")
+    return "<h2>The paper's claims on these runs</h2>\n" + table(
+        ["source", "claim", "verdict", "evidence"], rows, caption)
+
+
+def report_html(runs: Sequence[Run], title: str, claims: Sequence[dict] | None = None) -> str:
     generated = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     sections = [
         overview_section(runs),
+        *([claims_section(claims)] if claims else []),
         table1_section(runs),
         table4_section(runs),
         sensitivity_section(runs),
@@ -786,9 +799,13 @@ def default_report_path(runs: Sequence[str | os.PathLike]) -> Path:
 
 
 def write_report(
-    runs: Sequence[str | os.PathLike], out: str | os.PathLike, title: str | None = None
+    runs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    title: str | None = None,
+    claims: Sequence[dict] | None = None,
 ) -> Path:
-    """Write one self-contained HTML report comparing the run folders ``runs`` to ``out``.
+    """Write one self-contained HTML report comparing the run folders ``runs`` to ``out``;
+    ``claims`` (from ``evaluation.claims.check_claims``) adds a section of verdicts.
 
     Example: ``write_report(["runs/vae_ms", "runs/nvmp_ms"], "runs/report.html")``.
     Returns the path written.
@@ -804,7 +821,7 @@ def write_report(
     if title is None:
         title = "pathanat report: " + ", ".join(names)
     with atomic_file(out) as tmp:
-        tmp.write_text(report_html(loaded, title), encoding="utf-8")
+        tmp.write_text(report_html(loaded, title, claims), encoding="utf-8")
         # the temporary file is private (mkstemp); a report is for sharing: the usual mode
         umask = os.umask(0)
         os.umask(umask)
