@@ -60,7 +60,7 @@ def run_demo(out: Path, n_subjects: int = 30, seed: int = 0, overwrite: bool = F
                         "with the ground-truth lesion outlines in red.")
     print("[4/5] evaluate, analyze, sample validity, synthesize")
     seconds: dict = {}
-    run_stages(run, DEMO_BUDGET, "ms", "     ", seconds)
+    run_stages(run, DEMO_BUDGET, "ms", "      run", seconds)
     print("[5/5] writing the report")
     from pathanat.evaluation.report import write_report
 
