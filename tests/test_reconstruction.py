@@ -5,6 +5,7 @@ from skimage.metrics import structural_similarity
 from pathanat.errors import InputError
 from pathanat.evaluation.reconstruction import (
     PSNR_CAP,
+    estimate_text,
     mean_ci,
     psnr,
     reconstruction_table,
@@ -160,3 +161,11 @@ def test_inputs_are_validated():
         mean_ci(np.ones(4), subject_ids=np.zeros(3))
     with pytest.raises(InputError, match="at least 2"):
         mean_ci(np.ones(1))
+
+
+def test_an_estimate_reads_as_mean_and_interval():
+    psnr_ci = {"mean": 26.2049, "ci_low": 25.61, "ci_high": 26.7}
+    assert estimate_text(psnr_ci) == "26.2 [25.61, 26.7]"
+    assert estimate_text(psnr_ci, 3) == "26.2 [25.6, 26.7]"
+    assert estimate_text({"mean": 0.5, "ci_low": None, "ci_high": None}) == "0.5"
+    assert estimate_text({"mean": None}) == "n/a" and estimate_text(None) == "n/a"

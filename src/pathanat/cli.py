@@ -106,13 +106,13 @@ def _analyze(args: argparse.Namespace) -> None:
 
 def _summary(result: dict, prefix: str = "") -> list[str]:
     """One line per number of a nested result: estimates as ``mean [ci_low, ci_high]``."""
+    from pathanat.evaluation.reconstruction import estimate_text  # keeps `pathanat --help` light
+
     lines = []
     for key, value in result.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and {"mean", "ci_low", "ci_high"} <= value.keys():
-            lines.append(
-                f"{name}: {value['mean']:.4g} [{value['ci_low']:.4g}, {value['ci_high']:.4g}]"
-            )
+            lines.append(f"{name}: {estimate_text(value)}")
         elif isinstance(value, dict):
             lines += _summary(value, f"{name}.")
         elif isinstance(value, float):

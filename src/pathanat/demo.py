@@ -17,6 +17,7 @@ import numpy as np
 from pathanat.data.phantom import generate_cohort
 from pathanat.data.prepare import load_cache, prepare_cohort
 from pathanat.errors import PathanatError
+from pathanat.evaluation.reconstruction import estimate_text
 from pathanat.figures import save_figure, slice_montage
 from pathanat.reproduce import Budget, run_stages, train_stage
 from pathanat.training.config import ExperimentConfig, load_experiment
@@ -92,14 +93,6 @@ def _train_montage(cache_path: Path, n_subjects: int = 8, per_subject: int = 3):
     return slice_montage(train.image[rows], lesions, titles, columns=per_subject * 4)
 
 
-def _estimate(tree: dict, *keys: str) -> str:
-    for key in keys:
-        tree = tree.get(key) if isinstance(tree, dict) else None
-    if not isinstance(tree, dict) or tree.get("mean") is None:
-        return "n/a"
-    return f"{tree['mean']:.3g} [{tree['ci_low']:.3g}, {tree['ci_high']:.3g}]"
-
-
 def _summarise(
     out: Path, cohort: Path, cache_path: Path, run: Path, report: Path, steps: int
 ) -> None:
@@ -117,10 +110,10 @@ def _summarise(
         + ")"
     )
     print(f"run      {run}  (config, checkpoints, metrics, analysis, figures)")
-    nll = metrics["nll"]
-    print(f"test     NLL {_estimate(nll, 'nats_per_slice')} nats/slice "
-          f"(S={nll['iw_samples']}), PSNR {_estimate(metrics, 'reconstruction', 'psnr')} dB, "
-          f"SSIM {_estimate(metrics, 'reconstruction', 'ssim')} (95% CIs over subjects)")
+    nll, recon = metrics["nll"], metrics["reconstruction"]
+    print(f"test     NLL {estimate_text(nll['nats_per_slice'], 3)} nats/slice "
+          f"(S={nll['iw_samples']}), PSNR {estimate_text(recon['psnr'], 3)} dB, "
+          f"SSIM {estimate_text(recon['ssim'], 3)} (95% CIs over subjects)")
     fid = metrics.get("fid") or {}
     if fid:
         print(f"FID      reconstructions {fid['fid_reconstruction']:.1f}, prior samples "

@@ -68,7 +68,7 @@ BUDGETS = {
     "smoke": Budget(
         about="a few minutes: checks that every stage runs; the numbers mean nothing",
         subjects=12,
-        overrides=(*_SMALL_FAST, "model.width=8", "objective.kl_cycle=20",
+        overrides=(*_SMALL_FAST, "model.width=8", "data.batch_size=8", "objective.kl_cycle=20",
                    "trainer.max_steps=10", "trainer.log_every=5", "trainer.val_every=10",
                    "trainer.checkpoint_every=10", "trainer.val_batches=1",
                    "trainer.progress_bar=false"),
@@ -102,8 +102,6 @@ def run_config(name: str, budget: Budget, out: Path, cache: Path | None) -> Expe
         shape = list(load_cache(cache).shape)
         overrides += [f"data.cache={cache}", "data.phantom=null", f"data.shape={shape}",
                       f"model.image_size={shape}"]
-        if budget is BUDGETS["smoke"]:
-            overrides.append("data.batch_size=8")
     return load_experiment(name, overrides)
 
 

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from functools import partial
+
+from pathanat.evaluation.reconstruction import estimate_text
 
 STRUCTURED = ("nvae", "nvmp", "nvmpplus")
+_estimate = partial(estimate_text, digits=4)
 Results = Mapping[str, Mapping[str, dict | None]]
 
 
@@ -22,14 +26,6 @@ def _get(tree: dict | None, *keys: str):
             return None
         tree = tree[key]
     return tree
-
-
-def _show(estimate: dict | None) -> str:
-    if not estimate or estimate.get("mean") is None:
-        return "n/a"
-    lo, hi = estimate.get("ci_low"), estimate.get("ci_high")
-    interval = f" [{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else ""
-    return f"{estimate['mean']:.4g}{interval}"
 
 
 def _claim(claim: str, source: str, held: bool | None, evidence: str) -> dict:
@@ -43,7 +39,7 @@ def reconstruction_claims(results: Results, dataset: str) -> list[dict]:
                     "reconstruction", "psnr") for k in kinds}
     nll = {k: _get(results.get(f"{k}_{dataset}", {}).get("metrics.json"),
                    "nll", "nats_per_slice") for k in kinds}
-    evidence = "; ".join(f"{k}: PSNR {_show(psnr[k])} dB, NLL {_show(nll[k])} nats/slice"
+    evidence = "; ".join(f"{k}: PSNR {_estimate(psnr[k])} dB, NLL {_estimate(nll[k])} nats/slice"
                          for k in kinds)
     complete = all(psnr[k] and nll[k] for k in kinds)
     beat = best = None
@@ -106,7 +102,7 @@ def validity_claim(results: Results) -> list[dict]:
     def show(r: dict | None) -> str:
         if not r or r.get("invalid_fraction") is None:
             return "n/a"
-        return _show({"mean": r["invalid_fraction"], "ci_low": r.get("ci_low"),
+        return _estimate({"mean": r["invalid_fraction"], "ci_low": r.get("ci_low"),
                       "ci_high": r.get("ci_high")})
 
     evidence = "; ".join(f"{k}: {show(r)}" for k, r in rates.items())

@@ -186,6 +186,16 @@ class MeanCI:
     method: str
 
 
+def estimate_text(estimate: dict | None, digits: int = 4) -> str:
+    """A stored estimate ``{"mean", "ci_low", "ci_high"}`` as ``mean [low, high]`` (``n/a`` when
+    there is none; the interval left out when it is)."""
+    if not isinstance(estimate, dict) or estimate.get("mean") is None:
+        return "n/a"
+    low, high = estimate.get("ci_low"), estimate.get("ci_high")
+    text = f"{estimate['mean']:.{digits}g}"
+    return text if low is None or high is None else f"{text} [{low:.{digits}g}, {high:.{digits}g}]"
+
+
 def mean_ci(
     values: np.ndarray,
     subject_ids: np.ndarray | None = None,
