@@ -11,7 +11,9 @@ from pathanat.evaluation.fid import (
     fid,
     frechet_distance,
     inception_features,
+    kid,
     load_inception,
+    polynomial_mmd2,
     reference_path,
     stored_features,
     to_pixels,
@@ -152,3 +154,35 @@ def test_input_features_that_cannot_be_stored_are_computed_anyway(tmp_path):
     net = CountingExtractor()
     out = stored_features(reference_path(blocked, "test", 3), slices, net)
     assert out.shape == (3, FEATURES) and net.calls == 1
+
+
+def test_polynomial_mmd2_is_the_u_statistic_of_its_definition():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(6, 3)), rng.normal(1.0, 1.0, size=(5, 3))
+
+    def k(x, y):
+        return (float(np.dot(x, y)) / 3 + 1) ** 3
+
+    within_a = sum(k(a[i], a[j]) for i in range(6) for j in range(6) if i != j) / 30
+    within_b = sum(k(b[i], b[j]) for i in range(5) for j in range(5) if i != j) / 20
+    across = sum(k(x, y) for x in a for y in b) / 30
+    assert polynomial_mmd2(a, b) == pytest.approx(within_a + within_b - 2 * across)
+
+
+def test_kid_is_unbiased_in_n_where_fid_is_not():
+    rng = np.random.default_rng(1)
+    d = 64
+
+    def draw(n, shift):
+        return rng.normal(shift, 1.0, size=(n, d))
+
+    same_small = kid(draw(40, 0.0), draw(40, 0.0), subsets=200)
+    same_large = kid(draw(800, 0.0), draw(800, 0.0), subsets=20)
+    shifted = kid(draw(400, 0.0), draw(400, 0.3), subsets=50)
+    # one distribution: KID is ~0 at any N (its interval covers 0); FID of the same sets is not
+    for same in (same_small, same_large):
+        assert same["ci_low"] < 0 < same["ci_high"]
+    assert abs(same_large["mean"]) < 0.1 * shifted["mean"]
+    assert shifted["ci_low"] > 0
+    assert fid(draw(40, 0.0), draw(40, 0.0)) > 2 * fid(draw(800, 0.0), draw(800, 0.0))
+    assert shifted["subset_size"] == 200

@@ -61,7 +61,12 @@ def test_parameters_differ_only_by_what_a_kind_needs():
     counts = {kind: small_model(kind).num_parameters() for kind in KINDS}
     nvae = small_model("nvae")
     prior_heads = sum(p.numel() for p in nvae.decoder.prior_heads.parameters())
-    assert counts["nvae"] == counts["vae"] + prior_heads
+    # the joint posterior's delta heads of z_1..z_L also read the decoder state: one more
+    # width-channel input per 3x3 head conv (mean and log-scale) of each of those groups
+    width, channels, levels = SMALL["width"], nvae.config.latent_channels, nvae.config.levels
+    state_inputs = levels * 2 * (width * channels * 9)
+    assert counts["nvae"] == counts["vae"] + prior_heads + state_inputs
+    assert small_model("nvae", posterior="encoder").num_parameters() == counts["vae"] + prior_heads
     pseudo = 3 * 48 * 56
     assert counts["nvmp"] == counts["nvmp+"] == counts["nvae"] + pseudo
 
@@ -158,7 +163,7 @@ def test_residual_mode_keeps_standardised_residual():
     out = model.resample(x, keep={4}, mode="residual")
     priors = []
 
-    def choose(level, prior):
+    def choose(level, prior, state):
         priors.append(prior)
         return out.z[level]
 
@@ -283,3 +288,52 @@ def test_each_kind_overfits_phantom_slices(kind, phantom_slices, capsys):
         )
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 1.0
     assert reached > 22.0
+
+
+# ---- posterior form and per-scale trunks -------------------------------------------------------
+
+
+def test_joint_posterior_reads_the_decoder_state_encoder_posterior_does_not():
+    x = torch.randn(2, 1, 48, 56)
+    for posterior, depends in (("joint", True), ("encoder", False)):
+        model = small_model("nvae", posterior=posterior)
+        features, _ = model._features(model._pad(x))
+        state = torch.randn_like(features[1])
+        a = model.encoder.delta(1, features[1], state)
+        b = model.encoder.delta(1, features[1], state + 1.0)
+        assert (not torch.allclose(a.mu, b.mu)) is depends, posterior
+        # z_0 reads the image alone in both forms
+        c = model.encoder.delta(0, features[0], torch.randn_like(features[0]))
+        d = model.encoder.delta(0, features[0], torch.randn_like(features[0]))
+        assert torch.equal(c.mu, d.mu)
+
+
+def test_nvmp_plus_components_follow_the_decoder_only_with_a_joint_posterior():
+    for posterior, moves in (("joint", True), ("encoder", False)):
+        model = small_model("nvmp+", posterior=posterior)
+        before = model.pseudo_components()
+        with torch.no_grad():
+            model.decoder.start.add_(1.0)  # a different decoder state for every pseudo-input
+        after = model.pseudo_components()
+        assert torch.equal(before[0].mu, after[0].mu)  # z_0's component: the image alone
+        assert (not torch.allclose(before[2].mu, after[2].mu)) is moves, posterior
+    assert len(small_model("nvmp").pseudo_components()) == 1  # nvmp's prior uses z_0's only
+
+
+def test_per_scale_widths_and_cells_shape_the_trunks():
+    model = small_model("nvae", widths=(32, 24, 16, 8, 8), cells=(3, 2, 1, 1, 0))
+    assert [len(s) for s in model.encoder.stacks] == [3, 2, 1, 1, 0]
+    assert model.decoder.start.shape[1] == 32 and model.decoder.out.in_channels == 8
+    x = torch.randn(2, 1, 48, 56)
+    out = model(x)
+    assert out.x_mean.shape == x.shape
+    shapes = model.group_shapes((48, 56))
+    assert [tuple(g.z.shape[1:]) for g in out.groups] == [(2, *s[1:]) for s in shapes]
+    assert torch.isfinite(model.importance_weighted_log_likelihood(x, samples=3)).all()
+    for bad in ((16, 8), (16, 8, 8, 8, 0), (16, 8, 8, 8, True)):
+        with pytest.raises(ConfigError, match=r"model\.widths"):
+            small_model("nvae", widths=bad)
+    with pytest.raises(ConfigError, match=r"model\.cells"):
+        small_model("nvae", cells=(1, 1, -1, 1, 1))
+    with pytest.raises(ConfigError, match=r"model\.posterior"):
+        small_model("nvae", posterior="decoder")

@@ -27,15 +27,21 @@ def test_cyclical_kl_weight_rises_linearly_then_holds_then_restarts():
         objectives.kl_weight(5, cycle=0)
 
 
-def test_kl_balance_coefficients_follow_size_times_kl_per_element():
-    kl = torch.tensor([[1.0, 4.0, 30.0], [3.0, 8.0, 50.0]], requires_grad=True)
-    sizes = torch.tensor([10.0, 40.0, 160.0])
-    got = objectives.kl_balance_coefficients(kl, sizes)
-    per_element = np.array([2.0, 6.0, 40.0]) / sizes.numpy() + 0.01
-    expected = sizes.numpy() * per_element
-    np.testing.assert_allclose(got.numpy(), expected / expected.mean(), rtol=1e-6)
-    assert got.mean().item() == pytest.approx(1.0)
+def test_kl_balance_coefficients_equalise_kl_per_element_not_total_kl():
+    # groups of very different sizes with the same KL per element get the same coefficient
+    sizes = torch.tensor([84.0, 336.0, 21504.0])
+    same = (torch.tensor([[0.5, 0.5, 0.5], [1.5, 1.5, 1.5]]) * sizes).requires_grad_()
+    got = objectives.kl_balance_coefficients(same, sizes)
+    np.testing.assert_allclose(got.numpy(), [1.0, 1.0, 1.0], rtol=1e-6)
     assert not got.requires_grad
+    # a collapsed group (KL 0) is penalised least, the busiest group per element most; a group
+    # whose KL per element is 3x another's is charged close to 3x as much (the floor aside)
+    kl = torch.tensor([[0.0, 1.0 * 336, 3.0 * 21504]])
+    c = objectives.kl_balance_coefficients(kl, sizes)
+    assert c[0] < c[1] < c[2]
+    assert c[0] / c[2] < 0.01
+    assert 2.9 < (c[2] / c[1]).item() < 3.0
+    assert c.mean().item() == pytest.approx(1.0)
 
 
 def test_supervision_loss_matches_hand_formulas():

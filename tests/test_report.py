@@ -155,7 +155,14 @@ def make_run(folder: Path, kind: str, seed: int, supervised: bool = False) -> di
                                                 ("psnr_brain", 20, 30),
                                                 ("ssim_brain", 0.5, 0.9))},
         "fid": {"fid_reconstruction": float(rng.uniform(0, 1)),
-                "fid_samples": float(rng.uniform(0, 1))},
+                "fid_samples": float(rng.uniform(0, 1)),
+                "kid_reconstruction": interval(rng.uniform(0, 0.1), 0.001),
+                "kid_samples": interval(rng.uniform(0, 0.1), 0.001)},
+        "plausibility": {
+            "real": {"brain_like": interval(1.0 - rng.uniform(0, 0.02), 0.001), "n": 40},
+            "samples": {t: {"brain_like": interval(rng.uniform(0.1, 0.9), 0.05), "n": 256}
+                        for t in ("0.6", "0.8", "1.0")},
+        },
     }
     (folder / "metrics.json").write_text(json.dumps(metrics))
     ratio = dict(zip(GROUPS, rng.uniform(0.5, 3.5, 5).tolist(), strict=True))
@@ -233,9 +240,17 @@ def test_table1_holds_each_runs_means_and_intervals_and_marks_the_best(two_runs)
                "PSNR (dB)": (("reconstruction", "psnr"), 2, max),
                "SSIM": (("reconstruction", "ssim"), 4, max),
                "PSNR brain (dB)": (("reconstruction", "psnr_brain"), 2, max),
-               "SSIM brain": (("reconstruction", "ssim_brain"), 4, max)}
-    for column, ((part, name), decimals, better) in columns.items():
-        entries = [content["metrics"][part][name] for content in contents]
+               "SSIM brain": (("reconstruction", "ssim_brain"), 4, max),
+               "KID samples": (("fid", "kid_samples"), 4, min),
+               "brain-like T=0.8": (("plausibility", "samples", "0.8", "brain_like"), 3, max),
+               "brain-like real": (("plausibility", "real", "brain_like"), 3, max)}
+    for column, (keys, decimals, better) in columns.items():
+        entries = []
+        for content in contents:
+            entry = content["metrics"]
+            for key in keys:
+                entry = entry[key]
+            entries.append(entry)
         winner = entries.index(better(entries, key=lambda e: e["mean"]))
         for i, (run, entry) in enumerate(zip(runs, entries, strict=True)):
             text, attrs = cell(rows, run.name, column)
@@ -397,7 +412,8 @@ def test_evaluated_without_fid_says_so_and_vae_has_no_cluster_figure(tmp_path):
     del metrics["fid"]
     (run / "metrics.json").write_text(json.dumps(metrics))
     text = Page(write_report([run], tmp_path / "r.html").read_text()).all_text()
-    assert text.count(f"not computed -- run pathanat evaluate {run}") == 2  # the two FIDs
+    # the two FIDs and the two KIDs
+    assert text.count(f"not computed -- run pathanat evaluate {run}") == 4
     assert "--what clusters" not in text
 
 

@@ -11,7 +11,7 @@ from pathanat.cli import main
 from pathanat.data.prepare import load_cache
 from pathanat.errors import PathanatError
 from pathanat.evaluation.segmenters import cohort_segmenters
-from pathanat.reproduce import BUDGETS, grid, reproduce, run_config
+from pathanat.reproduce import BUDGETS, cpu_precision, grid, reproduce, run_config
 from pathanat.training.config import load_experiment
 
 RUNS = ["vae_ms", "nvmp_ms_sup"]
@@ -44,7 +44,8 @@ def test_a_budget_changes_only_compute_not_the_model_kind(tmp_path):
         assert config.model.supervised == shipped.model.supervised
         assert config.model.z_p == shipped.model.z_p
         assert config.data.phantom.subjects == BUDGETS["cpu"].subjects
-        assert config.trainer.precision == "bf16-mixed"
+        assert config.trainer.precision == cpu_precision()
+        assert config.model.posterior == shipped.model.posterior
     # the paper budget is the packaged config unchanged but for where the phantom goes
     paper = run_config("nvmpplus_ms", BUDGETS["paper"], tmp_path, None)
     assert paper.trainer.max_steps == 100_000 and paper.model.width == 32
@@ -119,7 +120,7 @@ def test_a_run_folder_holding_another_model_stops_the_grid(tiny_grid, tmp_path, 
     grid_copy = tmp_path / "copy"
     shutil.copytree(out, grid_copy)
     config = grid_copy / "vae_ms" / "config.yaml"
-    config.write_text(config.read_text().replace("width: 8", "width: 12"))
+    config.write_text(config.read_text().replace("width: 16", "width: 12"))
     code = main(["reproduce", "--dataset", "ms", "--budget", "smoke", "--out", str(grid_copy),
                  "--cache", str(cache), "--runs", "vae_ms"])
     assert code == 2

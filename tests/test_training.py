@@ -245,6 +245,25 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
     ]
 
 
+def test_warm_up_schedules_follow_the_step_and_survive_a_resume(tiny_config, tmp_path):
+    """A KL cycle of 4 steps (rise over 2, restart at 4) and a 3-step lr warm-up, on a
+    joint-posterior model with per-scale widths: the logged values are the schedules', and 2 + 3
+    resumed steps equal 5 straight ones."""
+    common = ["objective.kl_cycle=4", "optim.warmup_steps=3", "model.posterior=joint",
+              "model.widths=[16,16,8,8,8]", "model.cells=[2,1,1,1,0]", "trainer.val_every=100",
+              "trainer.checkpoint_every=100"]
+    straight = train(tiny_config, [*common, "trainer.max_steps=5"], out=tmp_path / "straight")
+    split = train(tiny_config, [*common, "trainer.max_steps=2"], out=tmp_path / "split")
+    assert main(["train", "--resume", str(split), "trainer.max_steps=5"]) == 0
+    a, b = weights(straight / "checkpoints/last.ckpt"), weights(split / "checkpoints/last.ckpt")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    rows = pd.read_csv(split / "metrics.csv").dropna(subset=["train/loss"])
+    np.testing.assert_allclose(rows["train/kl_weight"], [2e-7, 0.5 + 1e-7, 1, 1, 2e-7], rtol=1e-6)
+    np.testing.assert_allclose(rows["train/lr"], [1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3],
+                               rtol=1e-6)
+
+
 def test_resume_accepts_only_trainer_overrides(finished_run):
     with pytest.raises(ConfigError, match="only trainer"):
         resume(finished_run, ["model.kind=vae"])

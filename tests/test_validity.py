@@ -121,6 +121,21 @@ def test_lesions_painted_into_ventricles_are_invalid_real_ones_are_not(segmenter
     assert result["samples"]["ci_low"] > result["real"]["ci_high"]
 
 
+def test_only_brain_like_samples_are_counted(segmenters, tiny_cache):
+    test = tiny_cache.split("test")
+    painted = blobs_in_ventricles(test)
+    noise = np.random.default_rng(0).normal(size=painted.shape).astype(np.float32) * 2
+    half = np.concatenate([painted[:4], noise[:4]])  # 4 brains with bad lesions, 4 noise fields
+    brains = np.asarray(tiny_cache.split("train").brain).astype(bool)
+    result = validity.sample_validity(BlobModel(half), segmenters, test, n=8, batch_size=4,
+                                      references=brains)
+    assert result["brain_like"]["mean"] == 0.5 and result["brain_like"]["n"] == 8
+    assert result["samples"]["n"] == 4 and result["all_samples"]["n"] == 8
+    # the painted brains' lesions are all counted, the noise fields' lesion-like voxels are not
+    alone = validity.sample_validity(BlobModel(painted[:4]), segmenters, test, n=4, batch_size=4)
+    assert result["samples"]["lesion_voxels"] == alone["samples"]["lesion_voxels"]
+
+
 def test_sample_validity_is_seeded_and_reads_a_real_model(segmenters, tiny_run, tiny_cache):
     model = load_trained(tiny_run)[0]
     test = tiny_cache.split("test")
@@ -139,7 +154,10 @@ def test_validity_run_writes_result_and_figure(segmenters, tiny_run, tmp_path):
     result = validity.validity_run(run, n=8, seed=1, progress=False)
     on_disk = json.loads((run / validity.VALIDITY_JSON).read_text())
     assert on_disk == result
-    assert on_disk["model"] == "nvmp" and on_disk["samples"]["n"] == 8
+    assert on_disk["model"] == "nvmp" and on_disk["all_samples"]["n"] == 8
+    # only the brain-like samples are counted (a 6-step model draws few or none)
+    shape = on_disk["brain_like"]
+    assert shape["n"] == 8 and on_disk["samples"]["n"] == round(shape["mean"] * 8)
     assert on_disk["invalid_labels"] == ["background", "CSF", "ventricles"]
     assert on_disk["segmenters"]["file"] == str(segmenters.path)
     assert on_disk["segmenters"]["lesion_dice"] == pytest.approx(segmenters.accuracy["lesion_dice"])

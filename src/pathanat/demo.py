@@ -117,12 +117,21 @@ def _summarise(
     fid = metrics.get("fid") or {}
     if fid:
         print(f"FID      reconstructions {fid['fid_reconstruction']:.1f}, prior samples "
-              f"{fid['fid_samples']:.1f} (vs test inputs, {fid['samples']} slices each)")
+              f"{fid['fid_samples']:.1f} (vs test inputs, N = {fid['samples']} each; KID "
+              f"{estimate_text(fid.get('kid_reconstruction'), 3)} and "
+              f"{estimate_text(fid.get('kid_samples'), 3)})")
+    plausible = metrics.get("plausibility")
+    if plausible:
+        drawn = ", ".join(f"T={t} {estimate_text(e['brain_like'], 2)}"
+                          for t, e in plausible["samples"].items())
+        print(f"samples  brain-like: {drawn} (n = {next(iter(plausible['samples'].values()))['n']} "
+              f"each); real test slices {estimate_text(plausible['real']['brain_like'], 2)}")
     posthoc = (analysis.get("sensitivity") or {}).get("z_p_posthoc")
     print(f"latents  post-hoc z_P (pathology sensitivity): {posthoc}")
-    samples, real = validity["samples"], validity["real"]
-    print(f"validity invalid lesion voxels: prior samples {_fraction(samples)}, real test "
-          f"slices {_fraction(real)}")
+    samples, real, shape = validity["samples"], validity["real"], validity.get("brain_like")
+    counted = "" if not shape else f" (over the {samples['n']} brain-like of {shape['n']})"
+    print(f"validity invalid lesion voxels: prior samples {_fraction(samples)}{counted}, real "
+          f"test slices {_fraction(real)}")
     print(f"report   {report}")
     print()
     print(f"A {steps}-step model on {counts.get('train', 0)} training subjects: look at the "

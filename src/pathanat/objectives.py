@@ -96,19 +96,19 @@ def kl_weight(step: int, cycle: int = 10_000, start: float = 2e-7) -> float:
 
 
 def kl_balance_coefficients(kl: Tensor, sizes: Tensor) -> Tensor:
-    """NVAE-style KL balancing coefficients (L+1,), detached, with mean 1.
+    """NVAE's KL balancing coefficients (L+1,), detached, with mean 1.
 
-    Each group's coefficient is proportional to its size times its current batch-mean KL per
-    element -- that is, to its batch-mean total KL (paper, App. B: "proportional to the size of
-    each latent layer as well as the KLD value of that layer"). A group that carries little
-    information is pushed less, so no group collapses while the KL weight is small. (NVAE's own
-    code instead divides by a size factor, i.e. uses the KL per element; with 2 x 96 x 112 vs
-    2 x 6 x 7 elements this matters, so the choice is written here.) The 0.01 keeps a collapsed
-    group's coefficient above zero, as in NVAE.
+    Each group's coefficient is proportional to its batch-mean KL per latent element (its KL
+    divided by its size) plus a floor of 0.01, as NVAE's author defines it (NVlabs/NVAE issue 26):
+    a group that carries little per element is penalised less and so encouraged to carry more,
+    while a group that carries much is pushed to hand information on. The seed paper's
+    "proportional to the size of each latent layer" read literally (coefficient times size) did
+    the opposite on our 96 x 112 grid: z_0's coefficient was 250x below z_4's, and the coarse
+    groups, which must hold the brain's shape, drifted from their priors while the KL weight was
+    small (generation notes in docs/generation.md).
     """
     per_element = kl.detach().abs().mean(0) / sizes.to(kl.device) + 0.01
-    coefficients = sizes.to(kl.device) * per_element
-    return coefficients / coefficients.mean()
+    return per_element / per_element.mean()
 
 
 def soft_dice_loss(logits: Tensor, mask: Tensor, smooth: float = 1.0) -> Tensor:

@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from pathanat.atomic import atomic_file
 from pathanat.config import to_dict
 from pathanat.data.prepare import load_cache
@@ -45,17 +47,30 @@ class Budget:
     validity_samples: int
 
 
-_SMALL_FAST = (  # what lets a model learn in minutes on a CPU (as the demo)
-    "model.width=16", "model.cells_per_scale=1", "optim.lr=2e-3", "optim.grad_clip=100",
-    "trainer.precision=bf16-mixed", "data.num_workers=0", "trainer.val_batches=4",
+_SMALL_FAST = (  # what lets a model learn, and generate, in minutes on a CPU (as the demo)
+    "model.width=16", "model.widths=[64,64,32,16,16]", "model.cells=[2,2,1,1,1]",
+    "optim.lr=1e-3", "optim.warmup_steps=100", "optim.grad_clip=100", "data.num_workers=0",
+    "trainer.val_batches=4",
 )
+
+
+def cpu_precision() -> str:
+    """bf16-mixed where the CPU has bf16 arithmetic (AVX-512 BF16 or AMX: ~2x fp32 there), else
+    fp32 (an AVX2-only CPU emulates bf16 and ran a step 5x slower than fp32)."""
+    try:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # a torch without these probes
+        native = False
+    return "bf16-mixed" if native else "32"
+
 
 BUDGETS = {
     "cpu": Budget(
-        about="about an hour on 2 CPU cores: 60 subjects, width 16, 1 cell per scale, bf16, "
-              "1500 steps (KL weight reaches 1 at step 1000), IW NLL with S=8, FID on",
+        about="about an hour on 2 CPU cores: 60 subjects, widths 64..16, 1500 steps (KL weight "
+              "reaches 1 at step 1000), bf16 where the CPU has it, IW NLL with S=8, FID on",
         subjects=60,
-        overrides=(*_SMALL_FAST, "objective.kl_cycle=2000", "trainer.max_steps=1500",
+        overrides=(*_SMALL_FAST, f"trainer.precision={cpu_precision()}",
+                   "objective.kl_cycle=2000", "trainer.max_steps=1500",
                    "trainer.log_every=25", "trainer.val_every=500",
                    "trainer.checkpoint_every=500"),
         iw_samples=8, fid=True, validity_samples=256,
@@ -68,7 +83,8 @@ BUDGETS = {
     "smoke": Budget(
         about="a few minutes: checks that every stage runs; the numbers mean nothing",
         subjects=12,
-        overrides=(*_SMALL_FAST, "model.width=8", "data.batch_size=8", "objective.kl_cycle=20",
+        overrides=(*_SMALL_FAST, "model.widths=[16,16,8,8,8]", "model.cells=[1,1,1,1,1]",
+                   "data.batch_size=8", "objective.kl_cycle=20", "optim.warmup_steps=2",
                    "trainer.max_steps=10", "trainer.log_every=5", "trainer.val_every=10",
                    "trainer.checkpoint_every=10", "trainer.val_batches=1",
                    "trainer.progress_bar=false"),

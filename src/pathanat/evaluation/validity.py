@@ -9,7 +9,10 @@ invalid / lesion-like voxels pooled over all slices, with a 95% percentile boots
 Three rates, all on the same definition:
 
 - ``samples``: N prior samples (the likelihood mean of each draw, at the given temperature),
-  segmented by both segmenters;
+  segmented by both segmenters; given the training split's brain masks, only the samples that
+  pass the brain-shape test (``plausibility``) are counted -- lesion-like voxels in a field of
+  noise say nothing about where a model puts lesions in a brain -- and ``brain_like`` gives the
+  fraction of samples counted (``all_samples``: the rate over every sample);
 - ``real``: the real test slices segmented the same way: the reference rate, which the
   segmenters' own errors (a lesion edge next to a ventricle) keep above zero;
 - ``truth``: the test slices' ground-truth lesion masks on the ground-truth tissue labels: zero
@@ -42,6 +45,7 @@ from pathanat.evaluation.evaluate import (
     split_arrays,
     write_json,
 )
+from pathanat.evaluation.plausibility import brain_like, wilson_interval
 from pathanat.evaluation.segmenters import (
     LESION_THRESHOLD,
     TISSUE_LABELS,
@@ -130,6 +134,7 @@ def scored_validity(
     temperature: float,
     seed: int,
     batch_size: int,
+    references: np.ndarray | None = None,
 ) -> tuple[dict, Scored, Scored]:
     """``sample_validity``'s result and the segmented samples and real slices behind it."""
     if not (isinstance(n, int) and n >= 1):
@@ -169,13 +174,23 @@ def scored_validity(
     seconds["segmentation"] = time.perf_counter() - start
 
     accuracy = segmenters.accuracy
+    everything = validity_rates(samples.lesion, samples.tissue, seed)
+    if references is None:
+        counted, shape = everything, None
+    else:
+        ok, _ = brain_like(samples.images, references)
+        low, high = wilson_interval(int(ok.sum()), len(ok))
+        shape = {"mean": float(ok.mean()), "ci_low": low, "ci_high": high, "n": len(ok)}
+        counted = validity_rates(samples.lesion[ok], samples.tissue[ok], seed)
     result = {
         "split": test.name,
         "seed": seed,
         "temperature": float(temperature),
         "definition": DEFINITION,
         "invalid_labels": [TISSUE_LABELS[k] for k in INVALID],
-        "samples": validity_rates(samples.lesion, samples.tissue, seed),
+        "samples": counted,
+        "brain_like": shape,
+        "all_samples": everything,
         "real": validity_rates(real.lesion, real.tissue, seed),
         "truth": validity_rates(np.asarray(test.lesion, dtype=bool), np.asarray(test.dseg), seed),
         "segmenters": {
@@ -197,12 +212,16 @@ def sample_validity(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    references: np.ndarray | None = None,
 ) -> dict:
     """The invalid-lesion RATES of ``n`` prior samples of ``model`` (anything with
     ``sample(n, temperature).x_mean`` of shape (n, 1, H, W)), of the real slices of ``test``
-    and of its ground truth, with the segmenters' accuracy. Seeded: the same call, the same
-    numbers."""
-    return scored_validity(model, segmenters, test, n, temperature, seed, batch_size)[0]
+    and of its ground truth, with the segmenters' accuracy. ``references`` (brain masks of the
+    training split) restricts the sample rate to brain-like samples. Seeded: the same call, the
+    same numbers."""
+    return scored_validity(
+        model, segmenters, test, n, temperature, seed, batch_size, references
+    )[0]
 
 
 def overlay(ax: Any, scored: Scored, i: int, title: str) -> None:
@@ -278,8 +297,9 @@ def validity_run(
     segmenters = cohort_segmenters(cache, progress=progress)
     segs_seconds = time.perf_counter() - segs_start
     test = split_arrays(cache, "test")
+    brains = np.asarray(split_arrays(cache, "train").brain).astype(bool)
     result, samples, real = scored_validity(
-        model.float().eval(), segmenters, test, n, temperature, seed, DEFAULT_BATCH_SIZE
+        model.float().eval(), segmenters, test, n, temperature, seed, DEFAULT_BATCH_SIZE, brains
     )
     result = {"run": str(folder), "model": config.model.kind, **result}
     result["seconds"] = {"segmenters": round(segs_seconds, 2), **result["seconds"],

@@ -16,12 +16,17 @@ decoder trunk, so their capacity is the same; they differ only in what a kind ne
   Gaussian at scale l. One encoder pass over the K pseudo-inputs gives the components of every
   group's VampPrior at once (the same heads that give the image's deltas); nothing else is added.
 
-The encoder's deltas (dmu_l, dsig_l) come from the bottom-up pass over the image alone (DESIGN.md,
-Table 2's dmu_phi(x)); NVAE also feeds the decoder state into them, we do not, because:
-(1) q_phi(z_l | u_k) in nvmp+ is then exactly "the encoder's Gaussian for u_k" with no decoder pass
-per pseudo-input; (2) the encoder runs once per image and the top-down pass alone is repeated for
-the S samples of the importance-weighted likelihood; (3) the residual posterior still depends on
-the decoder through (mu_l, sig_l), which is what makes inference bidirectional.
+The encoder's deltas (dmu_l, dsig_l) of groups l > 0 read the bottom-up features of the image
+concatenated with the decoder state at that point (``posterior: joint``, the default), as NVAE's
+and VDVAE's inference do: the posterior can then say what the prior got wrong, rather than a
+fixed offset from it. ``posterior: encoder`` takes them from the image alone, the literal reading
+of Table 2's dmu_phi(x); on the phantom it reconstructs but never learns a prior that generates
+(0 of 64 prior samples brain-like after 400 steps, against 64 of 64 with ``joint``; the ablation
+is in docs/generation.md), so it is kept only to show that. With ``joint``, q_phi(z_l | u_k) of
+nvmp+ is u_k's own delta given u_k's own top-down pass (each group at its posterior mean), so
+the K pseudo-inputs then run through the decoder too; nvmp needs only z_0's, which reads the
+image alone in both forms. The vae has no decoder-state posterior: its q(z_l | x) is the
+encoder's alone by definition.
 
 Inputs of any H x W are padded (edge replication, bottom/right) to a multiple of 2^L and outputs
 cropped back; the likelihood counts only the original pixels. Kinds with pseudo-inputs need the
@@ -67,6 +72,8 @@ from pathanat.models.heads import SegmentationHead
 Kind = Literal["vae", "nvae", "nvmp", "nvmp+"]
 KINDS: tuple[str, ...] = ("vae", "nvae", "nvmp", "nvmp+")
 ResampleMode = Literal["value", "residual"]
+Posterior = Literal["encoder", "joint"]
+POSTERIORS: tuple[str, ...] = ("encoder", "joint")
 
 # log-scale of the pixel likelihood, smoothly bounded to (X_LOG_SCALE_MIN, X_LOG_SCALE_MAX) by a
 # scaled sigmoid: sigma_x in (0.018, 7.4) on standardised intensities, starting at exp(-1) ~ 0.37.
@@ -85,10 +92,11 @@ class HVAEConfig:
     """Everything that defines a model; a checkpoint stores it, so a model can always be rebuilt.
 
     Defaults: the paper's hierarchy (L = 4, 5 groups of 2 channels, z_P = z_2). The paper gives no
-    trunk size; ours is 32 channels at every scale and 2 residual cells per scale in each trunk:
-    ~0.38 M parameters (vae 377 k, nvae 382 k, nvmp/nvmp+ 468 k with 8 pseudo-inputs of 96 x 112),
-    enough to reconstruct 2 mm slices and cheap enough to train on CPU. Constant width keeps the
-    full-resolution scale (where 2/3 of the FLOPs are) as cheap as the coarse ones allow.
+    trunk size; the default is 32 channels at every scale and 2 residual cells per scale in each
+    trunk (vae 377 k parameters, nvae 386 k, nvmp/nvmp+ 472 k with 8 pseudo-inputs of 96 x 112).
+    ``widths`` and ``cells`` set them per scale: the packaged configs widen the coarse scales,
+    where a conv costs 1/16 to 1/256 of one at full resolution, because a prior that generates
+    needs capacity where the brain's shape is decided (docs/generation.md).
     K = 8 pseudo-inputs: all K go through the encoder every step, so with a batch of 16 they add
     half an encoder pass (about a sixth of a step); 8 modes cover the coarse cluster structure of
     a slice distribution (VampPrior's K = 500 was for MLP encoders of 28 x 28 digits).
@@ -101,13 +109,21 @@ class HVAEConfig:
     latent_channels: int = 2
     width: int = 32
     cells_per_scale: int = 2
+    # per scale, top-down (z_0's scale first); None: ``width`` / ``cells_per_scale`` at every scale
+    widths: tuple[int, ...] | None = None
+    cells: tuple[int, ...] | None = None
     pseudo_inputs: int = 8
     z_p: int = 2
     supervised: bool = False
+    posterior: Posterior = "joint"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"model.kind: expected one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.posterior not in POSTERIORS:
+            raise ConfigError(
+                f"model.posterior: expected one of {', '.join(POSTERIORS)}, got {self.posterior!r}"
+            )
         for key in ("in_channels", "levels", "latent_channels", "width", "pseudo_inputs"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -116,6 +132,18 @@ class HVAEConfig:
             raise ConfigError(
                 f"model.cells_per_scale: expected an integer >= 0, got {self.cells_per_scale!r}"
             )
+        for key, low in (("widths", 1), ("cells", 0)):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if len(value) != self.levels + 1 or any(
+                not isinstance(v, int) or isinstance(v, bool) or v < low for v in value
+            ):
+                raise ConfigError(
+                    f"model.{key}: expected {self.levels + 1} integers >= {low} (one per scale, "
+                    f"top-down), got {value!r}"
+                )
+            setattr(self, key, tuple(value))
         if not (0 <= self.z_p <= self.levels):
             raise ConfigError(
                 f"model.z_p: expected a group index in 0..{self.levels} (levels), got {self.z_p!r}"
@@ -132,9 +160,24 @@ class HVAEConfig:
         return self.levels + 1
 
     @property
+    def scale_widths(self) -> tuple[int, ...]:
+        """Trunk width of every scale, top-down."""
+        return self.widths or (self.width,) * self.num_groups
+
+    @property
+    def scale_cells(self) -> tuple[int, ...]:
+        """Residual cells per trunk at every scale, top-down."""
+        return self.cells or (self.cells_per_scale,) * self.num_groups
+
+    @property
     def residual(self) -> bool:
         """Whether the decoder parameterises priors and residual posteriors for l > 0."""
         return self.kind != "vae"
+
+    @property
+    def joint(self) -> bool:
+        """Whether the deltas of groups l > 0 read the decoder state as well as the image."""
+        return self.residual and self.posterior == "joint"
 
     @property
     def vamp(self) -> bool:
@@ -228,6 +271,11 @@ def _head_output(conv: nn.Conv2d, h: Tensor) -> Tensor:
     return _GradInLayout.apply(conv(h)).float()
 
 
+def _width_change(in_width: int, out_width: int) -> nn.Module:
+    """A 1x1 conv between scales of different trunk widths; the identity where they agree."""
+    return nn.Identity() if in_width == out_width else conv1x1(in_width, out_width)
+
+
 class GaussianHead(nn.Module):
     """Two 3x3 convs from a state to the raw (mean, log-scale) of a latent group.
 
@@ -248,31 +296,51 @@ class GaussianHead(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Bottom-up trunk: full resolution -> 1/2^L, one head of (dmu_l, dsig_l) per scale."""
+    """Bottom-up trunk: full resolution -> 1/2^L, the features of every scale, and one head of
+    (dmu_l, dsig_l) per scale.
+
+    With ``posterior: joint`` the heads of groups l > 0 read the features concatenated with the
+    decoder state at that point (NVAE's and VDVAE's inference), so they are applied in the
+    top-down pass (:meth:`delta`), not here.
+    """
 
     def __init__(self, config: HVAEConfig, residual_scale: float) -> None:
         super().__init__()
-        width, channels = config.width, config.latent_channels
-        self.stem = conv3x3(config.in_channels, width)
+        widths, channels = config.scale_widths, config.latent_channels
+        self.joint = config.joint
+        self.stem = conv3x3(config.in_channels, widths[-1])
         # Index l = latent group l (0 coarsest); the pass runs l = L .. 0.
         self.stacks = nn.ModuleList(
-            residual_stack(width, config.cells_per_scale, residual_scale)
-            for _ in range(config.num_groups)
+            residual_stack(w, cells, residual_scale)
+            for w, cells in zip(widths, config.scale_cells, strict=True)
         )
-        self.heads = nn.ModuleList(GaussianHead(width, channels) for _ in range(config.num_groups))
+        # widen[l - 1] maps scale l's width to scale l-1's after downsampling (None: same width)
+        self.widen = nn.ModuleList(
+            _width_change(widths[level], widths[level - 1]) for level in range(1, len(widths))
+        )
+        self.heads = nn.ModuleList(
+            GaussianHead(2 * w if self.joint and level > 0 else w, channels)
+            for level, w in enumerate(widths)
+        )
 
-    def forward(self, x: Tensor, memory_format: torch.memory_format) -> list[DiagonalGaussian]:
-        """The deltas N(dmu_l(x), dsig_l(x)) of every group, indexed top-down (l = 0 first)."""
+    def forward(self, x: Tensor, memory_format: torch.memory_format) -> list[Tensor]:
+        """The features of every scale, indexed top-down (l = 0, the coarsest, first)."""
         # With one input channel both layouts look alike to conv, so the stem's output layout is
         # set explicitly; every later op keeps it.
         h = self.stem(x).contiguous(memory_format=memory_format)
-        deltas: list[DiagonalGaussian] = []
+        features: list[Tensor] = []
         for level in reversed(range(len(self.stacks))):
             h = self.stacks[level](h)
-            deltas.append(self.heads[level](h))
+            features.append(h)
             if level > 0:
-                h = downsample(h)
-        return deltas[::-1]
+                h = self.widen[level - 1](downsample(h))
+        return features[::-1]
+
+    def delta(self, level: int, features: Tensor, state: Tensor) -> DiagonalGaussian:
+        """N(dmu_l, dsig_l) of group ``level`` from its features (and the decoder state)."""
+        if self.joint and level > 0:
+            features = torch.cat([features, state.to(features.dtype)], dim=1)
+        return self.heads[level](features)
 
 
 class Decoder(nn.Module):
@@ -283,18 +351,27 @@ class Decoder(nn.Module):
 
     def __init__(self, config: HVAEConfig, residual_scale: float) -> None:
         super().__init__()
-        width, channels = config.width, config.latent_channels
-        self.start = nn.Parameter(torch.zeros(1, width, 1, 1))
-        self.z_in = nn.ModuleList(conv1x1(channels, width) for _ in range(config.num_groups))
+        widths, channels = config.scale_widths, config.latent_channels
+        self.start = nn.Parameter(torch.zeros(1, widths[0], 1, 1))
+        self.z_in = nn.ModuleList(conv1x1(channels, w) for w in widths)
         self.stacks = nn.ModuleList(
-            residual_stack(width, config.cells_per_scale, residual_scale)
-            for _ in range(config.num_groups)
+            residual_stack(w, cells, residual_scale)
+            for w, cells in zip(widths, config.scale_cells, strict=True)
+        )
+        # narrow[l - 1] maps scale l-1's width to scale l's after upsampling (None: same width)
+        self.narrow = nn.ModuleList(
+            _width_change(widths[level - 1], widths[level]) for level in range(1, len(widths))
         )
         # prior_heads[l - 1] gives p(z_l | z_<l) for l = 1..L; the vae has none.
         self.prior_heads = nn.ModuleList(
-            GaussianHead(width, channels) for _ in range(config.levels if config.residual else 0)
+            GaussianHead(widths[level], channels)
+            for level in range(1, len(widths) if config.residual else 1)
         )
-        self.out = conv3x3(width, 2 * config.in_channels)
+        self.out = conv3x3(widths[-1], 2 * config.in_channels)
+
+    def grow(self, level: int, h: Tensor) -> Tensor:
+        """The state carried from scale ``level - 1`` up to scale ``level``."""
+        return self.narrow[level - 1](upsample(h))
 
     def initial_state(
         self, batch: int, size: tuple[int, int], memory_format: torch.memory_format
@@ -321,8 +398,9 @@ class Decoder(nn.Module):
         return mean, X_LOG_SCALE_MIN + span * torch.sigmoid(raw_log_scale)
 
 
-# choose(level, prior) -> the value of z_level; prior is None where it is fixed (see Group).
-Chooser = Callable[[int, "DiagonalGaussian | None"], Tensor]
+# choose(level, prior, state) -> the value of z_level; prior is None where it is fixed (see Group),
+# state is the decoder state z_level is injected into.
+Chooser = Callable[[int, "DiagonalGaussian | None", Tensor], Tensor]
 
 
 class HierarchicalVAE(nn.Module):
@@ -331,7 +409,7 @@ class HierarchicalVAE(nn.Module):
     def __init__(self, config: HVAEConfig) -> None:
         super().__init__()
         self.config = config
-        residual_scale = 1.0 / math.sqrt(max(1, 2 * config.num_groups * config.cells_per_scale))
+        residual_scale = 1.0 / math.sqrt(max(1, 2 * sum(config.scale_cells)))
         self.encoder = Encoder(config, residual_scale)
         self.decoder = Decoder(config, residual_scale)
         self.pseudo_inputs = (
@@ -340,7 +418,9 @@ class HierarchicalVAE(nn.Module):
             else None
         )
         self.seg_head = (
-            SegmentationHead(config.latent_channels, config.width, config.levels - config.z_p)
+            SegmentationHead(
+                config.latent_channels, config.scale_widths[config.z_p], config.levels - config.z_p
+            )
             if config.supervised
             else None
         )
@@ -388,12 +468,12 @@ class HierarchicalVAE(nn.Module):
             x = F.pad(x, pad, mode="replicate")
         return x.contiguous(memory_format=self._memory_format())
 
-    # ---- bottom-up ---------------------------------------------------------------------------
+    # ---- bottom-up ----------------------------------------------------------------------------
 
-    def _deltas(self, x: Tensor) -> tuple[list[DiagonalGaussian], list[DiagonalGaussian] | None]:
-        """Encoder Gaussians of the padded images and, for vamp kinds, of the K pseudo-inputs.
+    def _features(self, x: Tensor) -> tuple[list[Tensor], list[DiagonalGaussian] | None]:
+        """Encoder features of the padded images and, for vamp kinds, the VampPrior components.
 
-        The images and the pseudo-inputs go through the encoder as one batch.
+        The images and the pseudo-inputs go through the encoder trunk as one batch.
         """
         if self.pseudo_inputs is None:
             return self.encoder(x, self._memory_format()), None
@@ -401,15 +481,29 @@ class HierarchicalVAE(nn.Module):
         both = self.encoder(
             torch.cat([x, self._pad(self.pseudo_inputs)], dim=0), self._memory_format()
         )
-        image = [DiagonalGaussian(d.mu[:batch], d.log_sigma[:batch]) for d in both]
-        pseudo = [DiagonalGaussian(d.mu[batch:], d.log_sigma[batch:]) for d in both]
-        return image, pseudo
+        return [f[:batch] for f in both], self._components([f[batch:] for f in both])
+
+    def _components(self, features: list[Tensor]) -> list[DiagonalGaussian]:
+        """q_phi(z_l | u_k) from the pseudo-inputs' features, for the groups the kind's prior
+        uses: z_0 for nvmp, every group for nvmp+.
+
+        For l > 0 the component is u_k's own delta N(dmu_l(u_k), dsig_l(u_k)); with a joint
+        posterior that delta reads u_k's decoder state, so the pseudo-inputs then run their own
+        top-down pass (each group at its posterior mean given the means above it).
+        """
+        if self.config.kind != "nvmp+":
+            return [self.encoder.delta(0, features[0], features[0])]
+        if not self.config.joint:
+            return [self.encoder.delta(level, f, f) for level, f in enumerate(features)]
+        _, _, groups = self._posterior_pass(features, self.config.image_size, sample=False)
+        return [g.delta for g in groups]
 
     def pseudo_components(self) -> list[DiagonalGaussian] | None:
-        """q_phi(z_l | u_k) for every group (batch K), or None for kinds without pseudo-inputs."""
+        """The VampPrior components q_phi(z_l | u_k) (batch K; see :meth:`_components`), or None
+        for kinds without pseudo-inputs."""
         if self.pseudo_inputs is None:
             return None
-        return self.encoder(self._pad(self.pseudo_inputs), self._memory_format())
+        return self._components(self.encoder(self._pad(self.pseudo_inputs), self._memory_format()))
 
     @torch.no_grad()
     def init_pseudo_inputs(self, x: Tensor) -> None:
@@ -430,7 +524,8 @@ class HierarchicalVAE(nn.Module):
     def _top_down(
         self, batch: int, padded: tuple[int, int], choose: Chooser
     ) -> tuple[Tensor, Tensor, list[Tensor], list[DiagonalGaussian | None]]:
-        """Generate top-down; ``choose(l, prior)`` returns z_l given the prior at that point."""
+        """Generate top-down; ``choose(l, prior, state)`` returns z_l given the prior and the
+        decoder state at that point."""
         L = self.config.levels
         h = self.decoder.initial_state(
             batch, (padded[0] >> L, padded[1] >> L), self._memory_format()
@@ -439,9 +534,9 @@ class HierarchicalVAE(nn.Module):
         priors: list[DiagonalGaussian | None] = []
         for level in range(L + 1):
             if level > 0:
-                h = upsample(h)
+                h = self.decoder.grow(level, h)
             prior = self.decoder.prior(level, h)
-            z = choose(level, prior)
+            z = choose(level, prior, h)
             h = self.decoder.absorb(level, h, z)
             zs.append(z)
             priors.append(prior)
@@ -459,25 +554,26 @@ class HierarchicalVAE(nn.Module):
         return self.seg_head(zs[self.config.z_p])[..., : size[0], : size[1]]
 
     def _posterior_pass(
-        self, deltas: list[DiagonalGaussian], size: tuple[int, int], sample: bool
+        self, features: list[Tensor], size: tuple[int, int], sample: bool
     ) -> tuple[Tensor, Tensor, list[Group]]:
         groups: list[Group] = []
 
-        def choose(level: int, prior: DiagonalGaussian | None) -> Tensor:
-            q = self._posterior(deltas[level], prior)
+        def choose(level: int, prior: DiagonalGaussian | None, state: Tensor) -> Tensor:
+            delta = self.encoder.delta(level, features[level], state)
+            q = self._posterior(delta, prior)
             z = q.sample() if sample else q.mu
-            groups.append(Group(z, q, deltas[level], prior))
+            groups.append(Group(z, q, delta, prior))
             return z
 
         padded = self.padded_size(size)
-        mean, log_scale, _, _ = self._top_down(deltas[0].mu.shape[0], padded, choose)
+        mean, log_scale, _, _ = self._top_down(features[0].shape[0], padded, choose)
         return mean[..., : size[0], : size[1]], log_scale[..., : size[0], : size[1]], groups
 
     def forward(self, x: Tensor) -> HVAEOutput:
         """One reparameterised pass: z ~ q(z | x), then p(x | z); what the objectives need."""
         size = (x.shape[-2], x.shape[-1])
-        deltas, pseudo = self._deltas(self._pad(x))
-        mean, log_scale, groups = self._posterior_pass(deltas, size, sample=True)
+        features, pseudo = self._features(self._pad(x))
+        mean, log_scale, groups = self._posterior_pass(features, size, sample=True)
         seg = self._seg([g.z for g in groups], size)
         return HVAEOutput(self.config.kind, mean, log_scale, groups, pseudo, seg)
 
@@ -499,9 +595,9 @@ class HierarchicalVAE(nn.Module):
     ) -> Tensor:
         """Per-image estimate of log p(x) in nats: log (1/S) sum_s p(x, z_s) / q(z_s | x).
 
-        The encoder runs once (its deltas do not depend on z); the top-down pass runs for the S
-        samples in chunks of at most ``chunk_size`` (image, sample) pairs, so memory is bounded
-        by ``chunk_size`` whatever S is. A lower bound on log p(x) that tightens as S grows;
+        The encoder trunk runs once (its features do not depend on z); the top-down pass runs
+        for the S samples in chunks of at most ``chunk_size`` (image, sample) pairs, so memory is
+        bounded by ``chunk_size`` whatever S is. A lower bound on log p(x) that tightens as S grows;
         S = 1 is the one-sample ELBO.
         """
         if samples < 1 or chunk_size < 1:
@@ -511,12 +607,12 @@ class HierarchicalVAE(nn.Module):
             )
         size = (x.shape[-2], x.shape[-1])
         batch = x.shape[0]
-        deltas, pseudo = self._deltas(self._pad(x))
+        features, pseudo = self._features(self._pad(x))
         per_chunk = max(1, chunk_size // batch)
         log_w = []
         for start in range(0, samples, per_chunk):
             n = min(per_chunk, samples - start)
-            repeated = [d.expand_batch(n) for d in deltas]
+            repeated = [f.repeat(n, 1, 1, 1) for f in features]
             mean, log_scale, groups = self._posterior_pass(repeated, size, sample=True)
             w = gaussian_log_likelihood(x.repeat(n, 1, 1, 1), mean, log_scale)
             for level, g in enumerate(groups):
@@ -531,8 +627,8 @@ class HierarchicalVAE(nn.Module):
     def encode(self, x: Tensor) -> Encoding:
         """Posterior means of every group, top-down, each given the means above it."""
         size = (x.shape[-2], x.shape[-1])
-        deltas, _ = self._deltas(self._pad(x))
-        _, _, groups = self._posterior_pass(deltas, size, sample=False)
+        features, _ = self._features(self._pad(x))
+        _, _, groups = self._posterior_pass(features, size, sample=False)
         residuals = [g.z if g.prior is None else g.prior.standardise(g.z) for g in groups]
         return Encoding(
             z=[g.z for g in groups],
@@ -570,7 +666,7 @@ class HierarchicalVAE(nn.Module):
         self._check_latents(z)
         L = self.config.levels
         padded = (z[0].shape[-2] << L, z[0].shape[-1] << L)
-        return self._generated(z[0].shape[0], size or padded, lambda level, prior: z[level])
+        return self._generated(z[0].shape[0], size or padded, lambda level, prior, state: z[level])
 
     @torch.no_grad()
     def sample(
@@ -580,7 +676,7 @@ class HierarchicalVAE(nn.Module):
         size = size or self.config.image_size
         shapes = self.group_shapes(size)
 
-        def choose(level: int, prior: DiagonalGaussian | None) -> Tensor:
+        def choose(level: int, prior: DiagonalGaussian | None, state: Tensor) -> Tensor:
             return self._prior_sample(level, prior, (n, *shapes[level]), temperature)
 
         return self._generated(n, size, choose)
@@ -589,7 +685,8 @@ class HierarchicalVAE(nn.Module):
     def reconstruct(self, x: Tensor) -> Tensor:
         """The likelihood mean for the posterior means of ``x`` (cropped to x's size)."""
         enc = self.encode(x)
-        return self._generated(x.shape[0], enc.input_size, lambda level, prior: enc.z[level]).x_mean
+        kept = self._generated(x.shape[0], enc.input_size, lambda level, prior, state: enc.z[level])
+        return kept.x_mean
 
     def _kept(
         self, enc: Encoding, level: int, prior: DiagonalGaussian | None, mode: ResampleMode
@@ -638,7 +735,7 @@ class HierarchicalVAE(nn.Module):
         shapes = self.group_shapes(enc.input_size)
         batch = x.shape[0]
 
-        def choose(level: int, prior: DiagonalGaussian | None) -> Tensor:
+        def choose(level: int, prior: DiagonalGaussian | None, state: Tensor) -> Tensor:
             if level in keep:
                 return self._kept(enc, level, prior, mode)
             return self._prior_sample(level, prior, (batch, *shapes[level]), temperature)
@@ -657,7 +754,7 @@ class HierarchicalVAE(nn.Module):
             raise InputError(f"mix: x_a {tuple(x_a.shape)} and x_b {tuple(x_b.shape)} differ")
         enc_a, enc_b = self.encode(x_a), self.encode(x_b)
 
-        def choose(level: int, prior: DiagonalGaussian | None) -> Tensor:
+        def choose(level: int, prior: DiagonalGaussian | None, state: Tensor) -> Tensor:
             return self._kept(enc_a if level in from_a else enc_b, level, prior, mode)
 
         return self._generated(x_a.shape[0], enc_a.input_size, choose)

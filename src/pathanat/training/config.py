@@ -52,7 +52,8 @@ class DataConfig:
 @dataclass
 class ObjectiveConfig:
     """Table 3's objective with the paper's KL annealing and balancing; supervision weight lambda
-    is used when ``model.supervised``."""
+    is used when ``model.supervised``. A run no longer than ``kl_cycle`` sees one rise and no
+    restart, which is what the short budgets use."""
 
     kl_cycle: int = 10_000
     kl_start: float = 2e-7
@@ -63,11 +64,13 @@ class ObjectiveConfig:
 @dataclass
 class OptimConfig:
     """Adam (weight decay as an L2 term, as torch's Adam and the paper) and gradient-norm clipping
-    (``grad_clip: null`` = none, as in the paper)."""
+    (``grad_clip: null`` = none, as in the paper); ``warmup_steps`` raises the learning rate
+    linearly from lr / warmup_steps to lr over the first steps (0: none, as in the paper)."""
 
     lr: float = 5e-5
     weight_decay: float = 1e-8
     grad_clip: float | None = None
+    warmup_steps: int = 0
 
 
 @dataclass
@@ -140,6 +143,7 @@ def check_experiment(config: ExperimentConfig) -> None:
         "optim.lr": config.optim.lr,
         "optim.weight_decay": config.optim.weight_decay,
         "objective.supervision_weight": config.objective.supervision_weight,
+        "optim.warmup_steps": config.optim.warmup_steps,
     }
     for key, value in nonnegative.items():
         if value < 0:

@@ -109,6 +109,14 @@ class HVAEModule(pl.LightningModule):
         objective = self.config.objective
         return objectives.kl_weight(self.global_step, objective.kl_cycle, objective.kl_start)
 
+    def learning_rate(self) -> float:
+        """The lr of the next update: linear warm-up over ``optim.warmup_steps``, then ``lr``.
+        A function of the step alone, so a resumed run continues the same schedule."""
+        optim = self.config.optim
+        if optim.warmup_steps == 0:
+            return optim.lr
+        return optim.lr * min(1.0, (self.global_step + 1) / optim.warmup_steps)
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
         seed = derived_seed(self.config.trainer.seed, self.batches_seen, self.global_rank)
         torch.manual_seed(seed)
@@ -116,7 +124,7 @@ class HVAEModule(pl.LightningModule):
         optimizer = self.optimizers()
         x = self._input(batch)
         out = self.model(x)
-        beta = self.kl_weight()
+        beta, lr = self.kl_weight(), self.learning_rate()
         terms, loss = self._loss(out, x, batch, beta)
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss.loss)
@@ -140,9 +148,11 @@ class HVAEModule(pl.LightningModule):
                     "optim.grad_clip."
                 )
         else:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             optimizer.step()
             self.consecutive_skips = 0
-        self._log_training(out, terms, loss, beta, grad_norm)
+        self._log_training(out, terms, loss, beta, lr, grad_norm)
 
     def _log_training(
         self,
@@ -150,6 +160,7 @@ class HVAEModule(pl.LightningModule):
         terms: objectives.ELBOTerms,
         loss: objectives.Loss,
         beta: float,
+        lr: float,
         grad_norm: Tensor,
     ) -> None:
         metrics = {
@@ -157,6 +168,7 @@ class HVAEModule(pl.LightningModule):
             "train/nll_per_dim": loss.nll_per_dim,
             "train/kl_per_dim": loss.kl_per_dim,
             "train/kl_weight": beta,
+            "train/lr": lr,
             "train/grad_norm": grad_norm.detach(),
             "train/skipped_steps": float(self.skipped_steps),
         }

@@ -1,0 +1,73 @@
+"""The brain-shape test of generated slices, against slices whose answer is known."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from pathanat.data.prepare import load_cache
+from pathanat.evaluation.plausibility import (
+    best_dice,
+    brain_like,
+    foreground,
+    plausibility,
+    wilson_interval,
+)
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_run):
+    return load_cache(tiny_run.parent / "cache")
+
+
+def test_real_slices_are_brain_like_noise_is_not(cache):
+    train, test = cache.split("train"), cache.split("test")
+    references = np.asarray(train.brain).astype(bool)
+    real = plausibility(np.asarray(test.image), references, test.slices["subject"].to_numpy())
+    assert real["brain_like"]["mean"] >= 0.9
+    assert "subject bootstrap" in real["brain_like"]["ci_method"]
+    noise = np.random.default_rng(0).standard_normal((32, *cache.shape))
+    drawn = plausibility(noise, references)
+    assert drawn["brain_like"]["mean"] == 0.0
+    assert drawn["brain_like"]["ci_high"] < 0.15  # Wilson's interval for 0 of 32
+    assert drawn["n"] == 32
+
+
+def test_a_shifted_blurred_mean_brain_is_not_brain_like(cache):
+    train = cache.split("train")
+    references = np.asarray(train.brain).astype(bool)
+    mean = ndimage.gaussian_filter(np.asarray(train.image).mean(0), 1.0)
+    ok, dice = brain_like(mean[None], references)
+    assert ok.all()  # where real brains sit, the mean brain's outline is a brain's outline
+    rng = np.random.default_rng(1)
+    # 4 px at 4 mm: the outline 16 mm away from where any prepared slice puts the brain
+    shifts = [(rng.choice([-4, 4]), rng.choice([-4, 4])) for _ in range(16)]
+    shifted = np.stack([ndimage.shift(mean, s, order=1, mode="nearest") for s in shifts])
+    ok, dice = brain_like(shifted, references)
+    assert not ok.any()
+    assert np.median(dice) < 0.9
+
+
+def test_foreground_is_the_largest_filled_component():
+    image = np.zeros((40, 40))
+    image[5:25, 5:25] = 1.0  # a ring with a hole ...
+    image[10:20, 10:20] = 0.0
+    image[30:34, 30:34] = 1.0  # ... and a small separate blob
+    mask = foreground(image)
+    assert mask[5:25, 5:25].all()  # the hole is filled
+    assert mask.sum() == 400  # the blob is dropped
+    assert not foreground(np.full((8, 8), 3.0)).any()  # a constant slice has no object
+
+
+def test_best_dice_matches_a_loop():
+    rng = np.random.default_rng(2)
+    a = rng.random((7, 6, 5)) > 0.5
+    b = rng.random((9, 6, 5)) > 0.4
+    loop = [max(2 * (m & r).sum() / (m.sum() + r.sum()) for r in b) for m in a]
+    np.testing.assert_allclose(best_dice(a, b, chunk=3), loop)
+
+
+def test_wilson_interval_textbook_values():
+    # Wilson (1927) score intervals at 95%, as tabulated e.g. by Newcombe (1998)
+    np.testing.assert_allclose(wilson_interval(0, 10), (0.0, 0.2775), atol=1e-4)
+    np.testing.assert_allclose(wilson_interval(5, 10), (0.2366, 0.7634), atol=1e-4)
+    np.testing.assert_allclose(wilson_interval(81, 263), (0.2553, 0.3662), atol=1e-4)
