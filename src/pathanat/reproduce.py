@@ -22,12 +22,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from pathanat.atomic import atomic_file
 from pathanat.config import to_dict
 from pathanat.data.prepare import load_cache
 from pathanat.errors import PathanatError
+from pathanat.hardware import native_bf16
 from pathanat.training.config import ExperimentConfig, load_experiment
 from pathanat.training.run import LAST, resume, train_config
 
@@ -55,13 +54,8 @@ _SMALL_FAST = (  # what lets a model learn, and generate, in minutes on a CPU (a
 
 
 def cpu_precision() -> str:
-    """bf16-mixed where the CPU has bf16 arithmetic (AVX-512 BF16 or AMX: ~2x fp32 there), else
-    fp32 (an AVX2-only CPU emulates bf16 and ran a step 5x slower than fp32)."""
-    try:
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    except AttributeError:  # a torch without these probes
-        native = False
-    return "bf16-mixed" if native else "32"
+    """bf16-mixed where the CPU has bf16 arithmetic (~2x fp32 there), else fp32."""
+    return "bf16-mixed" if native_bf16() else "32"
 
 
 BUDGETS = {

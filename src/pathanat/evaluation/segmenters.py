@@ -28,7 +28,8 @@ The segmenters belong to the cohort, not to a run: they are saved once per cache
 ``CACHE/segmenters/segmenters.pt`` (tensors and plain types; ``torch.load(weights_only=True)``)
 and ``accuracy.json``, keyed to the SHA-256 of the cache's ``manifest.json``. ``cohort_segmenters``
 reuses them while the manifest is unchanged and retrains when it changes. Training is seeded and
-deterministic on CPU for a given number of threads; it runs under bf16 autocast with fp32 losses.
+deterministic on CPU for a given number of threads; it runs under bf16 autocast with fp32 losses
+where the CPU has bf16 arithmetic, in fp32 elsewhere (``hardware.cpu_autocast``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from pathanat.atomic import atomic_dir
 from pathanat.data.prepare import Cache, CacheSplit
 from pathanat.errors import InputError, PathanatError
 from pathanat.evaluation.evaluate import finite_or_none
+from pathanat.hardware import cpu_autocast
 
 TISSUE_LABELS = ("background", "CSF", "ventricles", "GM", "WM", "hippocampus")  # dseg 0..5
 LESION_THRESHOLD = 0.5  # a voxel is lesion-like when the lesion probability exceeds this
@@ -309,7 +311,7 @@ def train_segmenters(
             *(arrays[name][idx] for name in ("image", "brain", "lesion", "dseg")), pixel_mm, gen
         )
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with cpu_autocast():
             # The true lesion mask (blobs included) hides the lesions from the tissue
             # segmenter; at use, the lesion segmenter's mask does.
             tissue_logits = tissue(tissue_input(x, lesion_target))
@@ -340,7 +342,7 @@ def segment(
     labels, probs = [], []
     for i in range(0, len(images), batch_size):
         x = as_batch(images[i : i + batch_size])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with cpu_autocast():
             prob = torch.sigmoid(segs.lesion(x).float()[:, 0])
             tissue_logits = segs.tissue(tissue_input(x, prob > LESION_THRESHOLD))
         labels.append(tissue_logits.float().argmax(1).to(torch.uint8).numpy())
