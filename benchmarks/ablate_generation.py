@@ -44,6 +44,7 @@ ROWS = {
     "lr2e-3": ["optim.lr=2e-3", "optim.warmup_steps=0"],
     "vae": ["model.kind=vae"],
     "nvmp+": ["model.kind=nvmp+"],
+    # main before the generation work, but with the corrected KL balancing (the old form is gone)
     "main": ["model.posterior=encoder", "model.widths=null", "model.cells=null",
              "optim.lr=2e-3", "optim.warmup_steps=0"],
 }
