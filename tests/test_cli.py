@@ -18,6 +18,15 @@ def test_every_subcommand_help_shows_an_example(command, capsys):
     assert f"pathanat {command}" in out.split("example:")[1]
 
 
+def test_top_level_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert all(command in out for command in SUBCOMMANDS)
+    assert "95% CIs" in out  # a literal percent sign in a sub-command's summary
+
+
 def test_console_script_runs_as_module():
     done = subprocess.run(
         [sys.executable, "-m", "pathanat.cli", "--version"],

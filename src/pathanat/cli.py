@@ -15,7 +15,7 @@ def _add(
 ) -> argparse.ArgumentParser:
     return sub.add_parser(
         name,
-        help=help,
+        help=help.replace("%", "%%"),  # argparse %-formats this help (not the description)
         description=help,
         epilog=f"example:\n  {example}",
         formatter_class=argparse.RawDescriptionHelpFormatter,

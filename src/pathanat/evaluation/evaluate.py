@@ -371,7 +371,7 @@ def evaluate_run(
     metrics = {
         "run": str(folder),
         "model": config.model.kind,
-        "time_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "time_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         **metrics,
     }
     per_slice_path = folder / "eval" / f"{split}_slices.csv"

@@ -783,7 +783,7 @@ def claims_section(claims: Sequence[dict]) -> str:
 
 
 def report_html(runs: Sequence[Run], title: str, claims: Sequence[dict] | None = None) -> str:
-    generated = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sections = [
         overview_section(runs),
         *([claims_section(claims)] if claims else []),
