@@ -41,7 +41,7 @@ ROWS = {
     "uniform": ["model.widths=null", "model.cells=null"],
     "rise200": ["objective.kl_cycle=400"],
     "beta1": ["objective.kl_start=1.0"],
-    "lr2e-3": ["optim.lr=2e-3", "optim.warmup_steps=0"],
+    "lr2e-3": ["optim.lr=2e-3"],
     "vae": ["model.kind=vae"],
     "nvmp+": ["model.kind=nvmp+"],
     # main before the generation work, but with the corrected KL balancing (the old form is gone)

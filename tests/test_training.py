@@ -31,7 +31,7 @@ from pathanat.training import checkpoint as checkpoint_module
 from pathanat.training.checkpoint import AtomicCheckpointIO, load_checkpoint
 from pathanat.training.config import load_experiment
 from pathanat.training.data import StepBatchSampler
-from pathanat.training.module import active_units
+from pathanat.training.module import active_units, config_from_checkpoint
 from pathanat.training.run import load_trained, resume, train
 
 # Our checkpoints are meant to hold the state after each step's update.
@@ -262,6 +262,13 @@ def test_warm_up_schedules_follow_the_step_and_survive_a_resume(tiny_config, tmp
     np.testing.assert_allclose(rows["train/kl_weight"], [2e-7, 0.5 + 1e-7, 1, 1, 2e-7], rtol=1e-6)
     np.testing.assert_allclose(rows["train/lr"], [1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3],
                                rtol=1e-6)
+
+
+def test_a_checkpoint_from_before_model_posterior_loads_with_the_encoder_posterior(finished_run):
+    checkpoint = load_checkpoint(finished_run / "checkpoints/last.ckpt")
+    assert config_from_checkpoint(checkpoint).model.posterior == "joint"
+    del checkpoint["pathanat"]["config"]["model"]["posterior"]
+    assert config_from_checkpoint(checkpoint).model.posterior == "encoder"
 
 
 def test_resume_accepts_only_trainer_overrides(finished_run):

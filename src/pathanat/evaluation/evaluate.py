@@ -54,7 +54,7 @@ from pathanat.evaluation.fid import (
     reference_path,
     stored_features,
 )
-from pathanat.evaluation.plausibility import plausibility
+from pathanat.evaluation.plausibility import TEST, plausibility, training_brains
 from pathanat.evaluation.reconstruction import mean_ci, reconstruction_table
 from pathanat.models import HierarchicalVAE
 from pathanat.training.config import ExperimentConfig
@@ -160,8 +160,7 @@ def sample_plausibility(
     size = tuple(data.image.shape[1:])
     subjects = data.slices["subject"].to_numpy()
     return {
-        "test": "Otsu foreground, holes filled, largest component; brain-like when its best Dice "
-                "against the training slices' brain masks is >= 0.9",
+        "test": TEST,
         "real": plausibility(np.asarray(data.image), references, subjects, seed),
         "samples": {
             str(t): plausibility(prior_samples(model, n, size, batch_size, t), references)
@@ -365,9 +364,8 @@ def evaluate_run(
     cache = run_cache(folder, config)
     data = split_arrays(cache, split)
     reference = reference_path(cache.path, split, len(data))
-    brains = np.asarray(split_arrays(cache, "train").brain).astype(bool)
     metrics, per_slice = evaluate(model, data, iw_samples, seed, batch_size, with_fid, progress,
-                                  reference, brains)
+                                  reference, training_brains(cache))
     metrics = {
         "run": str(folder),
         "model": config.model.kind,

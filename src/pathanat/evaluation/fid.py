@@ -220,8 +220,7 @@ def kid(
     of m = min(subset_size, n_a // 2, n_b // 2) features drawn from each set without replacement.
     Unlike FID it has no bias that depends on N, so values from sets of different sizes compare.
     The interval is the 2.5-97.5 percentile spread of the subset values: the sampling spread of
-    an m-sample estimate, wider than that of the mean (conservative). Multiplied by 1000 in
-    tables, as is usual."""
+    an m-sample estimate, wider than that of the mean (conservative)."""
     fa = checked_features("features_a", features_a).astype(np.float64)
     fb = checked_features("features_b", features_b).astype(np.float64)
     if fa.shape[1] != fb.shape[1]:

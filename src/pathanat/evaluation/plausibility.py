@@ -15,11 +15,19 @@ import numpy as np
 from scipy import ndimage, stats
 from skimage.filters import threshold_otsu
 
+from pathanat.data.prepare import Cache
 from pathanat.errors import InputError
 from pathanat.evaluation.reconstruction import as_slices, mean_ci
 
 BRAIN_LIKE_DICE = 0.9
 CONFIDENCE = 0.95
+TEST = (f"Otsu foreground, holes filled, largest component; brain-like when its best Dice "
+        f"against the training slices' brain masks is >= {BRAIN_LIKE_DICE}")
+
+
+def training_brains(cache: Cache) -> np.ndarray:
+    """The reference masks: every brain mask of the cache's training split, (N, H, W) bool."""
+    return np.asarray(cache.split("train", mmap=True).brain).astype(bool)
 
 
 def foreground(image: np.ndarray) -> np.ndarray:

@@ -45,7 +45,7 @@ from pathanat.evaluation.evaluate import (
     split_arrays,
     write_json,
 )
-from pathanat.evaluation.plausibility import brain_like, wilson_interval
+from pathanat.evaluation.plausibility import brain_like, training_brains, wilson_interval
 from pathanat.evaluation.segmenters import (
     LESION_THRESHOLD,
     TISSUE_LABELS,
@@ -297,9 +297,9 @@ def validity_run(
     segmenters = cohort_segmenters(cache, progress=progress)
     segs_seconds = time.perf_counter() - segs_start
     test = split_arrays(cache, "test")
-    brains = np.asarray(split_arrays(cache, "train").brain).astype(bool)
     result, samples, real = scored_validity(
-        model.float().eval(), segmenters, test, n, temperature, seed, DEFAULT_BATCH_SIZE, brains
+        model.float().eval(), segmenters, test, n, temperature, seed, DEFAULT_BATCH_SIZE,
+        training_brains(cache),
     )
     result = {"run": str(folder), "model": config.model.kind, **result}
     result["seconds"] = {"segmenters": round(segs_seconds, 2), **result["seconds"],

@@ -13,8 +13,8 @@ decoder trunk, so their capacity is the same; they differ only in what a kind ne
 - ``nvmp``: as nvae, with p(z_0) = (1/K) sum_k q(z_0 | u_k), u_k trainable pseudo-inputs.
 - ``nvmp+``: as nvmp; its objective adds, for l >= 1, KL[p(z_l | z_<l) || (1/K) sum_k
   q_phi(z_l | u_k)] where q_phi(z_l | u_k) = N(dmu_l(u_k), dsig_l(u_k)) is the encoder's own
-  Gaussian at scale l. One encoder pass over the K pseudo-inputs gives the components of every
-  group's VampPrior at once (the same heads that give the image's deltas); nothing else is added.
+  Gaussian at scale l, made by the same heads that give the image's deltas (with a joint
+  posterior, given u_k's own top-down pass; see below); nothing else is added.
 
 The encoder's deltas (dmu_l, dsig_l) of groups l > 0 read the bottom-up features of the image
 concatenated with the decoder state at that point (``posterior: joint``, the default), as NVAE's
@@ -314,7 +314,7 @@ class Encoder(nn.Module):
             residual_stack(w, cells, residual_scale)
             for w, cells in zip(widths, config.scale_cells, strict=True)
         )
-        # widen[l - 1] maps scale l's width to scale l-1's after downsampling (None: same width)
+        # widen[l - 1] maps scale l's width to scale l-1's after downsampling
         self.widen = nn.ModuleList(
             _width_change(widths[level], widths[level - 1]) for level in range(1, len(widths))
         )
@@ -358,7 +358,7 @@ class Decoder(nn.Module):
             residual_stack(w, cells, residual_scale)
             for w, cells in zip(widths, config.scale_cells, strict=True)
         )
-        # narrow[l - 1] maps scale l-1's width to scale l's after upsampling (None: same width)
+        # narrow[l - 1] maps scale l-1's width to scale l's after upsampling
         self.narrow = nn.ModuleList(
             _width_change(widths[level - 1], widths[level]) for level in range(1, len(widths))
         )
@@ -491,10 +491,11 @@ class HierarchicalVAE(nn.Module):
         posterior that delta reads u_k's decoder state, so the pseudo-inputs then run their own
         top-down pass (each group at its posterior mean given the means above it).
         """
-        if self.config.kind != "nvmp+":
-            return [self.encoder.delta(0, features[0], features[0])]
+        heads = self.encoder.heads  # z_0's head, and every head of an encoder posterior, read
+        if self.config.kind != "nvmp+":  # the features alone
+            return [heads[0](features[0])]
         if not self.config.joint:
-            return [self.encoder.delta(level, f, f) for level, f in enumerate(features)]
+            return [head(f) for head, f in zip(heads, features, strict=True)]
         _, _, groups = self._posterior_pass(features, self.config.image_size, sample=False)
         return [g.delta for g in groups]
 
@@ -627,7 +628,8 @@ class HierarchicalVAE(nn.Module):
     def encode(self, x: Tensor) -> Encoding:
         """Posterior means of every group, top-down, each given the means above it."""
         size = (x.shape[-2], x.shape[-1])
-        features, _ = self._features(self._pad(x))
+        # the image alone through the encoder: codes need no VampPrior components
+        features = self.encoder(self._pad(x), self._memory_format())
         _, _, groups = self._posterior_pass(features, size, sample=False)
         residuals = [g.z if g.prior is None else g.prior.standardise(g.z) for g in groups]
         return Encoding(

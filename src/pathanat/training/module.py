@@ -238,4 +238,9 @@ def config_from_checkpoint(checkpoint: dict[str, Any]) -> ExperimentConfig:
     """The experiment config a checkpoint carries."""
     if CHECKPOINT_KEY not in checkpoint:
         raise PathanatError("checkpoint: not written by `pathanat train` (no 'pathanat' entry)")
-    return from_dict(ExperimentConfig, checkpoint[CHECKPOINT_KEY]["config"])
+    config = checkpoint[CHECKPOINT_KEY]["config"]
+    model = config.get("model") or {}
+    if "posterior" not in model:
+        # written before model.posterior existed, when every posterior read the image alone
+        config = {**config, "model": {**model, "posterior": "encoder"}}
+    return from_dict(ExperimentConfig, config)
