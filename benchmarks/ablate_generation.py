@@ -40,6 +40,9 @@ ROWS = {
     "encoder": ["model.posterior=encoder"],
     "uniform": ["model.widths=null", "model.cells=null"],
     "rise200": ["objective.kl_cycle=400"],
+    "constant-lr": ["optim.lr_decay=none"],
+    "fullres-cell": ["model.cells=[2,2,1,1,1]"],
+    "fullres-w8": ["model.widths=[64,64,32,16,8]"],
     "beta1": ["objective.kl_start=1.0"],
     "lr2e-3": ["optim.lr=2e-3"],
     "vae": ["model.kind=vae"],
@@ -78,6 +81,8 @@ def run_row(name: str, cache: Path, steps: int, seed: int = 0) -> dict:
     test = np.array(data.split("test").image[:64], dtype=np.float32)
     references = np.asarray(data.split("train").brain).astype(bool)
     model = HierarchicalVAE(config.model)
+    layout = torch.channels_last if config.trainer.use_channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
     if model.pseudo_inputs is not None:
         model.init_pseudo_inputs(train[torch.randperm(len(train))[: config.model.pseudo_inputs]])
     optim, objective = config.optim, config.objective
@@ -86,12 +91,13 @@ def run_row(name: str, cache: Path, steps: int, seed: int = 0) -> dict:
     seconds, rows = 0.0, []
     for step in range(steps):
         start = time.perf_counter()
-        x = train[rng.integers(0, len(train), config.data.batch_size)]
+        x = train[rng.integers(0, len(train), config.data.batch_size)].contiguous(
+            memory_format=layout)
         out = model(x)
         beta = objectives.kl_weight(step, objective.kl_cycle, objective.kl_start)
         loss = objectives.training_loss(objectives.elbo_terms(out, x), objectives.group_sizes(out),
                                         beta, balance=objective.kl_balance)
-        lr = optim.lr * min(1.0, (step + 1) / max(1, optim.warmup_steps))
+        lr = optim.learning_rate(step, steps)
         for group in adam.param_groups:
             group["lr"] = lr
         adam.zero_grad(set_to_none=True)
@@ -104,7 +110,7 @@ def run_row(name: str, cache: Path, steps: int, seed: int = 0) -> dict:
             m = measure(copy.deepcopy(model), test, references)
             rows.append({"row": name, "steps": step + 1, "train_s": seconds, **m,
                          "kl": out_kl(out)})
-            print(f"  {name:8s} step {step + 1:4d}  {seconds:6.1f} s  PSNR {m['psnr']:5.2f}  "
+            print(f"  {name:12s} step {step + 1:4d}  {seconds:6.1f} s  PSNR {m['psnr']:5.2f}  "
                   + "  ".join(f"T={t}: {f:.2f}" for t, f in m["brain_like"].items()), flush=True)
     return rows[-1]
 
@@ -116,7 +122,7 @@ def out_kl(out) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=400)  # the demo's
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "pathanat-bench")
     args = parser.parse_args()
@@ -126,10 +132,10 @@ def main() -> None:
     load = os.getloadavg()
     print(f"\n{args.steps} steps, batch 16, fp32, {args.threads} threads; load average "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print(f"{'row':8s} {'train s':>8s} {'PSNR':>6s} "
+    print(f"{'row':12s} {'train s':>8s} {'PSNR':>6s} "
           + " ".join(f"{'T=' + str(t):>6s}" for t in TEMPERATURES) + "  KL per group (nats)")
     for r in results:
-        print(f"{r['row']:8s} {r['train_s']:8.1f} {r['psnr']:6.2f} "
+        print(f"{r['row']:12s} {r['train_s']:8.1f} {r['psnr']:6.2f} "
               + " ".join(f"{r['brain_like'][t]:6.2f}" for t in TEMPERATURES) + f"  {r['kl']}")
 
 

@@ -64,6 +64,8 @@ def measured(run: Path, references: np.ndarray, test: np.ndarray) -> dict:
 
 def time_kind(kind: str, cache: Path, out: Path, every: int, max_steps: int) -> dict:
     base = run_config(f"{kind}_ms", BUDGETS["cpu"], out, cache)
+    # trained in pieces: the lr decays over the budget's run, not over each piece
+    base.optim.decay_steps = base.trainer.max_steps
     data = load_cache(cache)
     references = np.asarray(data.split("train").brain).astype(bool)
     test = np.array(data.split("test").image[:64], dtype=np.float32)

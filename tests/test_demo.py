@@ -9,8 +9,6 @@ from dataclasses import replace
 import pytest
 
 import pathanat.demo as demo
-import pathanat.evaluation.validity as validity
-from pathanat.evaluation.segmenters import cohort_segmenters
 from pathanat.training.config import load_experiment
 
 TINY = ["model.width=8", "trainer.max_steps=3", "trainer.val_every=3", "trainer.val_batches=1",
@@ -24,9 +22,7 @@ def tiny_demo(tmp_path_factory):
     patch.setattr(demo, "demo_config", lambda cache: load_experiment(
         "demo", [f"data.cache={cache}", "data.phantom=null", *TINY]))
     patch.setattr(demo, "DEMO_BUDGET", replace(demo.DEMO_BUDGET, iw_samples=2, fid=False,
-                                                validity_samples=8))
-    patch.setattr(validity, "cohort_segmenters",
-                  lambda cache, progress=False: cohort_segmenters(cache, steps=5))
+                                                validity_samples=8, segmenter_steps=5))
     out = tmp_path_factory.mktemp("demo")
     report = demo.run_demo(out, n_subjects=10)
     yield out, report

@@ -337,3 +337,25 @@ def test_per_scale_widths_and_cells_shape_the_trunks():
         small_model("nvae", cells=(1, 1, -1, 1, 1))
     with pytest.raises(ConfigError, match=r"model\.posterior"):
         small_model("nvae", posterior="decoder")
+
+
+def test_a_state_dict_with_separate_mean_and_log_scale_heads_loads(phantom_slices):
+    """Checkpoints written before the heads were merged keep two convs per head."""
+    model = small_model("nvmp+", posterior="joint")
+    old = {}
+    for key, value in model.state_dict().items():
+        if ".conv." in key and ("heads" in key):
+            head, name = key.rsplit(".conv.", 1)
+            mu, log_sigma = value.chunk(2, dim=0)
+            old[f"{head}.mu.{name}"], old[f"{head}.log_sigma.{name}"] = mu, log_sigma
+        else:
+            old[key] = value
+    fresh = small_model("nvmp+", seed=1, posterior="joint")
+    fresh.load_state_dict(old)
+    torch.manual_seed(0)
+    a = model(phantom_slices)
+    torch.manual_seed(0)
+    b = fresh(phantom_slices)
+    torch.testing.assert_close(a.x_mean, b.x_mean, rtol=0, atol=0)
+    for ga, gb in zip(a.groups, b.groups, strict=True):
+        torch.testing.assert_close(ga.posterior.log_sigma, gb.posterior.log_sigma, rtol=0, atol=0)

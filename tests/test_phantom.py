@@ -47,8 +47,10 @@ def ms_subject(template):
 @pytest.fixture(scope="module")
 def cohorts(tmp_path_factory):
     root = tmp_path_factory.mktemp("cohorts")
-    for name, n in (("a", 2), ("b", 2), ("c", 4)):
-        generate_cohort("ms", n, root / name, seed=3, slab_mm=12.0, progress=False)
+    # a in two worker processes, b in this one: the cohort must not depend on it
+    for name, n, workers in (("a", 2, 2), ("b", 2, 1), ("c", 4, 2)):
+        generate_cohort("ms", n, root / name, seed=3, slab_mm=12.0, progress=False,
+                        workers=workers)
     return root
 
 
@@ -220,7 +222,9 @@ def test_participants_table_regenerates_each_subject(cohorts):
     np.testing.assert_array_equal(subject.image, written)
 
 
-def test_same_seed_same_bytes_and_subjects_do_not_depend_on_cohort_size(cohorts):
+def test_same_seed_same_bytes_whatever_the_workers_and_subjects_do_not_depend_on_cohort_size(
+    cohorts,
+):
     a, b, c = (cohorts / n for n in "abc")
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert len(files) == 5 + 2 * 4

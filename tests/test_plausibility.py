@@ -71,3 +71,41 @@ def test_wilson_interval_textbook_values():
     np.testing.assert_allclose(wilson_interval(0, 10), (0.0, 0.2775), atol=1e-4)
     np.testing.assert_allclose(wilson_interval(5, 10), (0.2366, 0.7634), atol=1e-4)
     np.testing.assert_allclose(wilson_interval(81, 263), (0.2553, 0.3662), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_samples_become_brain_like_as_a_tiny_model_trains(tiny_run, tmp_path):
+    """The metric follows training: a fresh model's prior samples are not brains, the same
+    model trained with the generation recipe (docs/generation.md) for 300 steps draws brains."""
+    import torch
+
+    from pathanat.evaluation.plausibility import training_brains
+    from pathanat.models import HierarchicalVAE, HVAEConfig
+    from pathanat.training.config import DataConfig, ExperimentConfig, TrainerConfig
+    from pathanat.training.run import load_trained, train_config
+
+    cache = tiny_run.parent / "cache"
+    shape = load_cache(cache).shape
+    config = ExperimentConfig(
+        data=DataConfig(cache=cache, shape=shape, batch_size=16),
+        model=HVAEConfig(kind="nvmp", image_size=shape, levels=3, widths=(32, 32, 16, 8),
+                         cells=(2, 1, 1, 1), pseudo_inputs=4),
+        trainer=TrainerConfig(max_steps=300, accelerator="cpu", log_every=50, val_every=300,
+                              checkpoint_every=300, progress_bar=False),
+    )
+    config.optim.lr, config.optim.warmup_steps, config.optim.grad_clip = 1e-3, 20, 100.0
+    config.objective.kl_cycle = 600  # one rise over the run
+    references = training_brains(load_cache(cache))
+
+    def fraction(model: HierarchicalVAE) -> float:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            samples = model.eval().sample(64, 0.8).x_mean[:, 0].numpy()
+        return float(brain_like(samples, references)[0].mean())
+
+    torch.manual_seed(0)
+    before = fraction(HierarchicalVAE(config.model))
+    trained, _ = load_trained(train_config(config, tmp_path / "run"))
+    after = fraction(trained)
+    assert before <= 0.1
+    assert after >= 0.8

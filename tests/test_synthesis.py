@@ -39,7 +39,7 @@ def small_model(kind: str = "nvmp") -> HierarchicalVAE:
                                        pseudo_inputs=4))
     with torch.no_grad():  # a fresh model's heads are scaled down; spread its latents out
         for head in [*model.encoder.heads, *model.decoder.prior_heads]:
-            head.mu.weight.mul_(20)
+            head.conv.weight[: head.conv.out_channels // 2].mul_(20)  # the means
     return model.eval()
 
 

@@ -7,6 +7,7 @@ one cell per scale) for a handful of steps.
 
 from __future__ import annotations
 
+import itertools
 import math
 import shutil
 import subprocess
@@ -29,7 +30,7 @@ from pathanat.errors import ConfigError, PathanatError
 from pathanat.models import KINDS, HierarchicalVAE
 from pathanat.training import checkpoint as checkpoint_module
 from pathanat.training.checkpoint import AtomicCheckpointIO, load_checkpoint
-from pathanat.training.config import load_experiment
+from pathanat.training.config import OptimConfig, load_experiment
 from pathanat.training.data import StepBatchSampler
 from pathanat.training.module import active_units, config_from_checkpoint
 from pathanat.training.run import load_trained, resume, train
@@ -246,10 +247,11 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
 
 
 def test_warm_up_schedules_follow_the_step_and_survive_a_resume(tiny_config, tmp_path):
-    """A KL cycle of 4 steps (rise over 2, restart at 4) and a 3-step lr warm-up, on a
-    joint-posterior model with per-scale widths: the logged values are the schedules', and 2 + 3
-    resumed steps equal 5 straight ones."""
-    common = ["objective.kl_cycle=4", "optim.warmup_steps=3", "model.posterior=joint",
+    """A KL cycle of 4 steps (rise over 2, restart at 4), a 3-step lr warm-up and a cosine decay
+    to 0 at step 5, on a joint-posterior model with per-scale widths: the logged values are the
+    schedules', and 2 + 3 resumed steps equal 5 straight ones."""
+    common = ["objective.kl_cycle=4", "optim.warmup_steps=3", "optim.lr_decay=cosine",
+              "model.posterior=joint",
               "model.widths=[16,16,8,8,8]", "model.cells=[2,1,1,1,0]", "trainer.val_every=100",
               "trainer.checkpoint_every=100"]
     straight = train(tiny_config, [*common, "trainer.max_steps=5"], out=tmp_path / "straight")
@@ -260,8 +262,26 @@ def test_warm_up_schedules_follow_the_step_and_survive_a_resume(tiny_config, tmp
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
     rows = pd.read_csv(split / "metrics.csv").dropna(subset=["train/loss"])
     np.testing.assert_allclose(rows["train/kl_weight"], [2e-7, 0.5 + 1e-7, 1, 1, 2e-7], rtol=1e-6)
-    np.testing.assert_allclose(rows["train/lr"], [1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3],
+    # after the warm-up, half a cosine over the 2 remaining steps: 1e-3 * (1 + cos(pi * k / 2)) / 2
+    np.testing.assert_allclose(rows["train/lr"], [1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 5e-4],
                                rtol=1e-6)
+
+
+def test_cosine_decay_reaches_zero_at_the_last_step_and_never_rises():
+    optim = OptimConfig(lr=1e-3, warmup_steps=10, lr_decay="cosine")
+    lrs = [optim.learning_rate(step, 110) for step in range(111)]
+    assert lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)
+    assert lrs[60] == pytest.approx(5e-4) and lrs[110] == pytest.approx(0.0, abs=1e-12)
+    assert all(b <= a for a, b in itertools.pairwise(lrs[10:]))
+    assert OptimConfig(lr=1e-3).learning_rate(10**6, 10) == 1e-3  # the paper's constant lr
+    # decay_steps fixes the end whatever max_steps a piece of the run has
+    pieces = OptimConfig(lr=1e-3, warmup_steps=10, lr_decay="cosine", decay_steps=110)
+    assert [pieces.learning_rate(s, 20) for s in (15, 60)] == [lrs[15], lrs[60]]
+
+
+def test_decay_steps_must_end_after_the_warm_up(tiny_config):
+    with pytest.raises(ConfigError, match=r"optim\.decay_steps: expected more than"):
+        load_experiment(tiny_config, ["optim.warmup_steps=10", "optim.decay_steps=10"])
 
 
 def test_a_checkpoint_from_before_model_posterior_loads_with_the_encoder_posterior(finished_run):

@@ -23,8 +23,9 @@ from pathanat.reproduce import Budget, run_stages, train_stage
 from pathanat.training.config import ExperimentConfig, load_experiment
 
 DEMO_BUDGET = Budget(
-    about="the demo: one NVMP, 30 subjects, IW NLL with S=8, FID on, 64 samples for validity",
-    subjects=30, overrides=(), iw_samples=8, fid=True, validity_samples=64,
+    about="the demo: one NVMP, 30 subjects, IW NLL with S=8, FID on, 64 samples for validity, "
+          "segmenters trained for 250 steps",
+    subjects=30, overrides=(), iw_samples=8, fid=True, validity_samples=64, segmenter_steps=250,
 )
 
 

@@ -44,11 +44,14 @@ class Budget:
     iw_samples: int
     fid: bool
     validity_samples: int
+    # training steps of the cohort's segmenters (validity) when a cache has none yet; None: theirs
+    segmenter_steps: int | None = None
 
 
 _SMALL_FAST = (  # what lets a model learn, and generate, in minutes on a CPU (as the demo)
-    "model.width=16", "model.widths=[64,64,32,16,16]", "model.cells=[2,2,1,1,1]",
-    "optim.lr=1e-3", "optim.warmup_steps=100", "optim.grad_clip=100", "data.num_workers=0",
+    "model.width=16", "model.widths=[64,64,32,16,16]", "model.cells=[2,2,1,1,0]",
+    "optim.lr=1e-3", "optim.warmup_steps=100", "optim.lr_decay=cosine", "optim.grad_clip=100",
+    "data.num_workers=0",
     "trainer.val_batches=4",
 )
 
@@ -178,7 +181,7 @@ def _analyze(run: Path, budget: Budget) -> object:
 def _validity(run: Path, budget: Budget) -> object:
     from pathanat.evaluation.validity import validity_run
 
-    return validity_run(run, n=budget.validity_samples)
+    return validity_run(run, n=budget.validity_samples, segmenter_steps=budget.segmenter_steps)
 
 
 def _synthesize(run: Path, budget: Budget) -> object:

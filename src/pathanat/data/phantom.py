@@ -17,6 +17,9 @@ import functools
 import gzip
 import json
 import math
+import multiprocessing as mp
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -611,22 +614,45 @@ def generate_cohort(
     slab_mm: float | None = 48.0,
     overwrite: bool = False,
     progress: bool = True,
+    workers: int = 2,
 ) -> Path:
     """Write a phantom cohort (BIDS-like, see contract) to ``out_dir`` and return its path.
 
-    Example: ``generate_cohort("ms", 100, Path("cohorts/ms"), seed=0)``.
+    Subjects are rendered in ``workers`` processes (each subject is drawn from its own seed, so
+    the cohort is the same for any number). Example:
+    ``generate_cohort("ms", 100, Path("cohorts/ms"), seed=0)``.
     """
     from tqdm import tqdm
 
     check_arguments(kind, n_subjects, seed, slab_mm)
+    if not (isinstance(workers, int) and workers >= 1):
+        raise PathanatError(f"workers: expected an integer >= 1, got {workers!r}")
     out_dir = Path(out_dir)
     template = load_template()
-    rows = []
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        for i in tqdm(range(n_subjects), disable=not progress, desc="phantom", unit="subject"):
-            sid = subject_id(i, n_subjects)
-            subject = render_subject(kind, draw_factors(kind, i, seed), slab_mm, template)
-            write_subject(tmp, sid, kind, subject)
-            rows.append({"participant_id": sid, **subject.factors})
+        jobs = [(kind, i, n_subjects, seed, slab_mm, tmp) for i in range(n_subjects)]
+        rows = list(tqdm(_written_subjects(jobs, workers), total=n_subjects,
+                         disable=not progress, desc="phantom", unit="subject"))
         write_metadata(tmp, kind, seed, slab_mm, rows, template)
     return out_dir
+
+
+def _written_subject(
+    kind: str, index: int, n_subjects: int, seed: int, slab_mm: float | None, folder: Path
+) -> dict:
+    """Render subject ``index`` into ``folder``; its participants.tsv row."""
+    sid = subject_id(index, n_subjects)
+    subject = render_subject(kind, draw_factors(kind, index, seed), slab_mm, load_template())
+    write_subject(folder, sid, kind, subject)
+    return {"participant_id": sid, **subject.factors}
+
+
+def _written_subjects(jobs: list[tuple], workers: int) -> Iterator[dict]:
+    """The rows of ``_written_subject`` for every job, in order, from ``workers`` processes."""
+    if workers == 1 or len(jobs) == 1:
+        yield from (_written_subject(*job) for job in jobs)
+        return
+    # Not fork: the caller may hold threads (torch, a progress bar) whose locks a fork would copy.
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context(method)) as pool:
+        yield from pool.map(_written_subject, *zip(*jobs, strict=True))

@@ -53,6 +53,9 @@ from pathanat.evaluation.segmenters import (
     cohort_segmenters,
     segment,
 )
+from pathanat.evaluation.segmenters import (
+    STEPS as SEGMENTER_STEPS,
+)
 from pathanat.figures import display, save_figure
 from pathanat.training.run import load_trained
 
@@ -280,10 +283,12 @@ def validity_run(
     temperature: float = 1.0,
     seed: int = 0,
     progress: bool = True,
+    segmenter_steps: int | None = None,
 ) -> dict:
     """Sample validity of an MS run: writes RUN/validity.json and RUN/figures/sample_validity.png
-    (+ caption) and returns the result. The cohort's segmenters are trained on first use and
-    kept in CACHE/segmenters. Example: ``validity_run("runs/nvmp")``."""
+    (+ caption) and returns the result. The cohort's segmenters are trained on first use (for
+    ``segmenter_steps``; None: their default) and kept in CACHE/segmenters.
+    Example: ``validity_run("runs/nvmp")``."""
     start = time.perf_counter()
     folder = run_folder(run)
     model, config = load_trained(folder)
@@ -294,7 +299,8 @@ def validity_run(
             "(an AD cohort?)"
         )
     segs_start = time.perf_counter()
-    segmenters = cohort_segmenters(cache, progress=progress)
+    steps = SEGMENTER_STEPS if segmenter_steps is None else segmenter_steps
+    segmenters = cohort_segmenters(cache, steps=steps, progress=progress)
     segs_seconds = time.perf_counter() - segs_start
     test = split_arrays(cache, "test")
     result, samples, real = scored_validity(

@@ -277,22 +277,31 @@ def _width_change(in_width: int, out_width: int) -> nn.Module:
 
 
 class GaussianHead(nn.Module):
-    """Two 3x3 convs from a state to the raw (mean, log-scale) of a latent group.
+    """One 3x3 conv from a state to the raw (mean, log-scale) of a latent group, split in two.
 
-    They run in the trunk's precision (bf16 under autocast: a float32 copy of the full-resolution
-    state per head would cost more than the head); their outputs are cast up to float32 before
-    they are bounded. Two convs rather than one split in two: the backward of a channel split
-    hands the conv a gradient in the default layout, which forces slow layout conversions in a
-    channels_last model.
+    It runs in the trunk's precision (bf16 under autocast: a float32 copy of the full-resolution
+    state per head would cost more than the head); its output is cast up to float32 before it is
+    bounded. One conv of 2C outputs rather than two of C: a conv's weight gradient costs about
+    the same for 2 outputs as for 4 in oneDNN, so the merged head made a demo step 0.41 s
+    against 0.58 s (AMD EPYC, 2 cores, fp32). The split's gradient is handed back in the conv's
+    layout (``_GradInLayout``), which is what once made a split slow in channels_last.
     """
 
     def __init__(self, width: int, channels: int) -> None:
         super().__init__()
-        self.mu = small_init_(conv3x3(width, channels), HEAD_INIT_SCALE)
-        self.log_sigma = small_init_(conv3x3(width, channels), HEAD_INIT_SCALE)
+        self.conv = small_init_(conv3x3(width, 2 * channels), HEAD_INIT_SCALE)
 
     def forward(self, h: Tensor) -> DiagonalGaussian:
-        return DiagonalGaussian.from_raw(_head_output(self.mu, h), _head_output(self.log_sigma, h))
+        mu, log_sigma = _head_output(self.conv, h).chunk(2, dim=1)
+        return DiagonalGaussian.from_raw(mu, log_sigma)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # Checkpoints from before the merge hold a mean conv and a log-scale conv: stack them.
+        for name in ("weight", "bias"):
+            parts = [f"{prefix}mu.{name}", f"{prefix}log_sigma.{name}"]
+            if all(key in state_dict for key in parts):
+                state_dict[f"{prefix}conv.{name}"] = torch.cat([state_dict.pop(k) for k in parts])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class Encoder(nn.Module):

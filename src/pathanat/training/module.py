@@ -110,12 +110,8 @@ class HVAEModule(pl.LightningModule):
         return objectives.kl_weight(self.global_step, objective.kl_cycle, objective.kl_start)
 
     def learning_rate(self) -> float:
-        """The lr of the next update: linear warm-up over ``optim.warmup_steps``, then ``lr``.
-        A function of the step alone, so a resumed run continues the same schedule."""
-        optim = self.config.optim
-        if optim.warmup_steps == 0:
-            return optim.lr
-        return optim.lr * min(1.0, (self.global_step + 1) / optim.warmup_steps)
+        """The lr of the next update (``OptimConfig.learning_rate``)."""
+        return self.config.optim.learning_rate(self.global_step, self.config.trainer.max_steps)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         seed = derived_seed(self.config.trainer.seed, self.batches_seen, self.global_rank)
