@@ -46,6 +46,7 @@ ROWS = {
     "beta1": ["objective.kl_start=1.0"],
     "lr2e-3": ["optim.lr=2e-3"],
     "vae": ["model.kind=vae"],
+    "nvae": ["model.kind=nvae"],
     "nvmp+": ["model.kind=nvmp+"],
     # main before the generation work, but with the corrected KL balancing (the old form is gone)
     "main": ["model.posterior=encoder", "model.widths=null", "model.cells=null",
@@ -122,7 +123,7 @@ def out_kl(out) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    parser.add_argument("--steps", type=int, default=400)  # the demo's
+    parser.add_argument("--steps", type=int, default=350)  # the demo's
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "pathanat-bench")
     args = parser.parse_args()

@@ -63,8 +63,9 @@ def cpu_precision() -> str:
 
 BUDGETS = {
     "cpu": Budget(
-        about="about an hour on 2 CPU cores: 60 subjects, widths 64..16, 1500 steps (KL weight "
-              "reaches 1 at step 1000), bf16 where the CPU has it, IW NLL with S=8, FID on",
+        about="2-3 hours on 2 CPU cores for the 8 MS runs (projected from the step cost, not yet "
+              "timed end to end): 60 subjects, widths 64..16, 1500 steps (KL weight reaches 1 at "
+              "step 1000), cosine lr, bf16 where the CPU has it, IW NLL with S=8, FID on",
         subjects=60,
         overrides=(*_SMALL_FAST, f"trainer.precision={cpu_precision()}",
                    "objective.kl_cycle=2000", "trainer.max_steps=1500",
