@@ -8,7 +8,7 @@ of 64 slices, the fraction of brain-like prior samples (``plausibility``; 64 per
 T = 0.4 .. 1.0, and the KL per group. Training time excludes the measurements. Run it alone:
 timings taken while other jobs share the cores are inflated; the load average is printed.
 
-    .venv/bin/python benchmarks/ablate_generation.py [--rows recipe encoder ...] [--steps 400]
+    .venv/bin/python benchmarks/ablate_generation.py [--rows recipe encoder ...] [--steps 350]
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 from pathanat import objectives
-from pathanat.data.phantom import generate_cohort
-from pathanat.data.prepare import load_cache, prepare_cohort
-from pathanat.evaluation.plausibility import brain_like
+from pathanat.data.prepare import load_cache
+from pathanat.evaluation.plausibility import brain_like, training_brains
 from pathanat.evaluation.reconstruction import psnr
 from pathanat.models import HierarchicalVAE
 from pathanat.training.config import load_experiment
+from pathanat.training.run import make_phantom_cache, phantom_paths
 
 warnings.filterwarnings("ignore")
 TEMPERATURES = (0.4, 0.6, 0.8, 1.0)
@@ -55,11 +55,10 @@ ROWS = {
 
 
 def cache_for(data: Path) -> Path:
-    cohort, cache = data / "demo-cohort", data / "demo-cache"
-    if not (cohort / "participants.tsv").is_file():
-        generate_cohort("ms", 30, cohort, seed=0, overwrite=True, progress=False)
-    if not (cache / "manifest.json").is_file():
-        prepare_cohort(cohort, cache, seed=0, overwrite=True, progress=False)
+    """The demo's phantom cache under ``data`` (made once)."""
+    config = load_experiment("demo", [f"data.data_dir={data}"])
+    cohort, cache = phantom_paths(config, data)
+    make_phantom_cache(config, cohort, cache)
     return cache
 
 
@@ -80,7 +79,7 @@ def run_row(name: str, cache: Path, steps: int, seed: int = 0) -> dict:
     data = load_cache(cache)
     train = torch.from_numpy(np.array(data.split("train").image, dtype=np.float32))[:, None]
     test = np.array(data.split("test").image[:64], dtype=np.float32)
-    references = np.asarray(data.split("train").brain).astype(bool)
+    references = training_brains(data)
     model = HierarchicalVAE(config.model)
     layout = torch.channels_last if config.trainer.use_channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)

@@ -26,13 +26,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pathanat.data.phantom import generate_cohort
-from pathanat.data.prepare import load_cache, prepare_cohort
+from pathanat.data.prepare import load_cache
 from pathanat.evaluation.evaluate import SAMPLE_TEMPERATURES
-from pathanat.evaluation.plausibility import brain_like
+from pathanat.evaluation.plausibility import brain_like, training_brains
 from pathanat.evaluation.reconstruction import psnr
 from pathanat.reproduce import BUDGETS, KINDS, run_config
-from pathanat.training.run import load_trained, resume, train_config
+from pathanat.training.config import load_experiment
+from pathanat.training.run import (
+    load_trained,
+    make_phantom_cache,
+    phantom_paths,
+    resume,
+    train_config,
+)
 
 warnings.filterwarnings("ignore")
 TARGET = 0.9
@@ -40,11 +46,11 @@ SAMPLES = 256
 
 
 def cache_for(data: Path, subjects: int) -> Path:
-    cohort, cache = data / f"ms-n{subjects}" / "cohort", data / f"ms-n{subjects}" / "cache"
-    if not (cohort / "participants.tsv").is_file():
-        generate_cohort("ms", subjects, cohort, seed=0, overwrite=True, progress=False)
-    if not (cache / "manifest.json").is_file():
-        prepare_cohort(cohort, cache, seed=0, overwrite=True, progress=False)
+    """The cpu budget's phantom cache with ``subjects`` subjects under ``data`` (made once)."""
+    config = load_experiment("nvmp_ms", [f"data.phantom.subjects={subjects}",
+                                         f"data.data_dir={data}"])
+    cohort, cache = phantom_paths(config, data)
+    make_phantom_cache(config, cohort, cache)
     return cache
 
 
@@ -67,7 +73,7 @@ def time_kind(kind: str, cache: Path, out: Path, every: int, max_steps: int) -> 
     # trained in pieces: the lr decays over the budget's run, not over each piece
     base.optim.decay_steps = base.trainer.max_steps
     data = load_cache(cache)
-    references = np.asarray(data.split("train").brain).astype(bool)
+    references = training_brains(data)
     test = np.array(data.split("test").image[:64], dtype=np.float32)
     run, seconds, history = out / kind, 0.0, []
     for steps in range(every, max_steps + 1, every):

@@ -44,15 +44,15 @@ class Budget:
     iw_samples: int
     fid: bool
     validity_samples: int
-    # training steps of the cohort's segmenters (validity) when a cache has none yet; None: theirs
+    # training steps of the cohort's segmenters (validity) when a cache has none yet; None: the
+    # segmenters' default (segmenters.STEPS)
     segmenter_steps: int | None = None
 
 
 _SMALL_FAST = (  # what lets a model learn, and generate, in minutes on a CPU (as the demo)
     "model.width=16", "model.widths=[64,64,32,16,16]", "model.cells=[2,2,1,1,0]",
     "optim.lr=1e-3", "optim.warmup_steps=100", "optim.lr_decay=cosine", "optim.grad_clip=100",
-    "data.num_workers=0",
-    "trainer.val_batches=4",
+    "data.num_workers=0", "trainer.val_batches=4",
 )
 
 

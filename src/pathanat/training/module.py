@@ -67,7 +67,8 @@ class HVAEModule(pl.LightningModule):
         super().__init__()
         self.config = config
         self.model = HierarchicalVAE(config.model)
-        if config.trainer.use_channels_last:
+        self.channels_last = config.trainer.use_channels_last  # asked once, not every step
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.automatic_optimization = False
         self.batches_seen = 0  # batches drawn, skipped ones included: the data stream's position
@@ -86,7 +87,7 @@ class HVAEModule(pl.LightningModule):
 
     def _input(self, batch: dict) -> Tensor:
         x = batch["image"]
-        if self.config.trainer.use_channels_last:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
