@@ -10,7 +10,7 @@ wall time (the measurements between chunks do not). A kind that never reaches 90
 are inflated; the load average is printed beside them.
 
     .venv/bin/python benchmarks/bench_generation.py [--kinds vae nvae nvmp nvmpplus]
-        [--subjects 60] [--every 100] [--max-steps 1500] [--threads 2]
+        [--subjects 60] [--every 100] [--max-steps 600] [--threads 2]
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--subjects", type=int, default=BUDGETS["cpu"].subjects)
     parser.add_argument("--every", type=int, default=100)
-    parser.add_argument("--max-steps", type=int, default=1500)
+    parser.add_argument("--max-steps", type=int, default=600)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "pathanat-bench")
     parser.add_argument("--json", type=Path, help="also write the results here")

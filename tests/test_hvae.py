@@ -191,6 +191,8 @@ def test_config_errors_name_the_key():
         HVAEConfig(z_p=5)
     with pytest.raises(ConfigError, match=r"model\.width"):
         HVAEConfig(width=0)
+    with pytest.raises(ConfigError, match=r"model\.unconditional_prior"):
+        HVAEConfig(unconditional_prior="vamp")
     with pytest.raises(ConfigError, match="widht"):
         from_dict(HVAEConfig, {"widht": 16})
     config = from_dict(HVAEConfig, {"kind": "nvmp+", "image_size": [64, 80]})
@@ -202,6 +204,8 @@ def test_input_errors():
         small_model("vae")(torch.randn(2, 3, 48, 56))
     with pytest.raises(InputError, match="pseudo-inputs"):
         small_model("nvmp")(torch.randn(2, 1, 96, 112))
+    with pytest.raises(InputError, match="z_0 has a prior fitted at"):
+        small_model("nvae", unconditional_prior="fitted").sample(1, size=(96, 112))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -359,3 +363,63 @@ def test_a_state_dict_with_separate_mean_and_log_scale_heads_loads(phantom_slice
     torch.testing.assert_close(a.x_mean, b.x_mean, rtol=0, atol=0)
     for ga, gb in zip(a.groups, b.groups, strict=True):
         torch.testing.assert_close(ga.posterior.log_sigma, gb.posterior.log_sigma, rtol=0, atol=0)
+
+
+# ---- fitted unconditional priors -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["vae", "nvae"])
+def test_a_fitted_prior_starts_as_n01_where_the_kind_has_an_unconditional_prior(
+    kind, phantom_slices
+):
+    standard = small_model(kind)
+    fitted = small_model(kind, unconditional_prior="fitted")
+    missing, unexpected = fitted.load_state_dict(standard.state_dict(), strict=False)
+    assert not unexpected
+    levels = range(5) if kind == "vae" else [0]  # every group of vae, z_0 of nvae
+    assert sorted(missing) == sorted(
+        f"decoder.fitted_priors.{level}.{moment}" for level in levels
+        for moment in ("first", "second")
+    )
+    torch.manual_seed(2)
+    a = standard.sample(2).x_mean
+    torch.manual_seed(2)
+    torch.testing.assert_close(fitted.sample(2).x_mean, a)
+    x = phantom_slices[:2]
+    torch.manual_seed(1)
+    kl_standard = objectives.elbo_terms(standard(x), x).kl
+    torch.manual_seed(1)  # a training pass: its KL is against the prior before it is updated
+    kl_fitted = objectives.elbo_terms(fitted(x), x).kl
+    torch.testing.assert_close(kl_fitted, kl_standard)
+    assert not small_model("nvmp", unconditional_prior="fitted").decoder.fitted_priors
+
+
+def test_a_fitted_prior_converges_to_the_gaussian_closest_to_the_posteriors(phantom_slices):
+    """Over fixed posteriors N(mu_x, s_x^2), the Gaussian minimising the mean KL to it has mean
+    E[mu_x] and variance E[s_x^2] + Var[mu_x]; checked as that value and as a minimum."""
+    model = small_model("vae", unconditional_prior="fitted")
+    with torch.no_grad():  # posteriors that differ from image to image and from N(0, I)
+        head = model.encoder.heads[0].conv
+        head.weight.mul_(20.0)
+        head.bias.add_(0.5)
+    x = phantom_slices
+    model.eval()
+    before = model(x).groups[0].prior
+    model.train()
+    for _ in range(400):  # vae's posteriors read the encoder only: the same every pass
+        q = model(x).groups[0].posterior
+    model.eval()
+    p = model(x).groups[0].prior
+    torch.testing.assert_close(before.mu, torch.zeros_like(before.mu))  # eval passes fit nothing
+    assert float(q.mu.std(0).mean()) > 0.1  # the images' posteriors do differ
+    torch.testing.assert_close(p.mu[0], q.mu.mean(0), atol=1e-5, rtol=0)
+    variance = (q.sigma**2).mean(0) + q.mu.var(0, unbiased=False)
+    torch.testing.assert_close(p.sigma[0], variance.sqrt(), atol=1e-5, rtol=1e-4)
+
+    def mean_kl(mu, log_sigma):
+        prior = type(p)(mu.expand_as(q.mu), log_sigma.expand_as(q.mu))
+        return float(q.kl(prior).sum((1, 2, 3)).mean())
+
+    best = mean_kl(p.mu[:1], p.log_sigma[:1])
+    for shift, scale in ((0.05, 0.0), (-0.05, 0.0), (0.0, 0.05), (0.0, -0.05)):
+        assert mean_kl(p.mu[:1] + shift, p.log_sigma[:1] + scale) > best

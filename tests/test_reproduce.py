@@ -46,9 +46,15 @@ def test_a_budget_changes_only_compute_not_the_model_kind(tmp_path):
         assert config.data.phantom.subjects == BUDGETS["cpu"].subjects
         assert config.trainer.precision == cpu_precision()
         assert config.model.posterior == shipped.model.posterior
+        # the one model change the small budgets make: a prior that generates (vae and nvae)
+        assert shipped.model.unconditional_prior == "standard"
+        assert config.model.unconditional_prior == "fitted"
     # the paper budget is the packaged config unchanged but for where the phantom goes
     paper = run_config("nvmpplus_ms", BUDGETS["paper"], tmp_path, None)
     assert paper.trainer.max_steps == 100_000 and paper.model.width == 32
+    assert run_config("vae_ms", BUDGETS["paper"], tmp_path, None).model.unconditional_prior == (
+        "standard"
+    )
 
 
 def test_every_stage_writes_its_output_and_the_report_covers_the_runs(tiny_grid):

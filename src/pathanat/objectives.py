@@ -2,6 +2,7 @@
 
 All terms are in nats, float32, per sample. The KL of a group is summed over its elements:
 - a standard-normal prior (every group of vae, z_0 of nvae): analytic KL[q || N(0, I)];
+- a fitted unconditional prior N(m, s^2) in their place: analytic KL[q || N(m, s^2)];
 - a residual posterior (l > 0 of nvae/nvmp/nvmp+): eq. 4, analytic;
 - the VampPrior of z_0 (nvmp/nvmp+): one-sample Monte Carlo log q(z_0) - log p(z_0), z_0 the
   posterior sample of the pass (an unbiased estimate whose gradient reaches the encoder and the
@@ -59,8 +60,10 @@ def group_kl(out: HVAEOutput) -> Tensor:
             columns.append(mc_kl_to_mixture(g.posterior, g.z, out.pseudo[0]))
         elif g.prior is None:
             columns.append(sum_per_sample(g.posterior.kl_standard()))
-        else:
+        elif g.residual:
             columns.append(sum_per_sample(residual_kl(g.delta, g.prior)))
+        else:
+            columns.append(sum_per_sample(g.posterior.kl(g.prior)))
     return torch.stack(columns, dim=1)
 
 

@@ -61,6 +61,7 @@ from pathanat.models.blocks import (
     upsample,
 )
 from pathanat.models.distributions import (
+    LOG_SCALE_BOUND,
     DiagonalGaussian,
     gaussian_log_likelihood,
     mixture_log_prob,
@@ -74,6 +75,8 @@ KINDS: tuple[str, ...] = ("vae", "nvae", "nvmp", "nvmp+")
 ResampleMode = Literal["value", "residual"]
 Posterior = Literal["encoder", "joint"]
 POSTERIORS: tuple[str, ...] = ("encoder", "joint")
+UnconditionalPrior = Literal["standard", "fitted"]
+UNCONDITIONAL_PRIORS: tuple[str, ...] = ("standard", "fitted")
 
 # log-scale of the pixel likelihood, smoothly bounded to (X_LOG_SCALE_MIN, X_LOG_SCALE_MAX) by a
 # scaled sigmoid: sigma_x in (0.018, 7.4) on standardised intensities, starting at exp(-1) ~ 0.37.
@@ -85,6 +88,9 @@ X_LOG_SCALE_MAX = 2.0
 # Distribution heads start with weights scaled by this so a new model has posteriors near their
 # priors and unit scales (small, finite KL at step 0).
 HEAD_INIT_SCALE = 0.1
+# A fitted prior's running moments keep this much of their value per training batch: an average
+# over about the last 20 batches, so it follows posteriors that move quickly early in training.
+FITTED_PRIOR_MOMENTUM = 0.95
 
 
 @dataclass
@@ -116,6 +122,11 @@ class HVAEConfig:
     z_p: int = 2
     supervised: bool = False
     posterior: Posterior = "joint"
+    # the prior of the groups whose prior depends on nothing (every group of vae, z_0 of nvae):
+    # "standard" N(0, I) as in the paper, or "fitted" N(m, s^2) per element, fitted to the
+    # posteriors during training (FittedPrior), which lets those kinds generate
+    # (docs/generation.md); nvmp/nvmp+ have no such group
+    unconditional_prior: UnconditionalPrior = "standard"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -123,6 +134,11 @@ class HVAEConfig:
         if self.posterior not in POSTERIORS:
             raise ConfigError(
                 f"model.posterior: expected one of {', '.join(POSTERIORS)}, got {self.posterior!r}"
+            )
+        if self.unconditional_prior not in UNCONDITIONAL_PRIORS:
+            raise ConfigError(
+                f"model.unconditional_prior: expected one of {', '.join(UNCONDITIONAL_PRIORS)}, "
+                f"got {self.unconditional_prior!r}"
             )
         for key in ("in_channels", "levels", "latent_channels", "width", "pseudo_inputs"):
             value = getattr(self, key)
@@ -180,6 +196,13 @@ class HVAEConfig:
         return self.residual and self.posterior == "joint"
 
     @property
+    def fitted_prior_levels(self) -> tuple[int, ...]:
+        """The groups whose unconditional prior is a FittedPrior (see unconditional_prior)."""
+        if self.unconditional_prior != "fitted" or self.kind in ("nvmp", "nvmp+"):
+            return ()
+        return tuple(range(self.num_groups)) if self.kind == "vae" else (0,)
+
+    @property
     def vamp(self) -> bool:
         """Whether p(z_0) is a VampPrior over trainable pseudo-inputs."""
         return self.kind in ("nvmp", "nvmp+")
@@ -191,13 +214,16 @@ class Group:
 
     ``prior`` is None where it is fixed rather than computed: N(0, I), or the VampPrior for z_0
     of nvmp/nvmp+ (whose components are in the pass's ``pseudo``). ``delta`` is the encoder's
-    Gaussian N(dmu_l, dsig_l); for the residual kinds at l > 0 the posterior is built from it.
+    Gaussian N(dmu_l, dsig_l); ``residual``: the posterior is built from prior and delta (the
+    residual kinds at l > 0), else it is the delta itself (also under a fitted unconditional
+    prior, which follows the posteriors rather than moving them).
     """
 
     z: Tensor
     posterior: DiagonalGaussian
     delta: DiagonalGaussian
     prior: DiagonalGaussian | None
+    residual: bool
 
 
 @dataclass
@@ -218,7 +244,7 @@ class Encoding:
     """A subject's latent code: posterior means, taken top-down (z_l | posterior means above).
 
     ``residuals[l]`` is (z_l - mu_l) / sig_l, the mean in units of its own prior p(z_l | z_<l) --
-    equal to ``z[l]`` where the prior is fixed (all of vae, and z_0 of every kind).
+    equal to ``z[l]`` where the prior is fixed (N(0, I) or the VampPrior).
     """
 
     z: list[Tensor]
@@ -305,6 +331,39 @@ class GaussianHead(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+class FittedPrior(nn.Module):
+    """An unconditional N(m, s^2) per element, fitted to the posteriors rather than trained.
+
+    Given posteriors N(mu_x, s_x^2), the Gaussian that maximises the ELBO (minimises the mean KL)
+    has m = E[mu_x] and s^2 = E[mu_x^2 + s_x^2] - m^2: the M-step of EM, in closed form. ``update``
+    keeps both moments as running averages over training batches (like batch norm's statistics;
+    a buffer, so DDP broadcasts it and a checkpoint resumes it). A trained (m, log s) was measured
+    instead: Adam moves a parameter by about lr per step, so at lr 1e-3 it had moved 0.13 of the
+    0.7 it needed after 350 steps, and nvae drew no brains (docs/generation.md).
+    """
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.register_buffer("first", torch.zeros(1, *shape))  # N(0, I) until the first update
+        self.register_buffer("second", torch.ones(1, *shape))
+
+    def forward(self, batch: int) -> DiagonalGaussian:
+        variance = (self.second - self.first**2).clamp_min(math.exp(-2 * LOG_SCALE_BOUND))
+        log_sigma = 0.5 * variance.log()
+        # a copy: ``update`` changes the buffers in place, after the pass that used this prior
+        return DiagonalGaussian(
+            self.first.clone().expand(batch, -1, -1, -1), log_sigma.expand(batch, -1, -1, -1)
+        )
+
+    @torch.no_grad()
+    def update(self, posterior: DiagonalGaussian) -> None:
+        """Move the moments towards the batch's: E[mu], E[mu^2 + sigma^2] over its images."""
+        mu, sigma = posterior.mu.float(), posterior.sigma.float()
+        keep = FITTED_PRIOR_MOMENTUM
+        self.first.lerp_(mu.mean(0, keepdim=True), 1 - keep)
+        self.second.lerp_((mu**2 + sigma**2).mean(0, keepdim=True), 1 - keep)
+
+
 class Encoder(nn.Module):
     """Bottom-up trunk: full resolution -> 1/2^L, the features of every scale, and one head of
     (dmu_l, dsig_l) per scale.
@@ -356,10 +415,14 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Top-down trunk: a learned constant at 1/2^L, each group injected by a 1x1 conv, then cells.
 
-    For the residual kinds a head on the (upsampled) state gives the prior of groups l > 0.
+    For the residual kinds a head on the (upsampled) state gives the prior of groups l > 0; the
+    The groups of ``config.fitted_prior_levels`` have a FittedPrior of their shape in ``shapes``
+    (the groups' shapes at the configured image size).
     """
 
-    def __init__(self, config: HVAEConfig, residual_scale: float) -> None:
+    def __init__(
+        self, config: HVAEConfig, residual_scale: float, shapes: list[tuple[int, int, int]]
+    ) -> None:
         super().__init__()
         widths, channels = config.scale_widths, config.latent_channels
         self.start = nn.Parameter(torch.zeros(1, widths[0], 1, 1))
@@ -378,6 +441,9 @@ class Decoder(nn.Module):
             for level in range(1, len(widths) if config.residual else 1)
         )
         self.out = conv3x3(widths[-1], 2 * config.in_channels)
+        self.fitted_priors = nn.ModuleDict(
+            {str(level): FittedPrior(shapes[level]) for level in config.fitted_prior_levels}
+        )
 
     def grow(self, level: int, h: Tensor) -> Tensor:
         """The state carried from scale ``level - 1`` up to scale ``level``."""
@@ -389,7 +455,16 @@ class Decoder(nn.Module):
         return self.start.expand(batch, -1, *size).contiguous(memory_format=memory_format)
 
     def prior(self, level: int, h: Tensor) -> DiagonalGaussian | None:
-        """p(z_level | z_<level) from the state, or None where the prior is fixed."""
+        """p(z_level | z_<level) from the state, the fitted unconditional prior, or None where
+        the prior is fixed."""
+        if str(level) in self.fitted_priors:
+            fitted = self.fitted_priors[str(level)]
+            if fitted.first.shape[-2:] != h.shape[-2:]:
+                raise InputError(
+                    f"z_{level} has a prior fitted at {tuple(fitted.first.shape[-2:])} elements "
+                    f"(the configured image size); this input gives {tuple(h.shape[-2:])}"
+                )
+            return fitted(h.shape[0])
         if level == 0 or not self.prior_heads:
             return None
         return self.prior_heads[level - 1](h)
@@ -421,7 +496,7 @@ class HierarchicalVAE(nn.Module):
         self.config = config
         residual_scale = 1.0 / math.sqrt(max(1, 2 * sum(config.scale_cells)))
         self.encoder = Encoder(config, residual_scale)
-        self.decoder = Decoder(config, residual_scale)
+        self.decoder = Decoder(config, residual_scale, self.group_shapes(config.image_size))
         self.pseudo_inputs = (
             nn.Parameter(torch.randn(config.pseudo_inputs, config.in_channels, *config.image_size))
             if config.vamp
@@ -554,11 +629,6 @@ class HierarchicalVAE(nn.Module):
         mean, log_scale = self.decoder.likelihood(h)
         return mean, log_scale, zs, priors
 
-    @staticmethod
-    def _posterior(delta: DiagonalGaussian, prior: DiagonalGaussian | None) -> DiagonalGaussian:
-        """q(z_l | .): the encoder's Gaussian where the prior is fixed, else the residual form."""
-        return delta if prior is None else residual_posterior(prior, delta)
-
     def _seg(self, zs: list[Tensor], size: tuple[int, int]) -> Tensor | None:
         if self.seg_head is None:
             return None
@@ -568,12 +638,14 @@ class HierarchicalVAE(nn.Module):
         self, features: list[Tensor], size: tuple[int, int], sample: bool
     ) -> tuple[Tensor, Tensor, list[Group]]:
         groups: list[Group] = []
+        fitted = self.config.fitted_prior_levels
 
         def choose(level: int, prior: DiagonalGaussian | None, state: Tensor) -> Tensor:
             delta = self.encoder.delta(level, features[level], state)
-            q = self._posterior(delta, prior)
+            residual = prior is not None and level not in fitted
+            q = residual_posterior(prior, delta) if residual else delta
             z = q.sample() if sample else q.mu
-            groups.append(Group(z, q, delta, prior))
+            groups.append(Group(z, q, delta, prior, residual))
             return z
 
         padded = self.padded_size(size)
@@ -585,6 +657,9 @@ class HierarchicalVAE(nn.Module):
         size = (x.shape[-2], x.shape[-1])
         features, pseudo = self._features(self._pad(x))
         mean, log_scale, groups = self._posterior_pass(features, size, sample=True)
+        if self.training:  # this pass's KL used the prior before the update
+            for level, prior in self.decoder.fitted_priors.items():
+                prior.update(groups[int(level)].posterior)
         seg = self._seg([g.z for g in groups], size)
         return HVAEOutput(self.config.kind, mean, log_scale, groups, pseudo, seg)
 
@@ -739,7 +814,7 @@ class HierarchicalVAE(nn.Module):
         ``mode="value"``: a kept group keeps its value z_l. ``mode="residual"``: a kept group keeps
         its standardised residual r_l = (z_l - mu_l) / sig_l and is re-expressed in the new context
         as mu'_l + sig'_l * r_l, so it moves with the groups above it (for the residual kinds and
-        l > 0; where the prior is fixed -- vae, z_0 -- value and residual coincide).
+        l > 0; where the prior depends on nothing -- vae, z_0 -- value and residual coincide).
         """
         keep = self._check_groups(keep, "resample keep")
         self._check_mode(mode)
