@@ -2,6 +2,8 @@
 
 Everything is first written under a temporary name beside its destination, then renamed;
 a rename within one filesystem is atomic, so readers see either the old result or the new one.
+The result gets the permissions a plain write would give it (the umask's), not the owner-only
+ones of a temporary file: a lab's shared filesystem must be able to read a cache or a run.
 """
 
 from __future__ import annotations
@@ -16,6 +18,18 @@ from pathlib import Path
 from pathanat.errors import PathanatError
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc), else by the
+    set-and-restore that is the only portable way."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``."""
@@ -26,6 +40,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -45,6 +60,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp-write", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~current_umask())
         if path.exists():
             old = path.with_name(f".{path.name}.tmp-old")
             shutil.rmtree(old, ignore_errors=True)

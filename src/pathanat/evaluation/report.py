@@ -367,7 +367,8 @@ def overview_section(runs: Sequence[Run]) -> str:
             td(esc(run.model("kind", "?"))),
             td("yes" if supervised else "no" if supervised is not None else "?"),
             td(esc(f"z{z_p}") if z_p is not None else "?"),
-            td(esc(run.model("width", "?"))),
+            td(esc(prior_label(run))),
+            td(esc(widths_label(run))),
             td(esc(" x ".join(map(str, size))) if isinstance(size, list) else "?"),
             td(f"{run.parameters:,}" if run.parameters is not None else "n/a", run.parameters),
         ]
@@ -380,8 +381,9 @@ def overview_section(runs: Sequence[Run]) -> str:
                       td(number(wall, 1), wall)]
         cells.append(td(esc(run.path), classes=["name"]))
         rows.append(cells)
-    header = ["run", "kind", "supervised", "z<sub>P</sub>", "width", "image (px)", "parameters",
-              "steps", "skipped steps", "wall time (s)", "folder"]
+    header = ["run", "kind", "supervised", "z<sub>P</sub>", "prior of z<sub>0</sub>",
+              "widths", "image (px)", "parameters", "steps", "skipped steps", "wall time (s)",
+              "folder"]
     caches = {str(((r.config or {}).get("data") or {}).get("cache")) for r in runs}
     note = ""
     if len(caches) > 1:
@@ -390,11 +392,27 @@ def overview_section(runs: Sequence[Run]) -> str:
     return (
         "<h2>Runs</h2>\n"
         + table(header, rows, "Model kind (Table 3 of the paper), whether a lesion-segmentation "
-                "head supervises z<sub>P</sub>, trunk width, trainable parameters, and training "
-                "steps. Wall time is that of the last training session (a resumed run restarts "
-                "it).")
+                "head supervises z<sub>P</sub>, the prior of z<sub>0</sub> (N(0, I) as in the "
+                "paper, fitted N(m, s²) where a budget replaces it -- for vae at every group --, "
+                "or the VampPrior), trunk widths per scale (top-down), trainable parameters, and "
+                "training steps. Wall time is that of the last training session (a resumed run "
+                "restarts it).")
         + note
     )
+
+
+def prior_label(run: Run) -> str:
+    kind = run.model("kind")
+    if kind is None:
+        return "?"
+    if kind in VAMPPRIOR_KINDS:
+        return "VampPrior"
+    return "fitted N(m, s²)" if run.model("unconditional_prior") == "fitted" else "N(0, I)"
+
+
+def widths_label(run: Run) -> str:
+    widths = run.model("widths")
+    return "/".join(map(str, widths)) if isinstance(widths, list) else str(run.model("width", "?"))
 
 
 def metric_cell(run: Run, keys: Sequence[str], decimals: int, best: bool) -> str:
