@@ -1,3 +1,4 @@
+import os
 import socket
 
 import numpy as np
@@ -145,6 +146,22 @@ def test_input_features_are_stored_once_and_reused(tmp_path):
     assert net.calls == 1 and np.array_equal(first, again)
     # a stored file of the wrong count is not trusted
     assert stored_features(path, slices[:4], net).shape == (4, FEATURES) and net.calls == 2
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_stored_feature_file_that_cannot_be_read_is_rebuilt_with_a_warning(tmp_path, damage):
+    slices = np.random.default_rng(0).normal(size=(6, 16, 16)).astype(np.float32)
+    net = CountingExtractor()
+    path = reference_path(tmp_path, "test", len(slices))
+    first = stored_features(path, slices, net)
+    if damage == "truncate":  # as a killed copy or a full disk leaves it
+        os.truncate(path, 1000)
+    else:
+        path.write_bytes(b"not an array")
+    with pytest.warns(UserWarning, match="cannot be read"):
+        again = stored_features(path, slices, net)
+    assert net.calls == 2 and np.array_equal(first, again)
+    assert np.array_equal(np.load(path), first)  # and stored again, whole
 
 
 def test_input_features_that_cannot_be_stored_are_computed_anyway(tmp_path):

@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         "config",
         nargs="?",
         type=Path,
-        help="experiment YAML, or the name of a packaged one (nvmp_ms, vae_ad_sup, ...; configs/)",
+        help="experiment YAML, or the name of a packaged one (nvmp_ms, vae_ms_sup, ...; configs/)",
     )
     p.add_argument(
         "overrides",

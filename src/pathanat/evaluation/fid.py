@@ -107,9 +107,14 @@ def stored_features(
     count and window in the name), else computed and stored (best effort: a read-only folder only
     costs the recomputation). For the inputs of a cache split, shared by every run on it."""
     if path.is_file():
-        features = np.load(path)
-        if features.shape == (len(slices), FEATURES):
-            return features
+        try:
+            features = np.load(path)
+        except (OSError, ValueError, EOFError) as e:  # truncated or not an array: rebuild it
+            warnings.warn(f"{path} cannot be read ({e}); computing the features again",
+                          stacklevel=2)
+        else:
+            if features.shape == (len(slices), FEATURES):
+                return features
     features = inception_features(slices, extractor=extractor, progress=progress)
     with contextlib.suppress(OSError), atomic_file(path) as tmp, open(tmp, "wb") as file:
         np.save(file, features)
