@@ -56,3 +56,38 @@ def test_a_failed_write_leaves_the_old_result_and_no_temporary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "metrics.json"]
     with pytest.raises(PathanatError, match="already exists; pass --overwrite"), atomic_dir(folder):
         pass
+
+
+def test_temporaries_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    host = socket.gethostname().replace(".", "_")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        target = tmp_path / "last.ckpt"
+        stale_file = tmp_path / f".last.ckpt.{host}-{dead_pid}.abc.tmp-write"
+        stale_file.write_bytes(b"half a checkpoint")
+        live_file = tmp_path / f".last.ckpt.{host}-{alive.pid}.def.tmp-write"
+        live_file.write_bytes(b"being written")
+        other_host = tmp_path / f".last.ckpt.elsewhere-{dead_pid}.ghi.tmp-write"
+        other_host.write_bytes(b"another node's")
+        other_target = tmp_path / f".step300.ckpt.{host}-{dead_pid}.jkl.tmp-write"
+        other_target.write_bytes(b"not this target's")
+        with atomic_file(target) as tmp:
+            tmp.write_text("whole")
+        assert not stale_file.exists()
+        assert live_file.exists() and other_host.exists() and other_target.exists()
+        stale_dir = tmp_path / f".cache.{host}-{dead_pid}.mno.tmp-write"
+        stale_dir.mkdir()
+        (stale_dir / "train_image.npy").write_bytes(b"8.7 MB of it")
+        with atomic_dir(tmp_path / "cache") as tmp:
+            (tmp / "manifest.json").write_text("{}")
+        assert not stale_dir.exists() and (tmp_path / "cache" / "manifest.json").is_file()
+    finally:
+        alive.kill()
+        alive.wait()

@@ -4,13 +4,17 @@ Everything is first written under a temporary name beside its destination, then 
 a rename within one filesystem is atomic, so readers see either the old result or the new one.
 The result gets the permissions a plain write would give it (the umask's), not the owner-only
 ones of a temporary file: a lab's shared filesystem must be able to read a cache or a run.
+A temporary is named after its target, host and process, so the next write of the same target
+removes what a killed writer left (``remove_stale_temporaries``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,12 +34,50 @@ def current_umask() -> int:
     return mask
 
 
+def _owner() -> str:
+    # who writes a temporary: the host and process, so a later write can tell a dead one's
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}.{_owner()}."
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporaries that killed writes of ``path`` left beside it: those of a process
+    of this host that no longer runs (a live writer's, or another host's, are left alone)."""
+    host = socket.gethostname().replace(".", "_")
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.{host}-*.tmp-write"):
+        pid = tmp.name[len(f".{path.name}.{host}-"):].split(".", 1)[0]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp-write", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp-write",
+                               dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -57,7 +99,9 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     if path.exists() and not overwrite:
         raise PathanatError(f"{path} already exists; pass --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp-write", dir=path.parent))
+    remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp-write",
+                                dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~current_umask())
