@@ -91,3 +91,21 @@ def test_bad_override_and_missing_file_are_named(tmp_path):
         load_config(Outer, None, ["name=x", "name.sub=1"])
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(Outer, tmp_path / "none.yaml")
+
+
+@pytest.mark.parametrize("raw", [".nan", ".inf", "-.inf", ".NaN"])
+def test_a_float_that_is_not_finite_is_refused_by_name(tmp_path, raw):
+    with pytest.raises(ConfigError, match=r"inner\.rate: expected a finite number"):
+        load_config(Outer, None, [f"inner.rate={raw}"])
+    path = tmp_path / "c.yaml"
+    path.write_text(f"inner:\n  rate: {raw}\n")
+    with pytest.raises(ConfigError, match=r"inner\.rate: expected a finite number"):
+        load_config(Outer, path)
+
+
+def test_a_packaged_experiment_refuses_a_nan_learning_rate_before_any_run_folder(tmp_path):
+    from pathanat.training.run import train
+
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected a finite number"):
+        train("demo", ["optim.lr=.nan"], out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

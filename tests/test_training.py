@@ -147,6 +147,11 @@ def test_every_config_loads_and_builds_its_model():
         ("optim.lr=[1]", "optim.lr"),
         ("trainer.precision=16", "trainer.precision"),
         ("data.batch_size=0", "data.batch_size"),
+        ("optim.lr=0", "optim.lr: expected a value > 0"),
+        ("optim.lr=.inf", "optim.lr: expected a finite number"),
+        ("optim.weight_decay=-1e-8", "optim.weight_decay"),
+        ("data.flip_prob=1.5", "data.flip_prob"),
+        ("data.intensity_scale=-0.1", "data.intensity_scale"),
         ("data.phantom={kind: ms}", "data.cache"),  # a cache and a phantom: which one?
     ],
 )

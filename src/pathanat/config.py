@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -147,10 +148,15 @@ def _scalar(hint: Any, value: Any, where: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads 2e-3 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            number = float(value)  # YAML 1.1 reads 2e-3 (no dot) as a string
+        if number is not None:
+            if not math.isfinite(number):  # YAML's .nan and .inf: no setting means either
+                raise ConfigError(f"{where}: expected a finite number, got {_show(value)}")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value

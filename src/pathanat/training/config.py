@@ -168,7 +168,7 @@ def check_experiment(config: ExperimentConfig) -> None:
             raise ConfigError(f"{key}: expected an integer >= 1, got {value!r}")
     nonnegative = {
         "data.num_workers": data.num_workers,
-        "optim.lr": config.optim.lr,
+        "data.intensity_scale": data.intensity_scale,
         "optim.weight_decay": config.optim.weight_decay,
         "objective.supervision_weight": config.objective.supervision_weight,
         "optim.warmup_steps": config.optim.warmup_steps,
@@ -176,6 +176,10 @@ def check_experiment(config: ExperimentConfig) -> None:
     for key, value in nonnegative.items():
         if value < 0:
             raise ConfigError(f"{key}: expected a value >= 0, got {value!r}")
+    if not config.optim.lr > 0:
+        raise ConfigError(f"optim.lr: expected a value > 0, got {config.optim.lr!r}")
+    if not 0.0 <= data.flip_prob <= 1.0:
+        raise ConfigError(f"data.flip_prob: expected a value in [0, 1], got {data.flip_prob!r}")
     if not 0.0 < config.objective.kl_start <= 1.0:
         raise ConfigError(
             f"objective.kl_start: expected a value in (0, 1], got {config.objective.kl_start!r}"
