@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -323,6 +324,34 @@ def test_checkpoints_hold_only_tensors_and_plain_types(finished_run):
     assert plain(checkpoint)
     model, config = load_trained(finished_run)
     assert config.model.kind == "nvmp+" and isinstance(model, HierarchicalVAE)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_a_damaged_last_checkpoint_is_refused_and_the_intact_step_checkpoint_offered(
+    finished_run, tmp_path
+):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    last = run / "checkpoints" / "last.ckpt"
+    os.truncate(last, 1000)  # a copy that stopped, a full disk
+    with pytest.raises(PathanatError) as err:
+        resume(run)
+    message = str(err.value)
+    assert "last.ckpt: not a readable pathanat checkpoint" in message
+    assert "step0000004.ckpt is beside it" in message and "weights_only" not in message
+    torch.save({"state_dict": _Payload()}, last)  # a foreign pickle under the name
+    with pytest.raises(PathanatError, match="refused, since loading those can run code") as err:
+        resume(run)
+    assert "weights_only" not in str(err.value)
+    for step in (run / "checkpoints").glob("step*.ckpt"):
+        step.unlink()
+    with pytest.raises(PathanatError) as err:  # nothing intact: no offer
+        resume(run)
+    assert "beside it" not in str(err.value)
 
 
 def test_a_failed_checkpoint_write_leaves_the_last_checkpoint_readable(

@@ -11,6 +11,7 @@ mapping), so they load without unpickling arbitrary objects.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -45,5 +46,25 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         raise PathanatError(f"{path}: checkpoint not found")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # a truncated or foreign file: say which, not a pickle trace
-        raise PathanatError(f"{path}: not a readable pathanat checkpoint ({err})") from err
+    except pickle.UnpicklingError as err:  # torch's message advises weights_only=False: never
+        raise PathanatError(
+            f"{path}: not a pathanat checkpoint (it holds objects other than tensors and plain "
+            "values; refused, since loading those can run code)"
+        ) from err
+    except Exception as err:  # truncated, or not a checkpoint at all: say so, not a trace
+        reason = str(err).split(". ")[0]
+        raise PathanatError(
+            f"{path}: not a readable pathanat checkpoint ({reason}; truncated or damaged?)"
+        ) from err
+
+
+def intact_checkpoints(folder: Path) -> list[Path]:
+    """The step checkpoints in ``folder`` that load, newest first."""
+    intact = []
+    for path in sorted(folder.glob("step*.ckpt"), reverse=True):
+        try:
+            load_checkpoint(path)
+        except PathanatError:
+            continue
+        intact.append(path)
+    return intact

@@ -47,7 +47,7 @@ from pathanat.data.prepare import load_cache
 from pathanat.errors import ConfigError, PathanatError
 from pathanat.models import HierarchicalVAE
 from pathanat.training.callbacks import ReconstructionGrid, RunCSVLogger
-from pathanat.training.checkpoint import AtomicCheckpointIO, load_checkpoint
+from pathanat.training.checkpoint import AtomicCheckpointIO, intact_checkpoints, load_checkpoint
 from pathanat.training.config import ExperimentConfig, load_experiment
 from pathanat.training.data import TrainingDataModule
 from pathanat.training.module import HVAEModule, config_from_checkpoint
@@ -111,7 +111,17 @@ def resume(
     last = run_dir / "checkpoints" / LAST
     if not last.is_file():
         raise PathanatError(f"{run_dir}: no checkpoints/{LAST} to resume from")
-    data = to_dict(config_from_checkpoint(load_checkpoint(last)))
+    try:
+        checkpoint = load_checkpoint(last)
+    except PathanatError as err:
+        intact = intact_checkpoints(last.parent)
+        if not intact:
+            raise
+        raise PathanatError(
+            f"{err}. The intact {intact[0]} is beside it: copy it over {LAST} to resume from "
+            f"there (cp {intact[0]} {last})"
+        ) from None
+    data = to_dict(config_from_checkpoint(checkpoint))
     for item in overrides:
         if not item.startswith("trainer."):
             raise ConfigError(
