@@ -10,6 +10,7 @@ from pathanat.evaluation.plausibility import (
     brain_like,
     foreground,
     plausibility,
+    shape_diversity,
     wilson_interval,
 )
 
@@ -64,6 +65,29 @@ def test_best_dice_matches_a_loop():
     b = rng.random((9, 6, 5)) > 0.4
     loop = [max(2 * (m & r).sum() / (m.sum() + r.sum()) for r in b) for m in a]
     np.testing.assert_allclose(best_dice(a, b, chunk=3), loop)
+
+
+def test_shape_diversity_matches_a_loop_and_is_zero_for_one_shape_repeated():
+    rng = np.random.default_rng(3)
+    masks = rng.random((6, 8, 9)) > 0.5
+    loop = [1 - 2 * (a & b).sum() / (a.sum() + b.sum())
+            for i, a in enumerate(masks) for b in masks[i + 1:]]
+    assert shape_diversity(masks) == pytest.approx(np.mean(loop))
+    assert shape_diversity(np.repeat(masks[:1], 5, axis=0)) == 0.0
+    left, right = np.zeros((2, 4, 4), dtype=bool)
+    left[:, :2], right[:, 2:] = True, True
+    assert shape_diversity(np.stack([left, right])) == 1.0  # disjoint shapes
+
+
+def test_one_brain_drawn_again_passes_the_shape_test_but_not_the_diversity(cache):
+    train, test = cache.split("train"), cache.split("test")
+    references = np.asarray(train.brain).astype(bool)
+    real = plausibility(np.asarray(test.image), references, test.slices["subject"].to_numpy())
+    image = np.asarray(test.image)[0]
+    noisy = image + 0.05 * np.random.default_rng(4).standard_normal((32, *image.shape))
+    copies = plausibility(noisy, references)
+    assert copies["brain_like"]["mean"] == 1.0
+    assert copies["shape_diversity"] < 0.2 * real["shape_diversity"]
 
 
 def test_wilson_interval_textbook_values():

@@ -7,6 +7,10 @@ background is one constant value below every tissue); white noise, grey blobs an
 shifted off the cohort's brain positions do not. The fraction of brain-like slices is a binomial
 proportion for i.i.d. prior draws (Wilson interval) and a subject-clustered mean for real slices
 (subject bootstrap), so both rows carry an honest 95% interval.
+
+Brain-like says nothing about variety: a model that draws one brain over and over passes it.
+``shape_diversity`` (mean pairwise 1 - Dice of the slices' foregrounds) says how much the shapes
+differ; the real slices' value, over subjects and slice levels, is the reference.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathanat.evaluation.reconstruction import as_slices, mean_ci
 
 BRAIN_LIKE_DICE = 0.9
 CONFIDENCE = 0.95
+DIVERSITY_SLICES = 512  # pairs grow as N^2; a fixed-seed subset of this many beyond it
 TEST = (f"Otsu foreground, holes filled, largest component; brain-like when its best Dice "
         f"against the training slices' brain masks is >= {BRAIN_LIKE_DICE}")
 
@@ -81,10 +86,32 @@ def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> t
 
 def brain_like(images: np.ndarray, references: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per slice: whether it is brain-like, and its best Dice against the reference brain masks."""
-    images = as_slices("images", images)
-    masks = np.stack([foreground(im) for im in images])
-    dice = best_dice(masks, references)
+    dice = best_dice(foregrounds(images), references)
     return dice >= BRAIN_LIKE_DICE, dice
+
+
+def foregrounds(images: np.ndarray) -> np.ndarray:
+    images = as_slices("images", images)
+    return np.stack([foreground(im) for im in images])
+
+
+def shape_diversity(masks: np.ndarray, seed: int = 0) -> float:
+    """Mean over pairs of masks (N, H, W) of 1 - Dice: 0 when every shape is the same.
+
+    Two empty masks count as equal. Beyond ``DIVERSITY_SLICES`` masks, a fixed-seed subset."""
+    masks = np.asarray(masks, dtype=bool)
+    if len(masks) < 2:
+        raise InputError(f"shape_diversity: expected at least 2 masks, got {len(masks)}")
+    if len(masks) > DIVERSITY_SLICES:
+        pick = np.random.default_rng(seed).choice(len(masks), DIVERSITY_SLICES, replace=False)
+        masks = masks[pick]
+    flat = masks.reshape(len(masks), -1).astype(np.float32)
+    overlap = flat @ flat.T
+    size = flat.sum(1)
+    total = size[:, None] + size[None, :]
+    dice = np.where(total > 0, 2 * overlap / np.maximum(total, 1), 1.0)
+    pairs = np.triu_indices(len(masks), 1)
+    return float(1.0 - dice[pairs].mean())
 
 
 def plausibility(
@@ -94,7 +121,9 @@ def plausibility(
 
     ``subjects`` (one id per slice) marks real slices: the interval is then a subject bootstrap;
     without it the slices are independent draws and the interval is Wilson's."""
-    ok, dice = brain_like(images, references)
+    masks = foregrounds(images)
+    dice = best_dice(masks, references)
+    ok = dice >= BRAIN_LIKE_DICE
     n = len(ok)
     if subjects is not None and len(np.unique(subjects)) >= 2:
         ci = mean_ci(ok.astype(float), np.asarray(subjects), CONFIDENCE, seed=seed)
@@ -108,4 +137,5 @@ def plausibility(
         "n": n,
         "dice_median": float(np.median(dice)),
         "dice_threshold": BRAIN_LIKE_DICE,
+        "shape_diversity": shape_diversity(masks, seed) if n >= 2 else None,
     }

@@ -91,6 +91,8 @@ TABLE1 = (
     ("brain-like T=0.8", ("plausibility", "samples", "0.8", "brain_like"), 3, "max"),
     ("brain-like T=1", ("plausibility", "samples", "1.0", "brain_like"), 3, "max"),
     ("brain-like real", ("plausibility", "real", "brain_like"), 3, "max"),
+    ("shape diversity T=1", ("plausibility", "samples", "1.0", "shape_diversity"), 3, "none"),
+    ("shape diversity real", ("plausibility", "real", "shape_diversity"), 3, "none"),
 )
 DCI_COLUMNS = (
     ("D (groups)", "disentanglement_groups"),
@@ -306,9 +308,10 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], caption: str = "
 
 
 def best_rows(values: Sequence[Any], better: str) -> set[int]:
-    """Rows holding the best finite value of a column; none when fewer than two are finite."""
+    """Rows holding the best finite value of a column; none when fewer than two are finite or
+    the column has no better direction (``better="none"``)."""
     present = [(i, v) for i, v in enumerate(values) if finite(v)]
-    if len(present) < 2:
+    if len(present) < 2 or better == "none":
         return set()
     target = (min if better == "min" else max)(v for _, v in present)
     return {i for i, v in present if v == target}
@@ -469,7 +472,8 @@ def table1_section(runs: Sequence[Run]) -> str:
         "(as many as the split has slices: FID is biased at that size, KID is not and carries "
         "the spread over subsets); brain-like: the fraction of prior samples at temperature T "
         "that pass the brain-shape test (Wilson interval), and of the real test slices (the "
-        "reference)."
+        "reference); shape diversity: mean pairwise 1 - Dice of their brain outlines (0: one "
+        "shape drawn again and again; nearer the real slices' value is better)."
     )
     note = f'<p class="note">Intervals: {esc("; ".join(methods))}.</p>' if methods else ""
     return "<h2>Reconstruction (Table 1)</h2>\n" + table(header, rows, caption) + note
