@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from pathanat.cli import main
 from pathanat.config import to_dict
@@ -324,6 +325,22 @@ def test_checkpoints_hold_only_tensors_and_plain_types(finished_run):
     assert plain(checkpoint)
     model, config = load_trained(finished_run)
     assert config.model.kind == "nvmp+" and isinstance(model, HierarchicalVAE)
+
+
+def test_a_checkpoint_in_a_folder_whose_config_describes_another_model_is_refused(
+    finished_run, tmp_path
+):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    del config["model"]["posterior"]  # as a config.yaml written before the key existed
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    load_trained(run)  # what it does not state is not a disagreement
+    config["model"]["kind"] = "vae"  # as if a vae's checkpoint had been copied into this folder
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(PathanatError, match=r"model\.kind: config.yaml 'vae', checkpoint 'nvmp\+'"):
+        load_trained(run)
+    assert load_trained(run / "checkpoints" / "last.ckpt")[1].model.kind == "nvmp+"  # the file
 
 
 class _Payload:

@@ -37,6 +37,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -309,12 +310,19 @@ def write_summary(trainer: pl.Trainer, module: HVAEModule, run_dir: Path, wall_s
 
 
 def load_trained(path: str | os.PathLike) -> tuple[HierarchicalVAE, ExperimentConfig]:
-    """The model (eval mode, CPU, float32) and config of a run folder or a checkpoint file."""
+    """The model (eval mode, CPU, float32) and config of a run folder or a checkpoint file.
+
+    A run folder's config.yaml must describe the model its checkpoint holds: every command that
+    reads a run goes through here, so a checkpoint copied into the wrong folder stops them all.
+    """
     path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoints" / LAST
+    folder = path if path.is_dir() else None
+    if folder is not None:
+        path = folder / "checkpoints" / LAST
     checkpoint = load_checkpoint(path)
     config = config_from_checkpoint(checkpoint)
+    if folder is not None and (folder / "config.yaml").is_file():
+        check_same_model(folder / "config.yaml", config, folder)
     model = HierarchicalVAE(config.model)
     state = {
         key.removeprefix("model."): value
@@ -323,3 +331,28 @@ def load_trained(path: str | os.PathLike) -> tuple[HierarchicalVAE, ExperimentCo
     }
     model.load_state_dict(state)
     return model.eval(), config
+
+
+def check_same_model(config_yaml: Path, held: ExperimentConfig, folder: Path) -> None:
+    """Stop when the run folder's config.yaml and its checkpoint disagree about the model (on
+    the keys config.yaml states: one written before a key existed does not state it)."""
+    said = yaml_model(config_yaml)
+    has = to_dict(held.model)
+    differ = [key for key in said if key in has and said[key] != has[key]]
+    if differ:
+        shown = "; ".join(f"model.{k}: config.yaml {said.get(k)!r}, checkpoint {has[k]!r}"
+                          for k in differ)
+        raise PathanatError(
+            f"{folder}: config.yaml and checkpoints/{LAST} describe different models ({shown}); "
+            "was a checkpoint copied in from another run?"
+        )
+
+
+def yaml_model(path: Path) -> dict:
+    """The model section of a config.yaml as written."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    return dict(model) if isinstance(model, dict) else {}
