@@ -91,3 +91,31 @@ def test_temporaries_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_a_second_writer_of_a_folder_stops_while_the_first_writes(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "cache"
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import time
+from pathanat.atomic import atomic_dir
+with atomic_dir({str(target)!r}) as tmp:
+    (tmp / "started").write_text("")
+    print("writing", flush=True)
+    time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "writing"
+        with pytest.raises(PathanatError, match="being written by another"), atomic_dir(target):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    with atomic_dir(target) as tmp:  # a killed writer leaves no lock: the next one proceeds
+        (tmp / "done").write_text("")
+    assert [p.name for p in target.iterdir()] == ["done"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # no lock, no temporaries

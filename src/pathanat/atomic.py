@@ -11,6 +11,7 @@ removes what a killed writer left (``remove_stale_temporaries``).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import os
 import shutil
@@ -96,9 +97,36 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     new folder is complete, so a failure leaves the old one untouched.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise PathanatError(f"{path} already exists; pass --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
+    with _writer_lock(path):
+        if path.exists() and not overwrite:
+            raise PathanatError(f"{path} already exists; pass --overwrite to replace it")
+        yield from _swapped_in(path)
+
+
+@contextlib.contextmanager
+def _writer_lock(path: Path) -> Iterator[None]:
+    """Hold ``.NAME.lock`` beside ``path`` for the whole write, so a second writer of the same
+    folder stops at once rather than both succeeding and the last one silently winning. An
+    flock dies with its process, so a killed writer leaves no lock behind."""
+    lock = path.with_name(f".{path.name}.lock")
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PathanatError(
+                f"{path} is being written by another process right now (it holds {lock}); "
+                "wait for it to finish, or write elsewhere"
+            ) from None
+        try:
+            yield
+        finally:
+            # removed while still held: a writer that opened it before fails its non-blocking
+            # lock; one that comes after makes a new file, and finds the finished folder
+            lock.unlink(missing_ok=True)
+
+
+def _swapped_in(path: Path) -> Iterator[Path]:
     remove_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp-write",
                                 dir=path.parent))
