@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from pathanat.errors import PathanatError
+from pathanat.errors import OutputBusyError, PathanatError
 
 
 def current_umask() -> int:
@@ -114,7 +114,7 @@ def _writer_lock(path: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise PathanatError(
+            raise OutputBusyError(
                 f"{path} is being written by another process right now (it holds {lock}); "
                 "wait for it to finish, or write elsewhere"
             ) from None

@@ -11,3 +11,7 @@ class InputError(PathanatError):
 
 class ConfigError(PathanatError):
     """A configuration key that is unknown, missing or of the wrong type."""
+
+
+class OutputBusyError(PathanatError):
+    """An output folder that another process is writing at this moment."""

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from pathanat.atomic import atomic_dir
 from pathanat.data.prepare import Cache, CacheSplit
-from pathanat.errors import InputError, PathanatError
+from pathanat.errors import InputError, OutputBusyError, PathanatError
 from pathanat.evaluation.evaluate import finite_or_none
 from pathanat.hardware import cpu_autocast
 
@@ -394,11 +394,14 @@ def save_segmenters(segs: Segmenters, folder: Path) -> Path:
                    "state": segs.lesion.state_dict()},
     }
     folder = Path(folder)
-    with atomic_dir(folder, overwrite=True) as tmp:
-        torch.save(content, tmp / WEIGHTS)
-        summary = {"manifest_sha256": segs.manifest_sha256, "settings": segs.settings,
-                   **finite_or_none(segs.accuracy)}
-        (tmp / ACCURACY).write_text(json.dumps(summary, indent=2) + "\n")
+    try:
+        with atomic_dir(folder, overwrite=True) as tmp:
+            torch.save(content, tmp / WEIGHTS)
+            summary = {"manifest_sha256": segs.manifest_sha256, "settings": segs.settings,
+                       **finite_or_none(segs.accuracy)}
+            (tmp / ACCURACY).write_text(json.dumps(summary, indent=2) + "\n")
+    except OutputBusyError:
+        pass  # another run on this cache is saving segmenters of the same data and settings
     segs.path = folder / WEIGHTS
     return segs.path
 

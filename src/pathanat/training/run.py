@@ -45,7 +45,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from pathanat.atomic import atomic_file
 from pathanat.config import apply_override, from_dict, save_config, to_dict
 from pathanat.data.prepare import load_cache
-from pathanat.errors import ConfigError, PathanatError
+from pathanat.errors import ConfigError, OutputBusyError, PathanatError
 from pathanat.models import HierarchicalVAE
 from pathanat.training.callbacks import ReconstructionGrid, RunCSVLogger
 from pathanat.training.checkpoint import AtomicCheckpointIO, intact_checkpoints, load_checkpoint
@@ -184,12 +184,19 @@ def make_phantom_cache(config: ExperimentConfig, cohort: Path, cache: Path) -> N
     from pathanat.data.prepare import prepare_cohort
 
     phantom, data = config.data.phantom, config.data
+    # another run on the same phantom may be making it right now: then wait for its result
     if not (cohort / "participants.tsv").is_file():
-        generate_cohort(phantom.kind, phantom.subjects, cohort, seed=phantom.seed)
+        try:
+            generate_cohort(phantom.kind, phantom.subjects, cohort, seed=phantom.seed)
+        except OutputBusyError:
+            _wait_for(cohort / "participants.tsv")
     if not (cache / "manifest.json").is_file():
-        prepare_cohort(
-            cohort, cache, shape=tuple(data.shape), n_slices=data.slices, seed=phantom.seed
-        )
+        try:
+            prepare_cohort(
+                cohort, cache, shape=tuple(data.shape), n_slices=data.slices, seed=phantom.seed
+            )
+        except OutputBusyError:
+            _wait_for(cache / "manifest.json")
 
 
 def _wait_for(path: Path) -> None:
