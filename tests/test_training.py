@@ -557,3 +557,28 @@ def test_a_packaged_config_loads_by_name_and_a_wrong_name_lists_them(tmp_path, m
     assert load_experiment("nvmpplus_ms.yaml").model.kind == "nvmp+"
     with pytest.raises(ConfigError, match=r"nvmp_mss.*packaged: .*nvmp_ms"):
         load_experiment("nvmp_mss")
+
+
+def test_a_run_waits_for_the_phantom_another_run_is_making(tmp_path):
+    from pathanat.training.run import make_phantom_cache
+
+    config = load_experiment("demo")
+    cohort, cache = tmp_path / "cohort", tmp_path / "cache"
+    maker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from pathanat.atomic import atomic_dir
+        with atomic_dir({str(cohort)!r}) as tmp:
+            print("making", flush=True)
+            time.sleep(3)
+            (tmp / "participants.tsv").write_text("participant_id\\n")
+            Path({str(cache)!r}).mkdir()  # a stand-in cache, there before the cohort is
+            Path({str(cache)!r}, "manifest.json").write_text("{{}}")
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert maker.stdout.readline().strip() == "making"
+        make_phantom_cache(config, cohort, cache)  # its own would be 30 subjects, not this one
+        assert (cohort / "participants.tsv").read_text() == "participant_id\n"
+    finally:
+        maker.kill()
+        maker.wait()
