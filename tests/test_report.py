@@ -390,6 +390,15 @@ def test_missing_results_name_the_command_that_makes_them(tmp_path):
     assert not (tmp_path / "bare" / "report.html").exists()  # only where it was asked to go
 
 
+def test_a_trained_run_without_its_metrics_csv_is_not_told_to_resume(tmp_path):
+    run = tmp_path / "full"
+    make_run(run, "nvmp", 3)
+    (run / "metrics.csv").unlink()
+    text = Page(write_report([run], tmp_path / "r.html").read_text()).all_text()
+    assert "metrics.csv is missing; curves are logged only while a run trains" in text
+    assert "train --resume" not in text
+
+
 def test_every_table_lists_every_run(tmp_path):
     full, bare = tmp_path / "full", tmp_path / "bare"
     make_run(full, "nvmp", 8)

@@ -582,3 +582,14 @@ def test_a_run_waits_for_the_phantom_another_run_is_making(tmp_path):
     finally:
         maker.kill()
         maker.wait()
+
+
+def test_resuming_a_finished_run_changes_nothing_and_says_how_to_train_longer(
+    finished_run, tmp_path
+):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(PathanatError, match=r"already trained to step 4 .*trainer\.max_steps=N"):
+        resume(run)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

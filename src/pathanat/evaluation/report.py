@@ -717,10 +717,16 @@ def curve_figure(runs: Sequence[Run], column: str, title: str, ylabel: str) -> b
     return png_bytes(fig)
 
 
+def curves_missing(run: Run) -> str:
+    if run.summary is not None:  # trained: resuming would not bring the curves back
+        return absent("metrics.csv is missing; curves are logged only while a run trains, so "
+                      "these cannot be drawn again")
+    return missing(run.command(TRAIN))
+
+
 def curves_section(runs: Sequence[Run]) -> str:
     parts = ["<h2>Training curves</h2>"]
-    parts += [f"<p>{esc(r.name)}: {missing(r.command(TRAIN))}</p>" for r in runs
-              if r.curves is None]
+    parts += [f"<p>{esc(r.name)}: {curves_missing(r)}</p>" for r in runs if r.curves is None]
     figures = []
     for column, title, ylabel in CURVES:
         content = curve_figure(runs, column, title, ylabel)
@@ -778,7 +784,10 @@ def run_figures_section(run: Run) -> str:
             f"seed {esc(run.synthesis.get('seed', '?'))}.</p>")
     for stem in order:
         if stem not in pngs:
-            parts.append(f"<p>{esc(stem)}.png: {missing(commands[stem])}</p>")
+            trained = run.summary is not None and commands[stem] == run.command(TRAIN)
+            text = (absent("missing; it is drawn only while the run trains") if trained
+                    else missing(commands[stem]))
+            parts.append(f"<p>{esc(stem)}.png: {text}</p>")
             continue
         content = pngs[stem].read_bytes()
         if not content.startswith(PNG_SIGNATURE):

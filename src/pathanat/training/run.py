@@ -130,6 +130,13 @@ def resume(
             )
         apply_override(data, item)
     config = from_dict(ExperimentConfig, data)
+    step = int(checkpoint.get("global_step", 0))
+    if step >= config.trainer.max_steps and (run_dir / "summary.json").is_file():
+        # nothing to train; fitting again would only overwrite the summary with an empty one
+        raise PathanatError(
+            f"{run_dir}: already trained to step {step} (trainer.max_steps "
+            f"{config.trainer.max_steps}); to train longer, resume with trainer.max_steps=N"
+        )
     if is_first_process():
         save_config(config, run_dir / "config.yaml")
     _fit(config, run_dir, last, callbacks)
