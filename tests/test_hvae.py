@@ -423,3 +423,17 @@ def test_a_fitted_prior_converges_to_the_gaussian_closest_to_the_posteriors(phan
     best = mean_kl(p.mu[:1], p.log_sigma[:1])
     for shift, scale in ((0.05, 0.0), (-0.05, 0.0), (0.0, 0.05), (0.0, -0.05)):
         assert mean_kl(p.mu[:1] + shift, p.log_sigma[:1] + scale) > best
+
+
+def test_a_non_finite_batch_leaves_a_fitted_prior_as_it_was():
+    from pathanat.models.distributions import DiagonalGaussian
+    from pathanat.models.hvae import FittedPrior
+
+    prior = FittedPrior((2, 3, 4))
+    prior.update(DiagonalGaussian(torch.ones(5, 2, 3, 4), torch.zeros(5, 2, 3, 4)))
+    first, second = prior.first.clone(), prior.second.clone()
+    broken = torch.ones(5, 2, 3, 4)
+    broken[0, 0, 0, 0] = float("nan")
+    prior.update(DiagonalGaussian(broken, torch.zeros(5, 2, 3, 4)))
+    assert torch.equal(prior.first, first) and torch.equal(prior.second, second)
+    torch.testing.assert_close(first, torch.full_like(first, 0.05))  # 5% of the way to mean 1

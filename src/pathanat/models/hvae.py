@@ -357,8 +357,12 @@ class FittedPrior(nn.Module):
 
     @torch.no_grad()
     def update(self, posterior: DiagonalGaussian) -> None:
-        """Move the moments towards the batch's: E[mu], E[mu^2 + sigma^2] over its images."""
+        """Move the moments towards the batch's: E[mu], E[mu^2 + sigma^2] over its images.
+
+        A batch with a non-finite posterior (a step the module will skip) changes nothing."""
         mu, sigma = posterior.mu.float(), posterior.sigma.float()
+        if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()):
+            return
         keep = FITTED_PRIOR_MOMENTUM
         self.first.lerp_(mu.mean(0, keepdim=True), 1 - keep)
         self.second.lerp_((mu**2 + sigma**2).mean(0, keepdim=True), 1 - keep)
