@@ -159,9 +159,10 @@ def make_run(folder: Path, kind: str, seed: int, supervised: bool = False) -> di
                 "kid_reconstruction": interval(rng.uniform(0, 0.1), 0.001),
                 "kid_samples": interval(rng.uniform(0, 0.1), 0.001)},
         "plausibility": {
-            "real": {"brain_like": interval(1.0 - rng.uniform(0, 0.02), 0.001), "n": 40},
-            "samples": {t: {"brain_like": interval(rng.uniform(0.1, 0.9), 0.05), "n": 256}
-                        for t in ("0.6", "0.8", "1.0")},
+            "real": {"brain_like": interval(1.0 - rng.uniform(0, 0.02), 0.001), "n": 40,
+                     "shape_diversity": 0.06},
+            "samples": {t: {"brain_like": interval(rng.uniform(0.1, 0.9), 0.05), "n": 256,
+                            "shape_diversity": 0.05} for t in ("0.6", "0.8", "1.0")},
         },
     }
     (folder / "metrics.json").write_text(json.dumps(metrics))

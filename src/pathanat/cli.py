@@ -407,8 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Run the paper's grid on the phantom cohort: the four kinds (and, for ms, their z_P-"
         "supervised variants) under one budget, then evaluate, analyze, sample validity (ms), "
         "synthesize, one report over all runs, and the paper's claims checked. Resumable: a "
-        "finished run or stage is not redone. Budgets: cpu (about 1.5 hours on 2 CPU cores for "
-        "ms, projected), paper (the paper's settings, for a GPU), smoke (minutes; checks the "
+        "finished run or stage is not redone. Budgets: cpu (about 1.6 hours on 2 CPU cores for "
+        "ms, measured), paper (the paper's settings, for a GPU), smoke (minutes; checks the "
         "pipeline only).",
         "pathanat reproduce --dataset ms --budget cpu --out reproduce-ms",
     )
