@@ -35,19 +35,19 @@ def current_umask() -> int:
     return mask
 
 
-def _owner() -> str:
-    # who writes a temporary: the host and process, so a later write can tell a dead one's
-    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+def _host() -> str:
+    return socket.gethostname().replace(".", "_")
 
 
 def _temporary_prefix(path: Path) -> str:
-    return f".{path.name}.{_owner()}."
+    # who writes it, host and process, so a later write can tell a dead writer's
+    return f".{path.name}.{_host()}-{os.getpid()}."
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:
     """Remove the temporaries that killed writes of ``path`` left beside it: those of a process
     of this host that no longer runs (a live writer's, or another host's, are left alone)."""
-    host = socket.gethostname().replace(".", "_")
+    host = _host()
     removed = []
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.{host}-*.tmp-write"):
         pid = tmp.name[len(f".{path.name}.{host}-"):].split(".", 1)[0]

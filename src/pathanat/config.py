@@ -52,20 +52,24 @@ def load_config(
     cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None
 ) -> T:
     """Read ``path`` (YAML) into ``cls``, then apply ``key.sub=value`` overrides in order."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys at the top, got {_show(data)}")
+    data = read_yaml(path) if path is not None else {}
     for item in overrides or []:
         apply_override(data, item)
     return from_dict(cls, data)
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """The mapping a YAML config file holds, as written (no dataclass, no defaults)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top, got {_show(data)}")
+    return data
 
 
 def save_config(config: Any, path: str | os.PathLike) -> None:

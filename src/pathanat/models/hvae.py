@@ -198,7 +198,7 @@ class HVAEConfig:
     @property
     def fitted_prior_levels(self) -> tuple[int, ...]:
         """The groups whose unconditional prior is a FittedPrior (see unconditional_prior)."""
-        if self.unconditional_prior != "fitted" or self.kind in ("nvmp", "nvmp+"):
+        if self.unconditional_prior != "fitted" or self.vamp:
             return ()
         return tuple(range(self.num_groups)) if self.kind == "vae" else (0,)
 
@@ -419,7 +419,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Top-down trunk: a learned constant at 1/2^L, each group injected by a 1x1 conv, then cells.
 
-    For the residual kinds a head on the (upsampled) state gives the prior of groups l > 0; the
+    For the residual kinds a head on the (upsampled) state gives the prior of groups l > 0.
     The groups of ``config.fitted_prior_levels`` have a FittedPrior of their shape in ``shapes``
     (the groups' shapes at the configured image size).
     """

@@ -58,13 +58,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         ) from err
 
 
-def intact_checkpoints(folder: Path) -> list[Path]:
-    """The step checkpoints in ``folder`` that load, newest first."""
-    intact = []
+def newest_intact_checkpoint(folder: Path) -> Path | None:
+    """The newest step checkpoint in ``folder`` that loads, or None."""
     for path in sorted(folder.glob("step*.ckpt"), reverse=True):
         try:
             load_checkpoint(path)
         except PathanatError:
             continue
-        intact.append(path)
-    return intact
+        return path
+    return None

@@ -37,18 +37,21 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from pathanat.atomic import atomic_file
-from pathanat.config import apply_override, from_dict, save_config, to_dict
+from pathanat.config import apply_override, from_dict, read_yaml, save_config, to_dict
 from pathanat.data.prepare import load_cache
 from pathanat.errors import ConfigError, OutputBusyError, PathanatError
 from pathanat.models import HierarchicalVAE
 from pathanat.training.callbacks import ReconstructionGrid, RunCSVLogger
-from pathanat.training.checkpoint import AtomicCheckpointIO, intact_checkpoints, load_checkpoint
+from pathanat.training.checkpoint import (
+    AtomicCheckpointIO,
+    load_checkpoint,
+    newest_intact_checkpoint,
+)
 from pathanat.training.config import ExperimentConfig, load_experiment
 from pathanat.training.data import TrainingDataModule
 from pathanat.training.module import HVAEModule, config_from_checkpoint
@@ -115,12 +118,12 @@ def resume(
     try:
         checkpoint = load_checkpoint(last)
     except PathanatError as err:
-        intact = intact_checkpoints(last.parent)
-        if not intact:
+        intact = newest_intact_checkpoint(last.parent)
+        if intact is None:
             raise
         raise PathanatError(
-            f"{err}. The intact {intact[0]} is beside it: copy it over {LAST} to resume from "
-            f"there (cp {intact[0]} {last})"
+            f"{err}. The intact {intact} is beside it: copy it over {LAST} to resume from "
+            f"there (cp {intact} {last})"
         ) from None
     data = to_dict(config_from_checkpoint(checkpoint))
     for item in overrides:
@@ -336,7 +339,7 @@ def load_trained(path: str | os.PathLike) -> tuple[HierarchicalVAE, ExperimentCo
     checkpoint = load_checkpoint(path)
     config = config_from_checkpoint(checkpoint)
     if folder is not None and (folder / "config.yaml").is_file():
-        check_same_model(folder / "config.yaml", config, folder)
+        check_same_model(folder, config)
     model = HierarchicalVAE(config.model)
     state = {
         key.removeprefix("model."): value
@@ -347,26 +350,16 @@ def load_trained(path: str | os.PathLike) -> tuple[HierarchicalVAE, ExperimentCo
     return model.eval(), config
 
 
-def check_same_model(config_yaml: Path, held: ExperimentConfig, folder: Path) -> None:
+def check_same_model(folder: Path, held: ExperimentConfig) -> None:
     """Stop when the run folder's config.yaml and its checkpoint disagree about the model (on
     the keys config.yaml states: one written before a key existed does not state it)."""
-    said = yaml_model(config_yaml)
+    said = read_yaml(folder / "config.yaml").get("model") or {}
     has = to_dict(held.model)
     differ = [key for key in said if key in has and said[key] != has[key]]
     if differ:
-        shown = "; ".join(f"model.{k}: config.yaml {said.get(k)!r}, checkpoint {has[k]!r}"
+        shown = "; ".join(f"model.{k}: config.yaml {said[k]!r}, checkpoint {has[k]!r}"
                           for k in differ)
         raise PathanatError(
             f"{folder}: config.yaml and checkpoints/{LAST} describe different models ({shown}); "
             "was a checkpoint copied in from another run?"
         )
-
-
-def yaml_model(path: Path) -> dict:
-    """The model section of a config.yaml as written."""
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    model = data.get("model") if isinstance(data, dict) else None
-    return dict(model) if isinstance(model, dict) else {}
