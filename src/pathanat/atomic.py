@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from pathanat.errors import OutputBusyError, PathanatError
+from pathanat.errors import OutputBusyError, OutputExistsError
 
 
 def current_umask() -> int:
@@ -100,7 +100,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     with _writer_lock(path):
         if path.exists() and not overwrite:
-            raise PathanatError(f"{path} already exists; pass --overwrite to replace it")
+            raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
         yield from _swapped_in(path)
 
 

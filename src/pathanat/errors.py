@@ -15,3 +15,7 @@ class ConfigError(PathanatError):
 
 class OutputBusyError(PathanatError):
     """An output folder that another process is writing at this moment."""
+
+
+class OutputExistsError(PathanatError):
+    """An output folder that is already there (and may not be replaced)."""

@@ -44,7 +44,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from pathanat.atomic import atomic_file
 from pathanat.config import apply_override, from_dict, read_yaml, save_config, to_dict
 from pathanat.data.prepare import load_cache
-from pathanat.errors import ConfigError, OutputBusyError, PathanatError
+from pathanat.errors import ConfigError, OutputBusyError, OutputExistsError, PathanatError
 from pathanat.models import HierarchicalVAE
 from pathanat.training.callbacks import ReconstructionGrid, RunCSVLogger
 from pathanat.training.checkpoint import (
@@ -194,18 +194,19 @@ def make_phantom_cache(config: ExperimentConfig, cohort: Path, cache: Path) -> N
     from pathanat.data.prepare import prepare_cohort
 
     phantom, data = config.data.phantom, config.data
-    # another run on the same phantom may be making it right now: then wait for its result
+    # another run on the same phantom may be making it right now, or have just made it: then
+    # wait for (or take) its result
     if not (cohort / "participants.tsv").is_file():
         try:
             generate_cohort(phantom.kind, phantom.subjects, cohort, seed=phantom.seed)
-        except OutputBusyError:
+        except (OutputBusyError, OutputExistsError):
             _wait_for(cohort / "participants.tsv")
     if not (cache / "manifest.json").is_file():
         try:
             prepare_cohort(
                 cohort, cache, shape=tuple(data.shape), n_slices=data.slices, seed=phantom.seed
             )
-        except OutputBusyError:
+        except (OutputBusyError, OutputExistsError):
             _wait_for(cache / "manifest.json")
 
 
