@@ -26,7 +26,7 @@ import torch
 
 from pathanat import objectives
 from pathanat.data.prepare import load_cache
-from pathanat.evaluation.plausibility import brain_like, training_brains
+from pathanat.evaluation.plausibility import brain_like, brain_references
 from pathanat.evaluation.reconstruction import psnr
 from pathanat.models import HierarchicalVAE
 from pathanat.training.config import load_experiment
@@ -79,7 +79,7 @@ def run_row(name: str, cache: Path, steps: int, seed: int = 0) -> dict:
     data = load_cache(cache)
     train = torch.from_numpy(np.array(data.split("train").image, dtype=np.float32))[:, None]
     test = np.array(data.split("test").image[:64], dtype=np.float32)
-    references = training_brains(data)
+    references = brain_references(data)
     model = HierarchicalVAE(config.model)
     layout = torch.channels_last if config.trainer.use_channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)

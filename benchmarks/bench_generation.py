@@ -28,7 +28,7 @@ import torch
 
 from pathanat.data.prepare import load_cache
 from pathanat.evaluation.evaluate import SAMPLE_TEMPERATURES
-from pathanat.evaluation.plausibility import brain_like, training_brains
+from pathanat.evaluation.plausibility import brain_like, brain_references
 from pathanat.evaluation.reconstruction import psnr
 from pathanat.reproduce import BUDGETS, KINDS, run_config
 from pathanat.training.config import load_experiment
@@ -73,7 +73,7 @@ def time_kind(kind: str, cache: Path, out: Path, every: int, max_steps: int) -> 
     # trained in pieces: the lr decays over the budget's run, not over each piece
     base.optim.decay_steps = base.trainer.max_steps
     data = load_cache(cache)
-    references = training_brains(data)
+    references = brain_references(data)
     test = np.array(data.split("test").image[:64], dtype=np.float32)
     run, seconds, history = out / kind, 0.0, []
     for steps in range(every, max_steps + 1, every):

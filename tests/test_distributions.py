@@ -11,7 +11,9 @@ from scipy.stats import norm
 from pathanat.models.distributions import (
     LOG_SCALE_BOUND,
     MEAN_BOUND,
+    Bins,
     DiagonalGaussian,
+    discretized_gaussian_log_probs,
     mc_kl_to_mixture,
     mixture_log_prob,
     residual_kl,
@@ -101,3 +103,46 @@ def test_float32_under_bf16_input():
     raw = torch.randn(2, 2, 3, 3, dtype=torch.bfloat16)
     q = DiagonalGaussian.from_raw(raw, raw)
     assert q.mu.dtype == torch.float32 and q.log_sigma.dtype == torch.float32
+
+
+def test_binned_gaussian_probabilities_match_scipy_and_sum_to_one():
+    bins = Bins(-4.0, 4.0, levels=256)
+    g = torch.Generator().manual_seed(3)
+    mean = 3.0 * torch.randn(200, generator=g, dtype=torch.float64)
+    log_scale = -4.0 + 6.0 * torch.rand(200, generator=g, dtype=torch.float64)
+    # values inside, on edges, beyond both ends, and far into the tails of their Gaussian
+    x = torch.cat([8.0 * torch.rand(150, generator=g, dtype=torch.float64) - 4.0,
+                   torch.tensor([-4.0, 4.0, -4.0 + bins.width, -9.0, 9.0, 0.0],
+                                dtype=torch.float64),
+                   torch.full((44,), 3.99, dtype=torch.float64)])
+    got = discretized_gaussian_log_probs(x, mean, log_scale, bins).numpy()
+    index = np.clip(np.floor((x.numpy() + 4.0) / bins.width), 0, 255)
+    lower = np.where(index > 0, -4.0 + index * bins.width, -np.inf)
+    upper = np.where(index < 255, -4.0 + (index + 1) * bins.width, np.inf)
+    import mpmath
+
+    mpmath.mp.dps = 50
+
+    def probability(lo, hi, mu, ls):
+        a, b = ((mpmath.mpf(v) - mpmath.mpf(mu)) / mpmath.exp(mpmath.mpf(ls)) if np.isfinite(v)
+                else mpmath.mpf(v) for v in (lo, hi))
+        if a + b > 0:  # Phi(b) - Phi(a) = Phi(-a) - Phi(-b): in the upper tail both CDFs are ~1
+            a, b = -b, -a
+        return mpmath.ncdf(b) - mpmath.ncdf(a)
+
+    expected = np.array([float(mpmath.log(probability(*row))) for row
+                         in zip(lower, upper, mean.numpy(), log_scale.numpy(), strict=True)])
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+    assert (got <= 0).all()
+    # every bin of one Gaussian, one value per bin (the bin centres): probabilities sum to 1
+    centres = torch.tensor(-4.0 + (np.arange(256) + 0.5) * bins.width)
+    for mu, ls in ((0.3, -3.5), (-3.9, 0.0), (5.0, 1.0)):
+        p = discretized_gaussian_log_probs(centres, torch.tensor(mu), torch.tensor(ls), bins)
+        assert float(p.exp().sum()) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_bins_reject_an_empty_window():
+    with pytest.raises(ValueError, match="low < high"):
+        Bins(1.0, 1.0)
+    with pytest.raises(ValueError, match="levels >= 2"):
+        Bins(levels=1)

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy.stats import norm
 
 from pathanat.data.prepare import load_cache
 from pathanat.errors import InputError, PathanatError
@@ -107,3 +108,48 @@ def test_nll_falls_as_the_sample_count_grows(random_model_and_images):
         for s in (1, 8, 64)
     }
     assert nll[1] > nll[8] > nll[64]
+
+
+def test_binned_nll_is_a_code_length_where_the_continuous_one_goes_below_zero():
+    """A decoder that puts its sharpest Gaussian on a constant background: the continuous density
+    exceeds 1 per pixel (a negative NLL, below 0 bits/dim), the probability of each pixel's bin
+    cannot (the binned NLL stays >= 0)."""
+    from pathanat.evaluation.evaluate import NLL_BINS
+
+    torch.manual_seed(0)
+    model = HierarchicalVAE(HVAEConfig(kind="nvae", image_size=(16, 16), levels=2, width=8,
+                                       cells_per_scale=1)).eval()
+    with torch.no_grad():  # mean 0.01 everywhere, log-scale at its floor; posteriors = priors
+        model.decoder.out.weight.zero_()
+        model.decoder.out.bias.copy_(torch.tensor([0.01, -50.0]))
+        for head in model.encoder.heads:
+            head.conv.weight.zero_()
+            head.conv.bias.zero_()
+    x = torch.zeros(3, 1, 16, 16)
+    x[:, :, 6:10, 6:10] = 0.02  # inside the same bin as the background
+    torch.manual_seed(1)
+    continuous = model.importance_weighted_log_likelihood(x, 4)
+    torch.manual_seed(1)
+    binned = model.importance_weighted_log_likelihood(x, 4, bins=NLL_BINS)
+    assert (continuous > 0).all()  # density > 1: "negative bits"
+    assert (binned < 0).all()
+    # every pixel lies in the bin [0, 1/32): log P(x) = 256 log P(that bin), the KL being 0
+    bin_probability = norm.cdf(1 / 32, 0.01, np.exp(-4.0)) - norm.cdf(0.0, 0.01, np.exp(-4.0))
+    np.testing.assert_allclose(binned.numpy(), 256 * np.log(bin_probability), rtol=1e-4)
+
+
+def test_evaluate_reports_binned_continuous_and_regional_bits(tiny_run):
+    from pathanat.training.run import load_trained
+
+    model, _ = load_trained(tiny_run)
+    test = load_cache(tiny_run.parent / "cache").split("test")
+    metrics, per_slice = evaluate(model, test, iw_samples=2, with_fid=False)
+    nll = metrics["nll"]
+    assert nll["bins"]["levels"] == 256
+    assert (per_slice["nll_nats"] >= 0).all() and nll["bits_per_dim"]["mean"] >= 0
+    assert set(nll["continuous"]) >= {"nats_per_slice", "bits_per_dim", "what"}
+    brain = np.asarray(test.brain).astype(bool)
+    for name, region in (("brain", brain), ("background", ~brain)):
+        entry = nll["regions"][name]
+        assert entry["ci_low"] <= entry["mean"] <= entry["ci_high"] and entry["mean"] > 0
+        assert per_slice[f"bits_per_pixel_{name}"].notna().sum() == region.any((1, 2)).sum()

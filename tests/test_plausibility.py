@@ -6,8 +6,10 @@ from scipy import ndimage
 
 from pathanat.data.prepare import load_cache
 from pathanat.evaluation.plausibility import (
+    BRAIN_LIKE_DICE,
     best_dice,
     brain_like,
+    brain_references,
     foreground,
     plausibility,
     shape_diversity,
@@ -20,9 +22,13 @@ def cache(tiny_run):
     return load_cache(tiny_run.parent / "cache")
 
 
-def test_real_slices_are_brain_like_noise_is_not(cache):
-    train, test = cache.split("train"), cache.split("test")
-    references = np.asarray(train.brain).astype(bool)
+@pytest.fixture(scope="module")
+def references(cache):
+    return brain_references(cache)
+
+
+def test_real_slices_are_brain_like_noise_is_not(cache, references):
+    test = cache.split("test")
     real = plausibility(np.asarray(test.image), references, test.slices["subject"].to_numpy())
     assert real["brain_like"]["mean"] >= 0.9
     assert "subject bootstrap" in real["brain_like"]["ci_method"]
@@ -33,19 +39,54 @@ def test_real_slices_are_brain_like_noise_is_not(cache):
     assert drawn["n"] == 32
 
 
-def test_a_shifted_blurred_mean_brain_is_not_brain_like(cache):
+def test_a_shifted_blurred_mean_brain_is_not_brain_like(cache, references):
     train = cache.split("train")
-    references = np.asarray(train.brain).astype(bool)
     mean = ndimage.gaussian_filter(np.asarray(train.image).mean(0), 1.0)
-    ok, dice = brain_like(mean[None], references)
+    ok, dice, _ = brain_like(mean[None], references)
     assert ok.all()  # where real brains sit, the mean brain's outline is a brain's outline
     rng = np.random.default_rng(1)
     # 4 px at 4 mm: the outline 16 mm away from where any prepared slice puts the brain
     shifts = [(rng.choice([-4, 4]), rng.choice([-4, 4])) for _ in range(16)]
     shifted = np.stack([ndimage.shift(mean, s, order=1, mode="nearest") for s in shifts])
-    ok, dice = brain_like(shifted, references)
+    ok, dice, _ = brain_like(shifted, references)
     assert not ok.any()
     assert np.median(dice) < 0.9
+
+
+def _inside_a_real_outline(cache, fill) -> np.ndarray:
+    """Test slices whose brain is replaced by ``fill(brain values, rng)``: a real outline."""
+    test = cache.split("test")
+    images, masks = np.array(test.image[:16]), np.asarray(test.brain[:16]).astype(bool)
+    rng = np.random.default_rng(2)
+    for image, mask in zip(images, masks, strict=True):
+        image[mask] = fill(image[mask], rng)
+    return images
+
+
+def test_a_real_outline_without_a_brain_inside_is_not_brain_like(cache, references):
+    """The outline alone is not a brain: a real slice's outline filled with its mean intensity
+    and blurred (what decoded prior means looked like), or with a mottled texture of the brain's
+    mean and spread (what prior draws looked like), passes the outline test and fails."""
+    def flat(values, rng):
+        return np.full_like(values, values.mean())
+
+    blurred = np.stack([ndimage.gaussian_filter(im, 2.0) for im in _inside_a_real_outline(
+        cache, flat)])
+
+    def mottled(values, rng):
+        return values.mean() + values.std() * rng.standard_normal(values.shape)
+
+    textured = np.stack([ndimage.gaussian_filter(im, 1.0) for im in _inside_a_real_outline(
+        cache, mottled)])
+    for images in (blurred, textured):
+        ok, dice, structure = brain_like(images, references)
+        assert (dice >= BRAIN_LIKE_DICE).all()  # the old, outline-only test passed them
+        assert not ok.any()
+        assert structure.max() < references.structure_threshold
+    # the same slices untouched but blurred as much pass: blur alone does not fail a brain
+    real = np.stack([ndimage.gaussian_filter(im, 1.0) for im in np.asarray(
+        cache.split("test").image[:16])])
+    assert brain_like(real, references)[0].all()
 
 
 def test_foreground_is_the_largest_filled_component():
@@ -79,9 +120,8 @@ def test_shape_diversity_matches_a_loop_and_is_zero_for_one_shape_repeated():
     assert shape_diversity(np.stack([left, right])) == 1.0  # disjoint shapes
 
 
-def test_one_brain_drawn_again_passes_the_shape_test_but_not_the_diversity(cache):
-    train, test = cache.split("train"), cache.split("test")
-    references = np.asarray(train.brain).astype(bool)
+def test_one_brain_drawn_again_passes_the_shape_test_but_not_the_diversity(cache, references):
+    test = cache.split("test")
     real = plausibility(np.asarray(test.image), references, test.slices["subject"].to_numpy())
     image = np.asarray(test.image)[0]
     noisy = image + 0.05 * np.random.default_rng(4).standard_normal((32, *image.shape))
@@ -103,7 +143,6 @@ def test_samples_become_brain_like_as_a_tiny_model_trains(tiny_run, tmp_path):
     model trained with the generation recipe (docs/generation.md) for 300 steps draws brains."""
     import torch
 
-    from pathanat.evaluation.plausibility import training_brains
     from pathanat.models import HierarchicalVAE, HVAEConfig
     from pathanat.training.config import DataConfig, ExperimentConfig, TrainerConfig
     from pathanat.training.run import load_trained, train_config
@@ -119,7 +158,7 @@ def test_samples_become_brain_like_as_a_tiny_model_trains(tiny_run, tmp_path):
     )
     config.optim.lr, config.optim.warmup_steps, config.optim.grad_clip = 1e-3, 20, 100.0
     config.objective.kl_cycle = 600  # one rise over the run
-    references = training_brains(load_cache(cache))
+    references = brain_references(load_cache(cache))
 
     def fraction(model: HierarchicalVAE) -> float:
         torch.manual_seed(0)

@@ -148,8 +148,12 @@ def make_run(folder: Path, kind: str, seed: int, supervised: bool = False) -> di
 
     metrics = {
         "split": "test", "slices": 40, "subjects": 4,
-        "nll": {"iw_samples": 8, "nats_per_slice": interval(rng.uniform(900, 3000), 50.0),
-                "bits_per_dim": interval(rng.uniform(0.1, 0.9), 0.01)},
+        "nll": {"iw_samples": 8, "bins": {"low": -4.0, "high": 4.0, "levels": 256},
+                "nats_per_slice": interval(rng.uniform(9000, 30000), 50.0),
+                "bits_per_dim": interval(rng.uniform(1, 5), 0.01),
+                "continuous": {"bits_per_dim": interval(rng.uniform(-0.5, 0.5), 0.01)},
+                "regions": {"brain": interval(rng.uniform(3, 6), 0.01),
+                            "background": interval(rng.uniform(0.1, 1), 0.01)}},
         "reconstruction": {name: interval(rng.uniform(lo, hi), 0.01)
                            for name, lo, hi in (("psnr", 20, 30), ("ssim", 0.5, 0.9),
                                                 ("psnr_brain", 20, 30),
@@ -238,6 +242,8 @@ def test_table1_holds_each_runs_means_and_intervals_and_marks_the_best(two_runs)
     rows = page.table("Table 1 analogue")
     columns = {"NLL (nats/slice)": (("nll", "nats_per_slice"), 1, min),
                "NLL (bits/dim)": (("nll", "bits_per_dim"), 4, min),
+               "bits/pixel brain": (("nll", "regions", "brain"), 3, min),
+               "bits/pixel background": (("nll", "regions", "background"), 3, min),
                "PSNR (dB)": (("reconstruction", "psnr"), 2, max),
                "SSIM": (("reconstruction", "ssim"), 4, max),
                "PSNR brain (dB)": (("reconstruction", "psnr_brain"), 2, max),
@@ -266,6 +272,26 @@ def test_table1_holds_each_runs_means_and_intervals_and_marks_the_best(two_runs)
             assert float(attrs["data-value"]) == values[i] and text == f"{values[i]:.3f}"
             assert ("best" in attrs.get("class", "")) == (i == int(np.argmin(values)))
     assert cell(rows, runs[0].name, "S")[0] == "8"
+    # the continuous NLL is shown, but no best is marked: it ranks background modelling
+    for run, content in zip(runs, contents, strict=True):
+        text, attrs = cell(rows, run.name, "continuous NLL (bits/dim)")
+        assert float(attrs["data-value"]) == content["metrics"]["nll"]["continuous"][
+            "bits_per_dim"]["mean"]
+        assert "best" not in attrs.get("class", "")
+
+
+def test_an_evaluation_from_before_the_binned_nll_shows_as_continuous(tmp_path):
+    run = tmp_path / "nvae"
+    make_run(run, "nvae", 4)
+    metrics = json.loads((run / "metrics.json").read_text())
+    old = metrics["nll"]["bits_per_dim"]
+    metrics["nll"] = {"iw_samples": 8, "nats_per_slice": metrics["nll"]["nats_per_slice"],
+                      "bits_per_dim": old}  # the continuous NLL under the binned one's keys
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    rows = Page(write_report([run], tmp_path / "r.html").read_text()).table("Table 1 analogue")
+    text, attrs = cell(rows, run.name, "continuous NLL (bits/dim)")
+    assert float(attrs["data-value"]) == old["mean"]
+    assert "not computed -- run pathanat evaluate" in cell(rows, run.name, "NLL (bits/dim)")[0]
 
 
 def test_r2_grids_hold_every_group_at_both_levels(two_runs):

@@ -12,6 +12,7 @@ from pathanat.data.prepare import load_cache
 from pathanat.errors import PathanatError
 from pathanat.evaluation import validity
 from pathanat.evaluation.evaluate import run_cache
+from pathanat.evaluation.plausibility import brain_references
 from pathanat.evaluation.segmenters import FOLDER, cohort_segmenters
 from pathanat.figures import caption_path
 from pathanat.training import load_trained
@@ -126,9 +127,8 @@ def test_only_brain_like_samples_are_counted(segmenters, tiny_cache):
     painted = blobs_in_ventricles(test)
     noise = np.random.default_rng(0).normal(size=painted.shape).astype(np.float32) * 2
     half = np.concatenate([painted[:4], noise[:4]])  # 4 brains with bad lesions, 4 noise fields
-    brains = np.asarray(tiny_cache.split("train").brain).astype(bool)
     result = validity.sample_validity(BlobModel(half), segmenters, test, n=8, batch_size=4,
-                                      references=brains)
+                                      references=brain_references(tiny_cache))
     assert result["brain_like"]["mean"] == 0.5 and result["brain_like"]["n"] == 8
     assert result["samples"]["n"] == 4 and result["all_samples"]["n"] == 8
     # the painted brains' lesions are all counted, the noise fields' lesion-like voxels are not

@@ -112,8 +112,8 @@ def _summarise(
     )
     print(f"run      {run}  (config, checkpoints, metrics, analysis, figures)")
     nll, recon = metrics["nll"], metrics["reconstruction"]
-    print(f"test     NLL {estimate_text(nll['nats_per_slice'], 3)} nats/slice "
-          f"(S={nll['iw_samples']}), PSNR {estimate_text(recon['psnr'], 3)} dB, "
+    print(f"test     NLL {estimate_text(nll['bits_per_dim'], 3)} bits/dim of the binned "
+          f"slices (S={nll['iw_samples']}), PSNR {estimate_text(recon['psnr'], 3)} dB, "
           f"SSIM {estimate_text(recon['ssim'], 3)} (95% CIs over subjects)")
     fid = metrics.get("fid") or {}
     if fid:

@@ -151,9 +151,11 @@ def training_loss(
     seg_logits: Tensor | None = None,
     mask: Tensor | None = None,
     supervision_weight: float = 1.0,
+    kl_scale: float = 1.0,
 ) -> Loss:
-    """``mean_b[(-log p(x|z) + beta * sum_l c_l KL_l + beta * sum_l KLextra_l) / D]
-    + lambda * mean_b[BCE + Dice]``.
+    """``mean_b[(-log p(x|z) + s * beta * (sum_l c_l KL_l + sum_l KLextra_l)) / D]
+    + lambda * mean_b[BCE + Dice]``, with ``beta`` the annealed KL weight (at most 1) and ``s``
+    the ``kl_scale`` it reaches (1: the ELBO).
 
     Dividing by D (pixels x channels) makes the loss scale independent of the image size and
     comparable with the per-pixel supervision loss, so lambda = 1 weighs them evenly. The KL
@@ -167,7 +169,7 @@ def training_loss(
     nll = -terms.log_px
     kl = (terms.kl * coefficients).sum(1)
     extra = terms.kl_extra.sum(1) if terms.kl_extra is not None else torch.zeros_like(nll)
-    per_sample = (nll + beta * (kl + extra)) / terms.dims
+    per_sample = (nll + kl_scale * beta * (kl + extra)) / terms.dims
     supervision = torch.zeros((), device=nll.device)
     if seg_logits is not None and mask is not None:
         supervision = supervision_loss(seg_logits, mask).mean()

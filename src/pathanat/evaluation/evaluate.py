@@ -2,10 +2,13 @@
 
 What is measured, on every slice of the split (in the cache's order):
 
-- NLL: the importance-weighted bound -log (1/S) sum_s p(x, z_s) / q(z_s | x) with S samples from
-  q(z | x), in nats per slice and in bits per dimension (nats / (H * W * C * ln 2)). The pixel
-  likelihood is a continuous Gaussian on standardised intensities, so bits per dimension can be
-  negative; only differences between models on the same cache mean anything.
+- NLL: the importance-weighted bound -log (1/S) sum_s P(x, z_s) / q(z_s | x) with S samples from
+  q(z | x), in nats per slice and in bits per dimension (nats / (H * W * C * ln 2)), of the slice
+  binned into ``NLL_BINS`` (P(x | z): the model's Gaussian integrated over each pixel's bin), so it
+  is a code length, >= 0 bits in expectation. Beside it, labelled continuous: the same bound with
+  the Gaussian density the model trains with, which a constant background makes unbounded (it
+  can fall below 0 bits/dim). Where the bits go: -log2 P(x | posterior means) per pixel inside
+  the brain mask and on the background.
 - PSNR and SSIM of the *posterior-mean reconstruction*: the likelihood mean given the posterior
   means of every group, each taken top-down given the means above it (``model.reconstruct``), not
   a sample. Over the whole slice and inside the brain mask; data range = each reference slice's own
@@ -54,9 +57,10 @@ from pathanat.evaluation.fid import (
     reference_path,
     stored_features,
 )
-from pathanat.evaluation.plausibility import TEST, plausibility, training_brains
+from pathanat.evaluation.plausibility import TEST, References, brain_references, plausibility
 from pathanat.evaluation.reconstruction import mean_ci, reconstruction_table
 from pathanat.models import HierarchicalVAE
+from pathanat.models.distributions import Bins, discretized_gaussian_log_probs
 from pathanat.training.config import ExperimentConfig
 from pathanat.training.run import load_trained, phantom_paths
 
@@ -72,6 +76,9 @@ METRICS_CSV = "metrics_eval.csv"
 # prior-sampling temperatures at which plausibility is measured (the synthesis figures' too)
 SAMPLE_TEMPERATURES = (0.6, 0.8, 1.0)
 PLAUSIBILITY_SAMPLES = 256  # draws per temperature: cheap, and a 95% Wilson interval of +-6%
+# The NLL's discretisation: 256 levels over the FID window (bin width 1/32 of a standardised
+# unit, finer than any reconstruction error here), the edge bins open, so every slice is binned.
+NLL_BINS = Bins(*FID_WINDOW, levels=256)
 
 
 @functools.cache
@@ -123,21 +130,49 @@ def log_likelihoods(
     samples: int,
     batch_size: int,
     progress: bool = False,
+    bins: Bins | None = None,
 ) -> np.ndarray:
-    """Importance-weighted log p(x) in nats, one per slice (N,), with the global torch RNG."""
+    """Importance-weighted log p(x) in nats, one per slice (N,), with the global torch RNG;
+    ``bins``: of the binned slices (else the continuous density)."""
     out = []
     for part in tqdm(batches(len(images), batch_size), desc="NLL", disable=not progress):
         x = as_input(images[part])
-        out.append(model.importance_weighted_log_likelihood(x, samples, IW_CHUNK).double().numpy())
+        log_px = model.importance_weighted_log_likelihood(x, samples, IW_CHUNK, bins)
+        out.append(log_px.double().numpy())
     return np.concatenate(out)
 
 
 @torch.no_grad()
-def reconstructions(model: HierarchicalVAE, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Posterior-mean reconstructions (N, H, W), float32."""
-    out = [model.reconstruct(as_input(images[part]))[:, 0].numpy() for part in
-           batches(len(images), batch_size)]
-    return np.concatenate(out)
+def reconstructions(
+    model: HierarchicalVAE, images: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior-mean reconstructions (N, H, W) and the likelihood's log-scale there, float32."""
+    means, log_scales = [], []
+    for part in batches(len(images), batch_size):
+        enc = model.encode(as_input(images[part]))
+        out = model.decode(enc.z, enc.input_size)
+        means.append(out.x_mean[:, 0].numpy())
+        log_scales.append(out.x_log_scale[:, 0].numpy())
+    return np.concatenate(means), np.concatenate(log_scales)
+
+
+def code_lengths(
+    images: np.ndarray, mean: np.ndarray, log_scale: np.ndarray, brain: np.ndarray, bins: Bins
+) -> pd.DataFrame:
+    """Per slice, -log2 P(binned x | z = posterior means) in bits per pixel, inside the brain
+    mask and on the background: where in the slice the likelihood's bits go (the IW bound over
+    the whole slice does not split by region)."""
+    bits = -discretized_gaussian_log_probs(
+        torch.from_numpy(images), torch.from_numpy(mean), torch.from_numpy(log_scale), bins
+    ).numpy() / math.log(2.0)
+    inside, outside = brain.sum(axis=(1, 2)), (~brain).sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return pd.DataFrame({
+            "bits_per_pixel_brain": np.where(inside > 0, (bits * brain).sum((1, 2)) / inside,
+                                             np.nan),
+            "bits_per_pixel_background": np.where(
+                outside > 0, (bits * ~brain).sum((1, 2)) / outside, np.nan),
+        })
 
 
 @torch.no_grad()
@@ -152,11 +187,11 @@ def prior_samples(
 
 
 def sample_plausibility(
-    model: HierarchicalVAE, data: CacheSplit, references: np.ndarray, n: int, batch_size: int,
+    model: HierarchicalVAE, data: CacheSplit, references: References, n: int, batch_size: int,
     seed: int,
 ) -> dict:
     """Brain-like fractions of ``n`` prior samples at each of ``SAMPLE_TEMPERATURES`` and of the
-    split's real slices, against the brain masks ``references`` (the training split's)."""
+    split's real slices, against the cache's real brains ``references``."""
     size = tuple(data.image.shape[1:])
     subjects = data.slices["subject"].to_numpy()
     return {
@@ -167,6 +202,16 @@ def sample_plausibility(
             for t in SAMPLE_TEMPERATURES
         },
     }
+
+
+def region_summaries(per_slice: pd.DataFrame, subjects: np.ndarray, seed: int) -> dict:
+    """Bits per pixel inside the brain and on the background, over the slices that have any."""
+    out = {"what": "-log2 P(binned x | z = posterior means), bits per pixel, by region"}
+    for name in ("brain", "background"):
+        values = per_slice[f"bits_per_pixel_{name}"].to_numpy()
+        keep = ~np.isnan(values)
+        out[name] = summary(values[keep], subjects[keep], seed)
+    return out
 
 
 def summary(values: np.ndarray, subjects: np.ndarray, seed: int) -> dict:
@@ -186,14 +231,14 @@ def evaluate(
     with_fid: bool = True,
     progress: bool = False,
     fid_reference: Path | None = None,
-    references: np.ndarray | None = None,
+    references: References | None = None,
     plausibility_samples: int = PLAUSIBILITY_SAMPLES,
 ) -> tuple[dict, pd.DataFrame]:
     """The metrics of ``model`` on a cache split, and a table with one row per slice.
 
     ``fid_reference``: a file keeping the inputs' Inception features between evaluations (every
-    run on a cache shares them); None computes them each time. ``references``: the brain masks
-    (N, H, W) real brains are judged by (the training split's); None leaves plausibility out."""
+    run on a cache shares them); None computes them each time. ``references``: the cache's real
+    brains samples are judged by (``brain_references``); None leaves plausibility out."""
     if not (isinstance(iw_samples, int) and iw_samples >= 1):
         raise PathanatError(f"iw_samples: expected an integer >= 1, got {iw_samples!r}")
     if not (isinstance(batch_size, int) and batch_size >= 1):
@@ -207,13 +252,15 @@ def evaluate(
     timings = {}
     # fork_rng: the seed fixes every draw here without changing the caller's RNG state
     with torch.random.fork_rng(), torch.no_grad():
-        torch.manual_seed(seed)
         start = time.perf_counter()
-        log_px = log_likelihoods(model, images, iw_samples, batch_size, progress)
+        torch.manual_seed(seed)
+        log_px = log_likelihoods(model, images, iw_samples, batch_size, progress, NLL_BINS)
+        torch.manual_seed(seed)  # the same z_s: the two columns differ only in p(x | z)
+        log_density = log_likelihoods(model, images, iw_samples, batch_size)
         timings["nll"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        recon = reconstructions(model, images, batch_size)
+        recon, recon_log_scale = reconstructions(model, images, batch_size)
         table = reconstruction_table(images, recon)
         has_brain = brain.any(axis=(1, 2))  # a slice with an empty mask has no brain metrics
         inside = reconstruction_table(images[has_brain], recon[has_brain], brain[has_brain])
@@ -249,7 +296,10 @@ def evaluate(
     per_slice = pd.DataFrame({"subject": subjects, "slice": data.slices["slice"].to_numpy()})
     per_slice["nll_nats"] = -log_px
     per_slice["bits_per_dim"] = -log_px / (dims * math.log(2.0))
-    per_slice = pd.concat([per_slice, table], axis=1)
+    per_slice["continuous_nll_nats"] = -log_density
+    per_slice["continuous_bits_per_dim"] = -log_density / (dims * math.log(2.0))
+    regions = code_lengths(images, recon, recon_log_scale, brain, NLL_BINS)
+    per_slice = pd.concat([per_slice, regions, table], axis=1)
 
     metrics: dict = {
         "split": data.name,
@@ -258,11 +308,22 @@ def evaluate(
         "subjects": len(np.unique(subjects)),
         "nll": {
             "iw_samples": iw_samples,
-            "estimator": "importance-weighted bound -log (1/S) sum_s p(x, z_s) / q(z_s | x), "
-                         "z_s ~ q(z | x)",
+            "estimator": "importance-weighted bound -log (1/S) sum_s P(x, z_s) / q(z_s | x), "
+                         "z_s ~ q(z | x), P(x | z) the probability of each pixel's bin",
+            "bins": {"low": NLL_BINS.low, "high": NLL_BINS.high, "levels": NLL_BINS.levels,
+                     "edges": "the two edge bins open to -inf / +inf"},
             "dims": dims,
             "nats_per_slice": summary(per_slice["nll_nats"].to_numpy(), subjects, seed),
             "bits_per_dim": summary(per_slice["bits_per_dim"].to_numpy(), subjects, seed),
+            "continuous": {
+                "what": "the same bound with the continuous Gaussian density p(x | z) the model "
+                        "is trained with (same z_s); unbounded, may fall below 0 bits/dim",
+                "nats_per_slice": summary(per_slice["continuous_nll_nats"].to_numpy(), subjects,
+                                          seed),
+                "bits_per_dim": summary(per_slice["continuous_bits_per_dim"].to_numpy(), subjects,
+                                        seed),
+            },
+            "regions": region_summaries(per_slice, subjects, seed),
         },
         "reconstruction": {
             "kind": "likelihood mean given the posterior means of every group (top-down)",
@@ -302,6 +363,9 @@ def csv_row(run: Path, metrics: dict) -> dict:
     for name, entry in (
         ("nll_nats", metrics["nll"]["nats_per_slice"]),
         ("bits_per_dim", metrics["nll"]["bits_per_dim"]),
+        ("continuous_bits_per_dim", metrics["nll"]["continuous"]["bits_per_dim"]),
+        ("bits_per_pixel_brain", metrics["nll"]["regions"]["brain"]),
+        ("bits_per_pixel_background", metrics["nll"]["regions"]["background"]),
         *((name, rec[name]) for name in ("psnr", "ssim", "psnr_brain", "ssim_brain")),
     ):
         row[name] = entry["mean"]
@@ -365,7 +429,7 @@ def evaluate_run(
     data = split_arrays(cache, split)
     reference = reference_path(cache.path, split, len(data))
     metrics, per_slice = evaluate(model, data, iw_samples, seed, batch_size, with_fid, progress,
-                                  reference, training_brains(cache))
+                                  reference, brain_references(cache))
     metrics = {
         "run": str(folder),
         "model": config.model.kind,

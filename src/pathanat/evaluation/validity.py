@@ -45,7 +45,12 @@ from pathanat.evaluation.evaluate import (
     split_arrays,
     write_json,
 )
-from pathanat.evaluation.plausibility import brain_like, training_brains, wilson_interval
+from pathanat.evaluation.plausibility import (
+    References,
+    brain_like,
+    brain_references,
+    wilson_interval,
+)
 from pathanat.evaluation.segmenters import (
     LESION_THRESHOLD,
     TISSUE_LABELS,
@@ -137,7 +142,7 @@ def scored_validity(
     temperature: float,
     seed: int,
     batch_size: int,
-    references: np.ndarray | None = None,
+    references: References | None = None,
 ) -> tuple[dict, Scored, Scored]:
     """``sample_validity``'s result and the segmented samples and real slices behind it."""
     if not (isinstance(n, int) and n >= 1):
@@ -181,7 +186,7 @@ def scored_validity(
     if references is None:
         counted, shape = everything, None
     else:
-        ok, _ = brain_like(samples.images, references)
+        ok, *_ = brain_like(samples.images, references)
         low, high = wilson_interval(int(ok.sum()), len(ok))
         shape = {"mean": float(ok.mean()), "ci_low": low, "ci_high": high, "n": len(ok)}
         counted = validity_rates(samples.lesion[ok], samples.tissue[ok], seed)
@@ -215,13 +220,13 @@ def sample_validity(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    references: np.ndarray | None = None,
+    references: References | None = None,
 ) -> dict:
     """The invalid-lesion RATES of ``n`` prior samples of ``model`` (anything with
     ``sample(n, temperature).x_mean`` of shape (n, 1, H, W)), of the real slices of ``test``
-    and of its ground truth, with the segmenters' accuracy. ``references`` (brain masks of the
-    training split) restricts the sample rate to brain-like samples. Seeded: the same call, the
-    same numbers."""
+    and of its ground truth, with the segmenters' accuracy. ``references`` (the cache's real
+    brains, ``brain_references``) restricts the sample rate to brain-like samples. Seeded: the
+    same call, the same numbers."""
     return scored_validity(
         model, segmenters, test, n, temperature, seed, batch_size, references
     )[0]
@@ -305,7 +310,7 @@ def validity_run(
     test = split_arrays(cache, "test")
     result, samples, real = scored_validity(
         model.float().eval(), segmenters, test, n, temperature, seed, DEFAULT_BATCH_SIZE,
-        training_brains(cache),
+        brain_references(cache),
     )
     result = {"run": str(folder), "model": config.model.kind, **result}
     result["seconds"] = {"segmenters": round(segs_seconds, 2), **result["seconds"],

@@ -62,7 +62,9 @@ from pathanat.models.blocks import (
 )
 from pathanat.models.distributions import (
     LOG_SCALE_BOUND,
+    Bins,
     DiagonalGaussian,
+    discretized_gaussian_log_probs,
     gaussian_log_likelihood,
     mixture_log_prob,
     residual_posterior,
@@ -77,6 +79,8 @@ Posterior = Literal["encoder", "joint"]
 POSTERIORS: tuple[str, ...] = ("encoder", "joint")
 UnconditionalPrior = Literal["standard", "fitted"]
 UNCONDITIONAL_PRIORS: tuple[str, ...] = ("standard", "fitted")
+ConditionalPrior = Literal["learned", "recentred"]
+CONDITIONAL_PRIORS: tuple[str, ...] = ("learned", "recentred")
 
 # log-scale of the pixel likelihood, smoothly bounded to (X_LOG_SCALE_MIN, X_LOG_SCALE_MAX) by a
 # scaled sigmoid: sigma_x in (0.018, 7.4) on standardised intensities, starting at exp(-1) ~ 0.37.
@@ -127,6 +131,10 @@ class HVAEConfig:
     # posteriors during training (FittedPrior), which lets those kinds generate
     # (docs/generation.md); nvmp/nvmp+ have no such group
     unconditional_prior: UnconditionalPrior = "standard"
+    # the conditional priors p(z_l | z_<l), l > 0, of nvae/nvmp/nvmp+: "learned" as in the paper,
+    # or "recentred": each moved per element to where the training posteriors are
+    # (RecentredPrior), without which their draws decode to blurred boxes (docs/generation.md)
+    conditional_prior: ConditionalPrior = "learned"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -134,6 +142,11 @@ class HVAEConfig:
         if self.posterior not in POSTERIORS:
             raise ConfigError(
                 f"model.posterior: expected one of {', '.join(POSTERIORS)}, got {self.posterior!r}"
+            )
+        if self.conditional_prior not in CONDITIONAL_PRIORS:
+            raise ConfigError(
+                f"model.conditional_prior: expected one of {', '.join(CONDITIONAL_PRIORS)}, "
+                f"got {self.conditional_prior!r}"
             )
         if self.unconditional_prior not in UNCONDITIONAL_PRIORS:
             raise ConfigError(
@@ -203,6 +216,13 @@ class HVAEConfig:
         return tuple(range(self.num_groups)) if self.kind == "vae" else (0,)
 
     @property
+    def recentred_levels(self) -> tuple[int, ...]:
+        """The groups whose conditional prior is a RecentredPrior (see conditional_prior)."""
+        if self.conditional_prior != "recentred" or not self.residual:
+            return ()
+        return tuple(range(1, self.num_groups))
+
+    @property
     def vamp(self) -> bool:
         """Whether p(z_0) is a VampPrior over trainable pseudo-inputs."""
         return self.kind in ("nvmp", "nvmp+")
@@ -214,9 +234,10 @@ class Group:
 
     ``prior`` is None where it is fixed rather than computed: N(0, I), or the VampPrior for z_0
     of nvmp/nvmp+ (whose components are in the pass's ``pseudo``). ``delta`` is the encoder's
-    Gaussian N(dmu_l, dsig_l); ``residual``: the posterior is built from prior and delta (the
-    residual kinds at l > 0), else it is the delta itself (also under a fitted unconditional
-    prior, which follows the posteriors rather than moving them).
+    Gaussian N(dmu_l, dsig_l); ``residual``: the posterior is built from ``prior`` and delta (the
+    residual kinds at l > 0), so its KL is eq. 4; else the posterior is the delta itself (also
+    under a fitted unconditional prior, which follows the posteriors rather than moving them) or,
+    under a recentred prior, built from the learned prior that ``prior`` recentres.
     """
 
     z: Tensor
@@ -368,6 +389,60 @@ class FittedPrior(nn.Module):
         self.second.lerp_((mu**2 + sigma**2).mean(0, keepdim=True), 1 - keep)
 
 
+class RecentredPrior(nn.Module):
+    """A conditional prior N(mu, sigma^2) from the decoder state, moved per element to where the
+    posteriors are: N(mu + sigma m, sigma^2 v).
+
+    In the learned prior's own units the posteriors' codes are e = (z - mu) / sigma ~ N(dmu /
+    sigma, dsig^2); (m, v) are their mean and variance over training batches (running averages,
+    buffers, as FittedPrior's): the ELBO-maximising per-element affine correction of the prior
+    given the posteriors, its M-step. The posteriors stay built from the learned prior (eq. 3a), so
+    moving (m, v) does not move them, and the KL is taken against the recentred prior. Why: under
+    eq. 4 the KL gives the prior's mean no gradient, and after a short run the posterior codes of
+    z_2 sat, on average over slices, 0.5 prior sigmas from the prior means in a pattern shared by
+    every slice (64% of their mean square): the learned priors' draws decoded to blurred boxes,
+    the recentred ones to brains (docs/generation.md).
+    """
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.register_buffer("first", torch.zeros(1, *shape))  # the identity until updated
+        self.register_buffer("second", torch.ones(1, *shape))
+
+    def _log_variance(self) -> Tensor:
+        return (self.second - self.first**2).clamp_min(math.exp(-2 * LOG_SCALE_BOUND)).log()
+
+    def _check(self, prior: DiagonalGaussian) -> None:
+        if prior.mu.shape[-2:] != self.first.shape[-2:]:
+            raise InputError(
+                f"a prior recentred at {tuple(self.first.shape[-2:])} elements (the configured "
+                f"image size) got a group of {tuple(prior.mu.shape[-2:])}"
+            )
+
+    def forward(self, prior: DiagonalGaussian) -> DiagonalGaussian:
+        self._check(prior)
+        # copies: ``update`` changes the buffers in place, after the pass that used this prior
+        m, log_v = self.first.clone(), self._log_variance()
+        return DiagonalGaussian(prior.mu + prior.sigma * m, prior.log_sigma + 0.5 * log_v)
+
+    def learned(self, recentred: DiagonalGaussian) -> DiagonalGaussian:
+        """The learned prior that ``forward`` made ``recentred`` from (the exact inverse)."""
+        log_sigma = recentred.log_sigma - 0.5 * self._log_variance()
+        return DiagonalGaussian(recentred.mu - log_sigma.exp() * self.first.clone(), log_sigma)
+
+    @torch.no_grad()
+    def update(self, delta: DiagonalGaussian, recentred: DiagonalGaussian) -> None:
+        """Move (m, v) towards the batch's codes e = dmu / sigma, dsig (a batch with a non-finite
+        value, a step the module will skip, changes nothing)."""
+        e = delta.mu.float() / self.learned(recentred).sigma.float()
+        spread = (2 * delta.log_sigma.float()).exp()
+        if not (torch.isfinite(e).all() and torch.isfinite(spread).all()):
+            return
+        keep = FITTED_PRIOR_MOMENTUM
+        self.first.lerp_(e.mean(0, keepdim=True), 1 - keep)
+        self.second.lerp_((e**2 + spread).mean(0, keepdim=True), 1 - keep)
+
+
 class Encoder(nn.Module):
     """Bottom-up trunk: full resolution -> 1/2^L, the features of every scale, and one head of
     (dmu_l, dsig_l) per scale.
@@ -448,6 +523,9 @@ class Decoder(nn.Module):
         self.fitted_priors = nn.ModuleDict(
             {str(level): FittedPrior(shapes[level]) for level in config.fitted_prior_levels}
         )
+        self.recentred_priors = nn.ModuleDict(
+            {str(level): RecentredPrior(shapes[level]) for level in config.recentred_levels}
+        )
 
     def grow(self, level: int, h: Tensor) -> Tensor:
         """The state carried from scale ``level - 1`` up to scale ``level``."""
@@ -459,8 +537,8 @@ class Decoder(nn.Module):
         return self.start.expand(batch, -1, *size).contiguous(memory_format=memory_format)
 
     def prior(self, level: int, h: Tensor) -> DiagonalGaussian | None:
-        """p(z_level | z_<level) from the state, the fitted unconditional prior, or None where
-        the prior is fixed."""
+        """p(z_level | z_<level) from the state (recentred where configured), the fitted
+        unconditional prior, or None where the prior is fixed."""
         if str(level) in self.fitted_priors:
             fitted = self.fitted_priors[str(level)]
             if fitted.first.shape[-2:] != h.shape[-2:]:
@@ -471,7 +549,16 @@ class Decoder(nn.Module):
             return fitted(h.shape[0])
         if level == 0 or not self.prior_heads:
             return None
-        return self.prior_heads[level - 1](h)
+        prior = self.prior_heads[level - 1](h)
+        if str(level) in self.recentred_priors:
+            return self.recentred_priors[str(level)](prior)
+        return prior
+
+    def learned_prior(self, level: int, prior: DiagonalGaussian) -> DiagonalGaussian:
+        """The prior a residual posterior is built from: the learned one under ``prior``."""
+        if str(level) in self.recentred_priors:
+            return self.recentred_priors[str(level)].learned(prior)
+        return prior
 
     def absorb(self, level: int, h: Tensor, z: Tensor) -> Tensor:
         """The state after injecting z_level and running the cells of that scale."""
@@ -642,14 +729,15 @@ class HierarchicalVAE(nn.Module):
         self, features: list[Tensor], size: tuple[int, int], sample: bool
     ) -> tuple[Tensor, Tensor, list[Group]]:
         groups: list[Group] = []
-        fitted = self.config.fitted_prior_levels
+        fitted, recentred = self.config.fitted_prior_levels, self.config.recentred_levels
 
         def choose(level: int, prior: DiagonalGaussian | None, state: Tensor) -> Tensor:
             delta = self.encoder.delta(level, features[level], state)
             residual = prior is not None and level not in fitted
-            q = residual_posterior(prior, delta) if residual else delta
+            q = (residual_posterior(self.decoder.learned_prior(level, prior), delta) if residual
+                 else delta)
             z = q.sample() if sample else q.mu
-            groups.append(Group(z, q, delta, prior, residual))
+            groups.append(Group(z, q, delta, prior, residual and level not in recentred))
             return z
 
         padded = self.padded_size(size)
@@ -664,6 +752,8 @@ class HierarchicalVAE(nn.Module):
         if self.training:  # this pass's KL used the prior before the update
             for level, prior in self.decoder.fitted_priors.items():
                 prior.update(groups[int(level)].posterior)
+            for level, prior in self.decoder.recentred_priors.items():
+                prior.update(groups[int(level)].delta, groups[int(level)].prior)
         seg = self._seg([g.z for g in groups], size)
         return HVAEOutput(self.config.kind, mean, log_scale, groups, pseudo, seg)
 
@@ -681,14 +771,16 @@ class HierarchicalVAE(nn.Module):
 
     @torch.no_grad()
     def importance_weighted_log_likelihood(
-        self, x: Tensor, samples: int = 100, chunk_size: int = 64
+        self, x: Tensor, samples: int = 100, chunk_size: int = 64, bins: Bins | None = None
     ) -> Tensor:
         """Per-image estimate of log p(x) in nats: log (1/S) sum_s p(x, z_s) / q(z_s | x).
 
         The encoder trunk runs once (its features do not depend on z); the top-down pass runs
         for the S samples in chunks of at most ``chunk_size`` (image, sample) pairs, so memory is
         bounded by ``chunk_size`` whatever S is. A lower bound on log p(x) that tightens as S grows;
-        S = 1 is the one-sample ELBO.
+        S = 1 is the one-sample ELBO. ``bins``: p(x | z) is the probability of each pixel's bin
+        (a lower bound on log P(binned x), whose expectation is <= 0); None: the continuous
+        Gaussian density the model is trained with.
         """
         if samples < 1 or chunk_size < 1:
             raise PathanatError(
@@ -704,7 +796,9 @@ class HierarchicalVAE(nn.Module):
             n = min(per_chunk, samples - start)
             repeated = [f.repeat(n, 1, 1, 1) for f in features]
             mean, log_scale, groups = self._posterior_pass(repeated, size, sample=True)
-            w = gaussian_log_likelihood(x.repeat(n, 1, 1, 1), mean, log_scale)
+            xs = x.repeat(n, 1, 1, 1)
+            w = (gaussian_log_likelihood(xs, mean, log_scale) if bins is None else
+                 sum_per_sample(discretized_gaussian_log_probs(xs, mean, log_scale, bins)))
             for level, g in enumerate(groups):
                 log_q = sum_per_sample(g.posterior.log_prob(g.z))
                 w = w + self.log_prior_z(level, g, pseudo) - log_q

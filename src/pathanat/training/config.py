@@ -62,6 +62,8 @@ class ObjectiveConfig:
     kl_cycle: int = 10_000
     kl_start: float = 2e-7
     kl_balance: bool = True
+    # the KL weight the rise ends at, as a multiple of the ELBO's (a beta-VAE's beta; 1: the ELBO)
+    kl_scale: float = 1.0
     supervision_weight: float = 1.0
 
 
@@ -176,6 +178,10 @@ def check_experiment(config: ExperimentConfig) -> None:
     for key, value in nonnegative.items():
         if value < 0:
             raise ConfigError(f"{key}: expected a value >= 0, got {value!r}")
+    if not config.objective.kl_scale > 0:
+        raise ConfigError(
+            f"objective.kl_scale: expected a value > 0, got {config.objective.kl_scale!r}"
+        )
     if not config.optim.lr > 0:
         raise ConfigError(f"optim.lr: expected a value > 0, got {config.optim.lr!r}")
     if not 0.0 <= data.flip_prob <= 1.0:

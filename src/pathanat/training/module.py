@@ -104,6 +104,7 @@ class HVAEModule(pl.LightningModule):
             seg_logits=out.seg_logits if supervised else None,
             mask=batch["lesion"] if supervised else None,
             supervision_weight=self.config.objective.supervision_weight,
+            kl_scale=self.config.objective.kl_scale,
         )
 
     def kl_weight(self) -> float:
@@ -164,7 +165,7 @@ class HVAEModule(pl.LightningModule):
             "train/loss": loss.loss.detach(),
             "train/nll_per_dim": loss.nll_per_dim,
             "train/kl_per_dim": loss.kl_per_dim,
-            "train/kl_weight": beta,
+            "train/kl_weight": self.config.objective.kl_scale * beta,
             "train/lr": lr,
             "train/grad_norm": grad_norm.detach(),
             "train/skipped_steps": float(self.skipped_steps),
