@@ -152,7 +152,7 @@ def test_samples_become_brain_like_as_a_tiny_model_trains(tiny_run, tmp_path):
     config = ExperimentConfig(
         data=DataConfig(cache=cache, shape=shape, batch_size=16),
         model=HVAEConfig(kind="nvmp", image_size=shape, levels=3, widths=(32, 32, 16, 8),
-                         cells=(2, 1, 1, 1), pseudo_inputs=4),
+                         cells=(2, 1, 1, 1), pseudo_inputs=4, conditional_prior="recentred"),
         trainer=TrainerConfig(max_steps=300, accelerator="cpu", log_every=50, val_every=300,
                               checkpoint_every=300, progress_bar=False),
     )

@@ -372,6 +372,7 @@ def test_overview_and_figures(two_runs):
         assert cell(overview, run.name, "wall time (s)")[0] == f"{wall:.1f}"
         assert int(cell(overview, run.name, "parameters")[1]["data-value"]) > 1000
     assert cell(overview, "nvmp_ms", "supervised")[0] == "yes"
+    assert cell(overview, "nvmp_ms", "priors of z1..L")[0] == "learned"  # the config's default
     # every PNG of every run is embedded byte for byte with its caption (or the built-in one)
     sources = [base64.b64decode(img["src"].removeprefix("data:image/png;base64,"))
                for img in page.images if img["src"].startswith("data:image/png;base64,")]

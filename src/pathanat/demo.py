@@ -127,6 +127,11 @@ def _summarise(
                           for t, e in plausible["samples"].items())
         print(f"samples  brain-like: {drawn} (n = {next(iter(plausible['samples'].values()))['n']} "
               f"each); real test slices {estimate_text(plausible['real']['brain_like'], 2)}")
+        hottest = plausible["samples"][max(plausible["samples"], key=float)]
+        if hottest.get("shape_diversity") is not None:
+            print(f"         shape diversity (mean pairwise 1 - Dice of outlines): samples "
+                  f"{hottest['shape_diversity']:.3f} at the highest T, real test slices "
+                  f"{plausible['real']['shape_diversity']:.3f}")
     posthoc = (analysis.get("sensitivity") or {}).get("z_p_posthoc")
     print(f"latents  post-hoc z_P (pathology sensitivity): {posthoc}")
     samples, real, shape = validity["samples"], validity["real"], validity.get("brain_like")

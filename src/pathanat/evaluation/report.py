@@ -384,6 +384,7 @@ def overview_section(runs: Sequence[Run]) -> str:
             td("yes" if supervised else "no" if supervised is not None else "?"),
             td(esc(f"z{z_p}") if z_p is not None else "?"),
             td(esc(prior_label(run))),
+            td(esc(conditional_label(run))),
             td(esc(widths_label(run))),
             td(esc(" x ".join(map(str, size))) if isinstance(size, list) else "?"),
             td(f"{run.parameters:,}" if run.parameters is not None else "n/a", run.parameters),
@@ -398,7 +399,7 @@ def overview_section(runs: Sequence[Run]) -> str:
         cells.append(td(esc(run.path), classes=["name"]))
         rows.append(cells)
     header = ["run", "kind", "supervised", "z<sub>P</sub>", "prior of z<sub>0</sub>",
-              "widths", "image (px)", "parameters", "steps", "skipped steps", "wall time (s)",
+              "priors of z<sub>1..L</sub>", "widths", "image (px)", "parameters", "steps", "skipped steps", "wall time (s)",
               "folder"]
     caches = {str(((r.config or {}).get("data") or {}).get("cache")) for r in runs}
     note = ""
@@ -410,7 +411,9 @@ def overview_section(runs: Sequence[Run]) -> str:
         + table(header, rows, "Model kind (Table 3 of the paper), whether a lesion-segmentation "
                 "head supervises z<sub>P</sub>, the prior of z<sub>0</sub> (N(0, I) as in the "
                 "paper, fitted N(m, s²) where a budget replaces it -- for vae at every group --, "
-                "or the VampPrior), trunk widths per scale (top-down), trainable parameters, and "
+                "or the VampPrior), the conditional priors p(z<sub>l</sub> | z<sub>&lt;l</sub>) of the "
+                "residual kinds (learned, as in the paper, or recentred on the posteriors), trunk "
+                "widths per scale (top-down), trainable parameters, and "
                 "training steps. Wall time is that of the last training session (a resumed run "
                 "restarts it).")
         + note
@@ -424,6 +427,15 @@ def prior_label(run: Run) -> str:
     if kind in VAMPPRIOR_KINDS:
         return "VampPrior"
     return "fitted N(m, s²)" if run.model("unconditional_prior") == "fitted" else "N(0, I)"
+
+
+def conditional_label(run: Run) -> str:
+    kind = run.model("kind")
+    if kind is None:
+        return "?"
+    if kind == "vae":
+        return "as z_0 (none conditional)"
+    return "recentred" if run.model("conditional_prior") == "recentred" else "learned"
 
 
 def widths_label(run: Run) -> str:
