@@ -289,7 +289,7 @@ def test_an_evaluation_from_before_the_binned_nll_shows_as_continuous(tmp_path):
                       "bits_per_dim": old}  # the continuous NLL under the binned one's keys
     (run / "metrics.json").write_text(json.dumps(metrics))
     rows = Page(write_report([run], tmp_path / "r.html").read_text()).table("Table 1 analogue")
-    text, attrs = cell(rows, run.name, "continuous NLL (bits/dim)")
+    attrs = cell(rows, run.name, "continuous NLL (bits/dim)")[1]
     assert float(attrs["data-value"]) == old["mean"]
     assert "not computed -- run pathanat evaluate" in cell(rows, run.name, "NLL (bits/dim)")[0]
 

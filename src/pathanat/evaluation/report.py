@@ -399,8 +399,8 @@ def overview_section(runs: Sequence[Run]) -> str:
         cells.append(td(esc(run.path), classes=["name"]))
         rows.append(cells)
     header = ["run", "kind", "supervised", "z<sub>P</sub>", "prior of z<sub>0</sub>",
-              "priors of z<sub>1..L</sub>", "widths", "image (px)", "parameters", "steps", "skipped steps", "wall time (s)",
-              "folder"]
+              "priors of z<sub>1..L</sub>", "widths", "image (px)", "parameters", "steps",
+              "skipped steps", "wall time (s)", "folder"]
     caches = {str(((r.config or {}).get("data") or {}).get("cache")) for r in runs}
     note = ""
     if len(caches) > 1:
@@ -411,8 +411,9 @@ def overview_section(runs: Sequence[Run]) -> str:
         + table(header, rows, "Model kind (Table 3 of the paper), whether a lesion-segmentation "
                 "head supervises z<sub>P</sub>, the prior of z<sub>0</sub> (N(0, I) as in the "
                 "paper, fitted N(m, s²) where a budget replaces it -- for vae at every group --, "
-                "or the VampPrior), the conditional priors p(z<sub>l</sub> | z<sub>&lt;l</sub>) of the "
-                "residual kinds (learned, as in the paper, or recentred on the posteriors), trunk "
+                "or the VampPrior), the conditional priors p(z<sub>l</sub> | "
+                "z<sub>&lt;l</sub>) of the residual kinds (learned, as in the paper, or "
+                "recentred on the posteriors), trunk "
                 "widths per scale (top-down), trainable parameters, and "
                 "training steps. Wall time is that of the last training session (a resumed run "
                 "restarts it).")
