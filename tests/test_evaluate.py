@@ -18,7 +18,7 @@ from pathanat.objectives import elbo_terms
 
 
 def test_evaluate_run_writes_metrics_json_and_appends_a_csv_row(tiny_run):
-    metrics = evaluate_run(tiny_run, iw_samples=2, progress=False)
+    metrics = evaluate_run(tiny_run, iw_samples=2, progress=False, fid_samples=12)
     written = json.loads((tiny_run / "metrics.json").read_text())
     assert written["nll"]["iw_samples"] == 2 and written["seed"] == 0
     assert written["slices"] == 8 and written["subjects"] == 2  # 2 test subjects x 4 slices
@@ -26,7 +26,20 @@ def test_evaluate_run_writes_metrics_json_and_appends_a_csv_row(tiny_run):
         assert entry["ci_low"] <= entry["mean"] <= entry["ci_high"]
         assert entry["ci_method"].startswith("subject bootstrap")
     assert written["fid"]["fid_reconstruction"] > 0 and written["fid"]["fid_samples"] > 0
-    assert written["fid"]["samples"] == 8
+    assert written["fid"]["samples"] == 12 and written["fid"]["inputs"] == 8
+    moved = written["nll"]["convergence"]  # S = 2 against 8 on the split's 8 slices
+    assert moved["iw_samples_4x"] == 8 and moved["slices"] == 8
+    assert np.isfinite(moved["move"]) and isinstance(moved["converged"], bool)
+    # the floor: the validation split's real slices against the same test inputs
+    floor = written["fid"]["floor"]
+    assert floor["split"] == "val" and floor["slices"] == 8
+    from pathanat.evaluation.fid import fid, inception_features
+
+    cache = load_cache(tiny_run.parent / "cache")
+    direct = fid(inception_features(np.asarray(cache.split("test").image)),
+                 inception_features(np.asarray(cache.split("val").image)))
+    assert floor["fid"] == pytest.approx(direct, rel=1e-6)
+    assert floor["kid"]["ci_low"] <= floor["kid"]["mean"] <= floor["kid"]["ci_high"]
     # bits per dimension is the same number as nats per slice, in other units
     nats, bpd = written["nll"]["nats_per_slice"]["mean"], written["nll"]["bits_per_dim"]["mean"]
     assert bpd == pytest.approx(nats / (48 * 48 * np.log(2)))
@@ -46,6 +59,7 @@ def test_evaluate_run_writes_metrics_json_and_appends_a_csv_row(tiny_run):
     rows = pd.read_csv(tiny_run / "metrics_eval.csv")
     assert len(rows) >= 2 and rows["iw_samples"].iloc[-1] == 2
     assert np.isnan(rows["fid_samples"].iloc[-1]) and rows["fid_samples"].iloc[-2] > 0
+    assert rows["fid_sample_draws"].iloc[-2] == 12 and rows["fid_floor"].iloc[-2] > 0
     assert not list(tiny_run.glob(".*tmp-write"))  # nothing left half-written
 
 
@@ -70,6 +84,8 @@ def test_bad_arguments_are_named(tiny_run):
         evaluate_run(tiny_run, split="validation", progress=False)
     with pytest.raises(PathanatError, match="iw_samples"):
         evaluate_run(tiny_run, iw_samples=0, progress=False)
+    with pytest.raises(PathanatError, match="fid_samples"):
+        evaluate_run(tiny_run, iw_samples=1, progress=False, fid_samples=2)
     with pytest.raises(PathanatError, match="not a run folder"):
         evaluate_run(tiny_run.parent, progress=False)
 
@@ -153,3 +169,14 @@ def test_evaluate_reports_binned_continuous_and_regional_bits(tiny_run):
         entry = nll["regions"][name]
         assert entry["ci_low"] <= entry["mean"] <= entry["ci_high"] and entry["mean"] > 0
         assert per_slice[f"bits_per_pixel_{name}"].notna().sum() == region.any((1, 2)).sum()
+
+
+def test_the_iw_bound_is_called_converged_only_when_4s_samples_barely_move_it():
+    from pathanat.evaluation.evaluate import convergence
+
+    estimate = {"mean": 100.0, "ci_low": 90.0, "ci_high": 110.0}  # half-width 10
+    at_s = np.array([100.0, 104.0])
+    assert convergence(at_s, at_s - 3.0, estimate, 8)["converged"]
+    loose = convergence(at_s, at_s - 25.0, estimate, 8)
+    assert not loose["converged"] and loose["move"] == pytest.approx(25.0)
+    assert loose["iw_samples_4x"] == 32 and loose["slices"] == 2

@@ -161,7 +161,10 @@ def make_run(folder: Path, kind: str, seed: int, supervised: bool = False) -> di
         "fid": {"fid_reconstruction": float(rng.uniform(0, 1)),
                 "fid_samples": float(rng.uniform(0, 1)),
                 "kid_reconstruction": interval(rng.uniform(0, 0.1), 0.001),
-                "kid_samples": interval(rng.uniform(0, 0.1), 0.001)},
+                "kid_samples": interval(rng.uniform(0, 0.1), 0.001),
+                "samples": 2048, "inputs": 40,
+                "floor": {"split": "val", "slices": 36, "fid": 0.011,
+                          "kid": interval(0.0004, 0.0001)}},
         "plausibility": {
             "real": {"brain_like": interval(1.0 - rng.uniform(0, 0.02), 0.001), "n": 40,
                      "shape_diversity": 0.06},
@@ -278,6 +281,20 @@ def test_table1_holds_each_runs_means_and_intervals_and_marks_the_best(two_runs)
         assert float(attrs["data-value"]) == content["metrics"]["nll"]["continuous"][
             "bits_per_dim"]["mean"]
         assert "best" not in attrs.get("class", "")
+
+
+def test_table1_has_the_real_slices_floor_and_states_the_fid_sizes(two_runs):
+    _, contents, page, _ = two_runs
+    rows = page.table("Table 1 analogue")
+    floor = contents[0]["metrics"]["fid"]["floor"]
+    name = "real val slices (floor)"
+    assert cell(rows, name, "FID samples")[0] == f"{floor['fid']:.3f}"
+    assert cell(rows, name, "FID recon.")[0] == f"{floor['fid']:.3f}"
+    kid = floor["kid"]
+    assert cell(rows, name, "KID samples")[0] == (
+        f"{kid['mean']:.4f} [{kid['ci_low']:.4f}, {kid['ci_high']:.4f}]")
+    assert cell(rows, name, "PSNR (dB)")[0] == ""
+    assert "N = 40 inputs, 2048 prior draws" in page.all_text()
 
 
 def test_an_evaluation_from_before_the_binned_nll_shows_as_continuous(tmp_path):

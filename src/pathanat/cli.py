@@ -81,6 +81,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         with_fid=not args.no_fid,
         progress=True,
+        fid_samples=args.fid_samples,
     )
     print("\n".join(_summary(metrics)))
     print(f"written: {args.run / 'metrics.json'}, {args.run / 'metrics_eval.csv'}")
@@ -298,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     p.add_argument("--batch-size", type=int, default=32, help="slices per batch (default 32)")
     p.add_argument("--no-fid", action="store_true", help="skip FID (the slowest part)")
+    p.add_argument("--fid-samples", type=int, default=None, metavar="N",
+                   help="prior draws for the FID/KID of samples (default 2048, or the split's "
+                        "slice count if larger)")
     p.set_defaults(func=_evaluate)
 
     p = _add(

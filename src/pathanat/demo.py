@@ -115,12 +115,23 @@ def _summarise(
     print(f"test     NLL {estimate_text(nll['bits_per_dim'], 3)} bits/dim of the binned "
           f"slices (S={nll['iw_samples']}), PSNR {estimate_text(recon['psnr'], 3)} dB, "
           f"SSIM {estimate_text(recon['ssim'], 3)} (95% CIs over subjects)")
+    moved = nll.get("convergence")
+    if moved:
+        verdict = "converged" if moved["converged"] else "NOT converged: raise --iw-samples"
+        print(f"         IW bound from S={moved['iw_samples']} to {moved['iw_samples_4x']} on "
+              f"{moved['slices']} slices: {moved['move']:.1f} nats/slice lower (half-interval "
+              f"{moved['ci_half_width']:.1f}): {verdict}")
     fid = metrics.get("fid") or {}
     if fid:
+        floor = fid.get("floor") or {}
         print(f"FID      reconstructions {fid['fid_reconstruction']:.1f}, prior samples "
-              f"{fid['fid_samples']:.1f} (vs test inputs, N = {fid['samples']} each; KID "
+              f"{fid['fid_samples']:.1f} (vs the {fid.get('inputs', '?')} test inputs; "
+              f"{fid['samples']} prior draws; KID "
               f"{estimate_text(fid.get('kid_reconstruction'), 3)} and "
               f"{estimate_text(fid.get('kid_samples'), 3)})")
+        if floor:
+            print(f"         floor, real {floor['split']} slices vs the test inputs: FID "
+                  f"{floor['fid']:.1f}, KID {estimate_text(floor['kid'], 3)}")
     plausible = metrics.get("plausibility")
     if plausible:
         drawn = ", ".join(f"T={t} {estimate_text(e['brain_like'], 2)}"

