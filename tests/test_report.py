@@ -153,7 +153,8 @@ def make_run(folder: Path, kind: str, seed: int, supervised: bool = False) -> di
                 "bits_per_dim": interval(rng.uniform(1, 5), 0.01),
                 "continuous": {"bits_per_dim": interval(rng.uniform(-0.5, 0.5), 0.01)},
                 "regions": {"brain": interval(rng.uniform(3, 6), 0.01),
-                            "background": interval(rng.uniform(0.1, 1), 0.01)}},
+                            "background": interval(rng.uniform(0.1, 1), 0.01)},
+                "convergence": {"move": float(rng.uniform(0, 90)), "converged": True}},
         "reconstruction": {name: interval(rng.uniform(lo, hi), 0.01)
                            for name, lo, hi in (("psnr", 20, 30), ("ssim", 0.5, 0.9),
                                                 ("psnr_brain", 20, 30),
