@@ -123,3 +123,20 @@ def test_group_kl_uses_analytic_forms_where_they_exist():
                     - 0.5
                 )
             assert torch.allclose(kl[:, level], sum_per_sample(by_hand), rtol=1e-4, atol=1e-3)
+
+
+def test_kl_scale_multiplies_the_kl_weight_the_annealing_reaches():
+    """At full KL weight, kl_scale s is a beta-VAE's beta: the loss with (beta 1, s 3) equals the
+    loss with (beta 3, s 1) without balancing, and both exceed the ELBO's by 2 x KL / D."""
+    torch.manual_seed(0)
+    model = HierarchicalVAE(HVAEConfig(kind="nvae", image_size=(16, 16), levels=2, width=8,
+                                       cells_per_scale=1))
+    x = torch.randn(2, 1, 16, 16)
+    out = model(x)
+    terms, sizes = objectives.elbo_terms(out, x), objectives.group_sizes(out)
+    scaled = objectives.training_loss(terms, sizes, 1.0, kl_scale=3.0).loss
+    beta3 = objectives.training_loss(terms, sizes, 3.0, balance=False).loss
+    elbo = objectives.training_loss(terms, sizes, 1.0).loss
+    assert scaled.item() == pytest.approx(beta3.item(), rel=1e-6)
+    kl = terms.kl.sum(1).mean().item() / 256
+    assert (scaled - elbo).item() == pytest.approx(2 * kl, rel=1e-3)  # float32 difference

@@ -154,6 +154,8 @@ def test_every_config_loads_and_builds_its_model():
         ("optim.weight_decay=-1e-8", "optim.weight_decay"),
         ("data.flip_prob=1.5", "data.flip_prob"),
         ("data.intensity_scale=-0.1", "data.intensity_scale"),
+        ("objective.kl_scale=0", "objective.kl_scale: expected a value > 0"),
+        ("model.conditional_prior=fitted", "model.conditional_prior"),
         ("data.phantom={kind: ms}", "data.cache"),  # a cache and a phantom: which one?
     ],
 )
