@@ -206,6 +206,8 @@ def test_input_errors():
         small_model("nvmp")(torch.randn(2, 1, 96, 112))
     with pytest.raises(InputError, match="z_0 has a prior fitted at"):
         small_model("nvae", unconditional_prior="fitted").sample(1, size=(96, 112))
+    with pytest.raises(InputError, match="z_1 has a prior fitted at"):
+        small_model("nvae", conditional_prior="recentred").sample(1, size=(96, 112))
 
 
 @pytest.mark.parametrize("kind", KINDS)

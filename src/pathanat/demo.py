@@ -24,8 +24,8 @@ from pathanat.training.config import ExperimentConfig, load_experiment
 
 DEMO_BUDGET = Budget(
     about="the demo: one NVMP, 30 subjects, IW NLL with S=8, FID and KID of 512 prior draws "
-          "(2048 would add about 2 min of Inception features), 64 samples for validity, "
-          "segmenters trained for 250 steps",
+          "(2048 would add about 2.5 min of Inception features, estimated from one cpu-budget "
+          "run), 64 samples for validity, segmenters trained for 250 steps",
     subjects=30, overrides=(), iw_samples=8, fid=True, validity_samples=64, segmenter_steps=250,
     fid_samples=512,
 )

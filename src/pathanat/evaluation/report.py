@@ -188,8 +188,9 @@ def with_binned_nll(metrics: dict | None) -> dict | None:
     nll = (metrics or {}).get("nll")
     if not isinstance(nll, dict) or "bins" in nll:
         return metrics
-    continuous = {k: nll.pop(k) for k in ("nats_per_slice", "bits_per_dim") if k in nll}
-    return {**metrics, "nll": {**nll, "continuous": continuous}}
+    moved = ("nats_per_slice", "bits_per_dim")
+    kept = {k: v for k, v in nll.items() if k not in moved}
+    return {**metrics, "nll": {**kept, "continuous": {k: nll[k] for k in moved if k in nll}}}
 
 
 def read_config(path: Path) -> dict:

@@ -412,15 +412,7 @@ class RecentredPrior(nn.Module):
     def _log_variance(self) -> Tensor:
         return (self.second - self.first**2).clamp_min(math.exp(-2 * LOG_SCALE_BOUND)).log()
 
-    def _check(self, prior: DiagonalGaussian) -> None:
-        if prior.mu.shape[-2:] != self.first.shape[-2:]:
-            raise InputError(
-                f"a prior recentred at {tuple(self.first.shape[-2:])} elements (the configured "
-                f"image size) got a group of {tuple(prior.mu.shape[-2:])}"
-            )
-
     def forward(self, prior: DiagonalGaussian) -> DiagonalGaussian:
-        self._check(prior)
         # copies: ``update`` changes the buffers in place, after the pass that used this prior
         m, log_v = self.first.clone(), self._log_variance()
         return DiagonalGaussian(prior.mu + prior.sigma * m, prior.log_sigma + 0.5 * log_v)
@@ -441,6 +433,16 @@ class RecentredPrior(nn.Module):
         keep = FITTED_PRIOR_MOMENTUM
         self.first.lerp_(e.mean(0, keepdim=True), 1 - keep)
         self.second.lerp_((e**2 + spread).mean(0, keepdim=True), 1 - keep)
+
+
+def _check_fitted_size(level: int, moments: Tensor, h: Tensor) -> None:
+    """Moments fitted per element (FittedPrior, RecentredPrior) hold only for the configured
+    image size: another size has other elements."""
+    if moments.shape[-2:] != h.shape[-2:]:
+        raise InputError(
+            f"z_{level} has a prior fitted at {tuple(moments.shape[-2:])} elements (the "
+            f"configured image size); this input gives {tuple(h.shape[-2:])}"
+        )
 
 
 class Encoder(nn.Module):
@@ -541,17 +543,15 @@ class Decoder(nn.Module):
         unconditional prior, or None where the prior is fixed."""
         if str(level) in self.fitted_priors:
             fitted = self.fitted_priors[str(level)]
-            if fitted.first.shape[-2:] != h.shape[-2:]:
-                raise InputError(
-                    f"z_{level} has a prior fitted at {tuple(fitted.first.shape[-2:])} elements "
-                    f"(the configured image size); this input gives {tuple(h.shape[-2:])}"
-                )
+            _check_fitted_size(level, fitted.first, h)
             return fitted(h.shape[0])
         if level == 0 or not self.prior_heads:
             return None
         prior = self.prior_heads[level - 1](h)
         if str(level) in self.recentred_priors:
-            return self.recentred_priors[str(level)](prior)
+            recentred = self.recentred_priors[str(level)]
+            _check_fitted_size(level, recentred.first, h)
+            return recentred(prior)
         return prior
 
     def learned_prior(self, level: int, prior: DiagonalGaussian) -> DiagonalGaussian:
