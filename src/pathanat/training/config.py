@@ -182,8 +182,10 @@ def check_experiment(config: ExperimentConfig) -> None:
         raise ConfigError(
             f"objective.kl_scale: expected a value > 0, got {config.objective.kl_scale!r}"
         )
-    if not config.optim.lr > 0:
-        raise ConfigError(f"optim.lr: expected a value > 0, got {config.optim.lr!r}")
+    # Adam moves a weight by about lr per step whatever the gradient, so lr <= 1 also keeps every
+    # update of a finite gradient finite
+    if not 0.0 < config.optim.lr <= 1.0:
+        raise ConfigError(f"optim.lr: expected a value in (0, 1], got {config.optim.lr!r}")
     if not 0.0 <= data.flip_prob <= 1.0:
         raise ConfigError(f"data.flip_prob: expected a value in [0, 1], got {data.flip_prob!r}")
     if not 0.0 < config.objective.kl_start <= 1.0:

@@ -21,9 +21,17 @@ from pathanat.data.dataset import SliceDataModule
 from pathanat.errors import PathanatError
 
 
-def derived_seed(*keys: int) -> int:
-    """A 63-bit seed from a tuple of integers (distinct tuples give unrelated streams)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+# What a derived seed is for: each use has its own stream, whatever its keys.
+PERMUTATION, ITEM, STEP = 1, 2, 3
+
+
+def derived_seed(purpose: int, *keys: int) -> int:
+    """A 63-bit seed for ``purpose`` (PERMUTATION, ITEM or STEP) from a tuple of integers.
+
+    Distinct (purpose, keys) give unrelated streams. The number of keys is part of the entropy:
+    SeedSequence alone maps [7, 3] and [7, 3, 0] to the same state."""
+    entropy = [int(purpose), len(keys), *(int(k) for k in keys)]
+    return int(np.random.SeedSequence(entropy).generate_state(2, np.uint64)[0] >> 1)
 
 
 class StepBatchSampler(Sampler):
@@ -44,7 +52,7 @@ class StepBatchSampler(Sampler):
         self.n = n
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
+        generator = torch.Generator().manual_seed(derived_seed(PERMUTATION, self.seed, epoch))
         return torch.randperm(self.n, generator=generator)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
@@ -56,7 +64,7 @@ class StepBatchSampler(Sampler):
                 epoch, perm = e, self.permutation(e)
             first = (i * self.world + self.rank) * self.batch_size
             indices = perm[first : first + self.batch_size].tolist()
-            yield [(derived_seed(self.seed, epoch, index), index) for index in indices]
+            yield [(derived_seed(ITEM, self.seed, epoch, index), index) for index in indices]
             batch += 1
 
 

@@ -26,7 +26,7 @@ from pathanat.errors import PathanatError
 from pathanat.evaluation.reconstruction import psnr
 from pathanat.models import HierarchicalVAE, HVAEOutput
 from pathanat.training.config import ExperimentConfig
-from pathanat.training.data import derived_seed
+from pathanat.training.data import STEP, derived_seed
 
 # A latent unit is active when the variance over the batch of its posterior mean exceeds this
 # (Burda et al. 2016).
@@ -116,7 +116,7 @@ class HVAEModule(pl.LightningModule):
         return self.config.optim.learning_rate(self.global_step, self.config.trainer.max_steps)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        seed = derived_seed(self.config.trainer.seed, self.batches_seen, self.global_rank)
+        seed = derived_seed(STEP, self.config.trainer.seed, self.batches_seen, self.global_rank)
         torch.manual_seed(seed)
         self.batches_seen += 1
         optimizer = self.optimizers()
@@ -149,8 +149,20 @@ class HVAEModule(pl.LightningModule):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
+            self._check_finite_weights(lr)
             self.consecutive_skips = 0
         self._log_training(out, terms, loss, beta, lr, grad_norm)
+
+    def _check_finite_weights(self, lr: float) -> None:
+        """Stop before a non-finite weight is used or saved (a finite gradient and lr <= 1 should
+        never make one; if something does, the last checkpoint still holds good weights)."""
+        finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()])
+        if not bool(finite.all()):
+            raise PathanatError(
+                f"training stopped at step {self.global_step}: the update with lr {lr:g} made "
+                "weights non-finite; the last checkpoint holds the last good weights. Lower "
+                "optim.lr or set optim.grad_clip."
+            )
 
     def _log_training(
         self,
