@@ -257,6 +257,51 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
     ]
 
 
+KILLED_SCRIPT = """
+import os, sys
+import lightning.pytorch as pl
+from pathanat.training.run import train
+
+class Kill(pl.Callback):  # dies as kill -9 would: no teardown, no flush
+    def __init__(self, where):
+        self.where = where
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if self.where == "step 5":
+            if trainer.global_step == 5:
+                os._exit(9)
+    def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+        if self.where == "validation at step 4" and trainer.global_step == 4:
+            os._exit(9)
+
+train(sys.argv[1], ["trainer.max_steps=6", "trainer.val_every=2", "trainer.checkpoint_every=2",
+                    "trainer.log_every=1"], out=sys.argv[2], callbacks=[Kill(sys.argv[3])])
+"""
+
+
+@pytest.mark.parametrize("where", ["step 5", "validation at step 4"])
+def test_a_killed_and_resumed_run_logs_every_step_once_as_an_unbroken_one(
+    tiny_config, tmp_path, where
+):
+    """Killed after the checkpoint of step 4 (mid-training, or during the validation that follows
+    it), then resumed: metrics.csv holds the rows of a run never stopped, each once (Lightning's
+    order lost the validation and repeated the rows logged after the checkpoint)."""
+    common = ["trainer.val_every=2", "trainer.checkpoint_every=2", "trainer.log_every=1"]
+    straight = train(tiny_config, [*common, "trainer.max_steps=6"], out=tmp_path / "straight")
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_SCRIPT)
+    killed = tmp_path / "killed"
+    done = subprocess.run([sys.executable, str(script), str(tiny_config), str(killed), where],
+                          capture_output=True, text=True)
+    assert done.returncode == 9, done.stderr[-2000:]
+    assert main(["train", "--resume", str(killed), "trainer.max_steps=6"]) == 0
+    a, b = pd.read_csv(straight / "metrics.csv"), pd.read_csv(killed / "metrics.csv")
+    for column in ("train/loss", "val/psnr"):
+        rows_a, rows_b = a.dropna(subset=[column]), b.dropna(subset=[column])
+        assert rows_b["step"].tolist() == rows_a["step"].tolist(), column
+        np.testing.assert_allclose(rows_b[column], rows_a[column], rtol=1e-5, err_msg=column)
+    assert a.dropna(subset=["val/psnr"])["step"].tolist() == [1, 3, 5]
+
+
 def test_warm_up_schedules_follow_the_step_and_survive_a_resume(tiny_config, tmp_path):
     """A KL cycle of 4 steps (rise over 2, restart at 4), a 3-step lr warm-up and a cosine decay
     to 0 at step 5, on a joint-posterior model with per-scale widths: the logged values are the

@@ -37,7 +37,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -46,7 +45,7 @@ from pathanat.config import apply_override, from_dict, read_yaml, save_config, t
 from pathanat.data.prepare import load_cache
 from pathanat.errors import ConfigError, OutputBusyError, OutputExistsError, PathanatError
 from pathanat.models import HierarchicalVAE
-from pathanat.training.callbacks import ReconstructionGrid, RunCSVLogger
+from pathanat.training.callbacks import ReconstructionGrid, RunCSVLogger, StepCheckpoint
 from pathanat.training.checkpoint import (
     AtomicCheckpointIO,
     load_checkpoint,
@@ -237,10 +236,15 @@ def data_module(config: ExperimentConfig) -> TrainingDataModule:
 
 
 def build_trainer(
-    config: ExperimentConfig, run_dir: Path, callbacks: Sequence[pl.Callback] = ()
+    config: ExperimentConfig,
+    run_dir: Path,
+    callbacks: Sequence[pl.Callback] = (),
+    resume_step: int | None = None,
 ) -> pl.Trainer:
+    """``resume_step``: the step of the checkpoint a resumed session starts from."""
     t = config.trainer
-    checkpoints = ModelCheckpoint(
+    checkpoints = StepCheckpoint(
+        val_every=t.val_every,
         dirpath=run_dir / "checkpoints",
         filename="step{step:07d}",
         auto_insert_metric_name=False,
@@ -264,7 +268,7 @@ def build_trainer(
         log_every_n_steps=t.log_every,
         logger=[
             TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False),
-            RunCSVLogger(run_dir),
+            RunCSVLogger(run_dir, resume_step),
         ],
         callbacks=[
             checkpoints,
@@ -298,7 +302,8 @@ def _fit(
     data = data_module(config)
     if config.model.vamp and ckpt_path is None:
         module.model.init_pseudo_inputs(initial_pseudo_inputs(data, config.model.pseudo_inputs))
-    trainer = build_trainer(config, run_dir, callbacks)
+    resume_step = load_checkpoint(ckpt_path)["global_step"] if ckpt_path is not None else None
+    trainer = build_trainer(config, run_dir, callbacks, resume_step)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     if trainer.state.status.value != "finished":
         return
