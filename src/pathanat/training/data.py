@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pathanat.data.dataset import SliceDataModule
 from pathanat.errors import PathanatError
 
-
 # What a derived seed is for: each use has its own stream, whatever its keys.
 PERMUTATION, ITEM, STEP = 1, 2, 3
 
