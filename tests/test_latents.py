@@ -11,6 +11,7 @@ from pathanat.evaluation.latents import (
     group_importance,
     informativeness_table,
     lasso_r2,
+    r2_interval,
 )
 
 
@@ -34,7 +35,7 @@ def test_a_planted_factor_is_found_in_its_group_only():
         test,
         pd.DataFrame({"lesion_volume": lesion_volume(test, 4)}),
     )
-    assert list(table.columns) == ["group", "target", "alpha", "r2"]
+    assert list(table.columns) == ["group", "target", "alpha", "r2", "r2_low", "r2_high"]
     assert len(table) == 5 and (table["alpha"] == 10.0).all()
     r2 = table.set_index("group")["r2"]
     assert r2["z2"] > 0.9
@@ -148,3 +149,49 @@ def test_inputs_are_validated():
         dci_scores(-np.ones((2, 2)))
     with pytest.raises(InputError, match="2 codes x 2 factors"):
         dci_scores(np.ones((1, 2)))
+
+
+def test_r2_intervals_cover_the_known_r2_of_a_fixed_predictor():
+    """y = x.b + e with var(x.b) = var(e): the true predictor's population R^2 is exactly 0.5.
+    Over 300 test sets of 40, the 95% interval should hold 0.5 about 95% of the time (a
+    percentile bootstrap at n = 40 is known to undercover a little)."""
+    rng = np.random.default_rng(0)
+    b = rng.normal(size=5)
+    covered = []
+    for rep in range(300):
+        x = rng.normal(size=(40, 5))
+        signal = x @ b
+        y = signal + rng.normal(size=40) * np.linalg.norm(b)  # var(e) = |b|^2 = var(x.b)
+        low, high = r2_interval(y, signal, n_boot=1000, seed=rep)
+        covered.append(low <= 0.5 <= high)
+    assert 0.88 <= np.mean(covered) <= 0.99
+
+
+def test_r2_intervals_resample_clusters_whole():
+    """Slices of one subject share its error: counting them as independent draws would give
+    an interval far too narrow; resampled by subject, it is as wide as with one row per subject."""
+    rng = np.random.default_rng(1)
+    subjects = 40
+    truth = rng.normal(size=subjects)
+    y_subject = truth + rng.normal(size=subjects)
+    y = np.repeat(y_subject, 20)  # 20 identical slices per subject
+    predicted = np.repeat(truth, 20)
+    ids = np.repeat(np.arange(subjects), 20)
+    by_subject = r2_interval(y_subject, truth, seed=0)
+    clustered = r2_interval(y, predicted, ids, seed=0)
+    naive = r2_interval(y, predicted, seed=0)
+    assert clustered == pytest.approx(by_subject, abs=0.03)
+    assert (naive[1] - naive[0]) < 0.5 * (clustered[1] - clustered[0])
+
+
+def test_informativeness_table_gives_each_r2_with_an_interval_around_it():
+    train, test = latent_groups(200, 3), latent_groups(60, 4)
+    w = np.random.default_rng(5).normal(size=18)
+    target = {s: g["z1"].reshape(len(g["z1"]), -1) @ w + np.random.default_rng(6).normal(
+        size=len(g["z1"])) for s, g in (("train", train), ("test", test))}
+    table = informativeness_table(train, {"a": target["train"]}, test, {"a": target["test"]},
+                                  alpha=0.05, n_jobs=1)
+    assert (table["r2_low"] <= table["r2"]).all() and (table["r2"] <= table["r2_high"]).all()
+    z1 = table.set_index("group").loc["z1"]
+    assert z1["r2_low"] > 0.5  # the planted group: clearly informative
+    assert (table.set_index("group").drop("z1")["r2_high"] < 0.3).all()

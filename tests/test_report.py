@@ -175,12 +175,15 @@ def make_run(folder: Path, kind: str, seed: int, supervised: bool = False) -> di
     }
     (folder / "metrics.json").write_text(json.dumps(metrics))
     ratio = dict(zip(GROUPS, rng.uniform(0.5, 3.5, 5).tolist(), strict=True))
+    table4 = {unit: {"target": target, "r2": dict(zip(GROUPS, rng.uniform(-1.5, 1, 5).tolist(),
+                                                     strict=True))}
+              for unit, target in (("subject", "lesion_volume_mm3"), ("slice", "lesion_area_mm2"))}
+    if supervised:  # an analysis with R^2 intervals; the other run's predates them
+        for entry in table4.values():
+            entry["r2_ci"] = {g: [v - 0.25, v + 0.125] for g, v in entry["r2"].items()}
     analysis = {
         "pathology": "ms",
-        "table4": {unit: {"target": target, "r2": dict(zip(GROUPS, rng.uniform(-1.5, 1, 5)
-                                                             .tolist(), strict=True))}
-                   for unit, target in (("subject", "lesion_volume_mm3"),
-                                        ("slice", "lesion_area_mm2"))},
+        "table4": table4,
         "dci": {"unit": "slice", "method": "lasso", "alpha": 0.05, "factors": ["a", "b", "c"],
                 **{k: float(rng.uniform(0, 1)) for k in
                    ("disentanglement_groups", "completeness_groups", "disentanglement_codes",
@@ -322,7 +325,10 @@ def test_r2_grids_hold_every_group_at_both_levels(two_runs):
             r2 = content["analysis"]["table4"][unit]["r2"]
             for group in GROUPS:
                 text, attrs = cell(rows, run.name, group)
-                assert float(attrs["data-value"]) == r2[group] and text == f"{r2[group]:.3f}"
+                v = r2[group]
+                shown = f"{v:.2f} [{v - 0.25:.2f}, {v + 0.125:.2f}]" if run.name == "nvmp_ms" \
+                    else f"{v:.3f}"
+                assert float(attrs["data-value"]) == v and text == shown
                 # the supervised run's z_P (z2) is outlined; the unsupervised run has none
                 outlined = "zp" in attrs.get("class", "")
                 assert outlined == (run.name == "nvmp_ms" and group == "z2")

@@ -156,14 +156,18 @@ def r2_tables(
     train_targets: pd.DataFrame,
     test_targets: pd.DataFrame,
     raw: Sequence[str] = (),
+    test_clusters: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
     """Lasso test R^2 for every group x usable target: targets in ``raw`` keep their units and the
     paper's alpha; the others are standardised (train statistics) and use ``FACTOR_ALPHA``.
-    Returns the table (group, target, alpha, scale, r2) and the targets left out."""
+    ``test_clusters`` (one id per test row, e.g. the subject of each slice) are resampled whole by
+    the R^2 intervals. Returns the table (group, target, alpha, scale, r2, r2_low, r2_high) and
+    the targets left out."""
     names = usable(train_targets, test_targets)
     skipped = [c for c in train_targets.columns if c not in names]
     if not names:
-        empty = pd.DataFrame(columns=["group", "target", "alpha", "scale", "r2"])
+        empty = pd.DataFrame(columns=["group", "target", "alpha", "scale", "r2", "r2_low",
+                                      "r2_high"])
         empty.attrs["not_converged"] = 0
         return empty, skipped
     tr, te = train_targets[names].astype(float), test_targets[names].astype(float)
@@ -176,7 +180,7 @@ def r2_tables(
         table = informativeness_table(
             dict(zip(groups, train_codes, strict=True)), {c: tr[c].to_numpy() for c in names},
             dict(zip(groups, test_codes, strict=True)), {c: te[c].to_numpy() for c in names},
-            alpha,
+            alpha, test_clusters=test_clusters,
         )
     # a fit that did not converge gives an approximate R^2: say how many there were
     table.attrs["not_converged"] = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
@@ -301,35 +305,42 @@ def analyze(
     summary: dict = {"pathology": pathology, "train_split": train.name, "test_split": test.name,
                      "groups": groups, "code_sizes": [c.shape[1] for c in codes[test.name]]}
     table4 = {}
-    for unit, target, tr_codes, te_codes, targets in (
-        ("slice", slice_target, codes[train.name], codes[test.name], slice_targets),
+    slice_subjects = test.slices["subject"].to_numpy()
+    for unit, target, tr_codes, te_codes, targets, clusters in (
+        ("slice", slice_target, codes[train.name], codes[test.name], slice_targets,
+         slice_subjects),
         ("subject", subject_target, subject_codes[train.name], subject_codes[test.name],
-         subject_targets),
+         subject_targets, None),
     ):
         if target not in targets[train.name]:
             table4[unit] = {"target": target, "skipped": "no such column"}
             continue
         t, skipped = r2_tables(groups, tr_codes, te_codes, targets[train.name][[target]],
-                               targets[test.name][[target]], raw)
+                               targets[test.name][[target]], raw, clusters)
         tables[f"table4_{unit}"] = t
         not_converged += t.attrs["not_converged"]
         table4[unit] = {"target": target, "r2": dict(zip(t["group"], t["r2"], strict=True)),
+                        "r2_ci": {g: [lo, hi] for g, lo, hi in
+                                  zip(t["group"], t["r2_low"], t["r2_high"], strict=True)},
                         "alpha": float(t["alpha"].iloc[0]) if len(t) else None,
                         "scale": t["scale"].iloc[0] if len(t) else None,
                         "skipped": skipped}
     table4["paper_analogue"] = "subject"
+    table4["ci_method"] = ("95% percentile bootstrap of the test R2 of the fitted Lasso over test "
+                           "subjects (slice level: each subject's slices drawn together); the "
+                           "test set's sampling error, not the fit's variation over training sets")
     table4["samples"] = {"slice": [len(images[train.name]), len(images[test.name])],
                          "subject": [len(subject_targets[train.name]),
                                      len(subject_targets[test.name])]}
     summary["table4"] = table4
 
     # every factor, both units
-    for unit, tr_codes, te_codes, targets in (
-        ("slice", codes[train.name], codes[test.name], slice_targets),
-        ("subject", subject_codes[train.name], subject_codes[test.name], subject_targets),
+    for unit, tr_codes, te_codes, targets, clusters in (
+        ("slice", codes[train.name], codes[test.name], slice_targets, slice_subjects),
+        ("subject", subject_codes[train.name], subject_codes[test.name], subject_targets, None),
     ):
         t, skipped = r2_tables(groups, tr_codes, te_codes, targets[train.name],
-                               targets[test.name])
+                               targets[test.name], test_clusters=clusters)
         tables[f"r2_factors_{unit}"] = t
         summary[f"r2_factors_{unit}_skipped"] = skipped
         not_converged += t.attrs["not_converged"]

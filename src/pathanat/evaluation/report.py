@@ -557,17 +557,20 @@ def r2_table(runs: Sequence[Run], unit: str) -> str:
             z_p = f"z{run.model('z_p')}" if run.model("supervised") else None
             for group in groups:
                 value = (entry.get("r2") or {}).get(group)
+                low, high = ((entry.get("r2_ci") or {}).get(group) or (None, None))
+                text = with_interval(value, low, high, 2) if low is not None else number(value, 3)
                 classes = ["zp"] if group == z_p else []
                 if finite(value) and value < 0:  # worse than predicting the mean: no shade
-                    cells.append(td(number(value, 3), value, [*classes, "negative"]))
+                    cells.append(td(text, value, [*classes, "negative"]))
                 else:
-                    cells.append(td(number(value, 3), value, classes, colour(value, 0.0, 1.0)))
+                    cells.append(td(text, value, classes, colour(value, 0.0, 1.0)))
         rows.append(cells)
     level = "subject level, the paper's analogue" if unit == "subject" else "slice level"
     caption = (
         f"Lasso test R² per latent group ({level}) against {esc(', '.join(sorted(targets)))}; "
         "cells shaded from 0 (white) to 1 (dark green), negative R² in grey; a supervised run's "
-        "z<sub>P</sub> is outlined in red."
+        "z<sub>P</sub> is outlined in red. Brackets: 95% bootstrap interval over the test "
+        "subjects (the test set's sampling error; analyses from before it have none)."
     )
     return table(["run", *map(esc, groups)], rows, caption)
 
