@@ -55,3 +55,23 @@ def test_summary_prints_estimates_with_their_interval():
         "per_slice": [1.0, 2.0],
     }
     assert _summary(result) == ["nll.bits: 1 [0.5, 1.5]", "split: test", "psnr: 26.12"]
+
+
+def test_a_bug_shows_its_traceback_and_a_user_error_one_line(monkeypatch, capsys):
+    """A PathanatError is the user's to fix: one line, exit 2. Anything else is ours: it must
+    propagate (Python prints the traceback), not pass for a user error."""
+    from pathanat import cli
+    from pathanat.errors import PathanatError
+
+    def user_error(args):
+        raise PathanatError("--out x: is a file")
+
+    def bug(args):
+        raise ValueError("training_loss: supervision needs both seg_logits and mask")
+
+    monkeypatch.setattr(cli, "_demo", user_error)
+    assert main(["demo"]) == 2
+    assert capsys.readouterr().err.strip() == "pathanat demo: error: --out x: is a file"
+    monkeypatch.setattr(cli, "_demo", bug)
+    with pytest.raises(ValueError, match="supervision needs both"):
+        main(["demo"])

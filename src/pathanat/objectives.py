@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pathanat.errors import PathanatError
 from pathanat.models.distributions import (
     gaussian_log_likelihood,
     mc_kl_to_mixture,
@@ -93,7 +92,7 @@ def kl_weight(step: int, cycle: int = 10_000, start: float = 2e-7) -> float:
     """Cyclical linear KL annealing: ``start`` at the beginning of each ``cycle`` steps, rising
     linearly to 1 over the first ``RISE_FRACTION`` of the cycle, then 1 until the cycle ends."""
     if cycle < 1 or step < 0:
-        raise PathanatError(f"kl_weight: expected cycle >= 1 and step >= 0, got {cycle}, {step}")
+        raise ValueError(f"kl_weight: expected cycle >= 1 and step >= 0, got {cycle}, {step}")
     position = (step % cycle) / (RISE_FRACTION * cycle)
     return start + (1.0 - start) * min(1.0, position)
 
@@ -124,7 +123,7 @@ def soft_dice_loss(logits: Tensor, mask: Tensor, smooth: float = 1.0) -> Tensor:
 def supervision_loss(logits: Tensor, mask: Tensor) -> Tensor:
     """Per-sample lesion loss: pixel-mean binary cross-entropy plus soft Dice."""
     if logits.shape != mask.shape:
-        raise PathanatError(
+        raise ValueError(
             f"supervision: logits {tuple(logits.shape)} and mask {tuple(mask.shape)} differ"
         )
     bce = F.binary_cross_entropy_with_logits(logits.float(), mask.float(), reduction="none")
@@ -174,7 +173,7 @@ def training_loss(
     if seg_logits is not None and mask is not None:
         supervision = supervision_loss(seg_logits, mask).mean()
     elif (seg_logits is None) != (mask is None):
-        raise PathanatError("training_loss: supervision needs both seg_logits and mask")
+        raise ValueError("training_loss: supervision needs both seg_logits and mask")
     return Loss(
         loss=per_sample.mean() + supervision_weight * supervision,
         nll_per_dim=nll.mean().detach() / terms.dims,

@@ -687,7 +687,7 @@ class HierarchicalVAE(nn.Module):
         """Set the pseudo-inputs to training images (cycled if fewer than K): a better start than
         noise, since the VampPrior's modes then begin where the data are."""
         if self.pseudo_inputs is None:
-            raise PathanatError(f"init_pseudo_inputs: kind {self.config.kind} has no pseudo-inputs")
+            raise ValueError(f"init_pseudo_inputs: kind {self.config.kind} has no pseudo-inputs")
         if tuple(x.shape[1:]) != tuple(self.pseudo_inputs.shape[1:]):
             expected = tuple(self.pseudo_inputs.shape[1:])
             raise InputError(
