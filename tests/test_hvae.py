@@ -516,3 +516,17 @@ def test_a_non_finite_batch_leaves_a_recentred_prior_as_it_was():
     broken[0, 0, 0, 0] = float("inf")
     prior.update(DiagonalGaussian(broken, torch.zeros(5, 2, 3, 4)), prior(learned))
     assert torch.equal(prior.first, first) and torch.equal(prior.second, second)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decoding_a_slices_residuals_gives_its_reconstruction(kind):
+    """from_residuals re-expresses each residual under the prior its context gives: fed the
+    posterior residuals of x, the top-down pass meets the posterior means again."""
+    torch.manual_seed(0)
+    config = HVAEConfig(kind=kind, image_size=(16, 16), levels=2, width=8, cells_per_scale=1,
+                        pseudo_inputs=2)
+    model = HierarchicalVAE(config).eval()
+    x = torch.randn(3, 1, 16, 16)
+    enc = model.encode(x)
+    torch.testing.assert_close(model.from_residuals(enc.residuals, (16, 16)).x_mean,
+                               model.reconstruct(x), rtol=1e-4, atol=1e-5)

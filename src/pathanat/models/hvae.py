@@ -854,6 +854,20 @@ class HierarchicalVAE(nn.Module):
         return self._generated(z[0].shape[0], size or padded, lambda level, prior, state: z[level])
 
     @torch.no_grad()
+    def from_residuals(self, r: list[Tensor], size: tuple[int, int] | None = None) -> Generated:
+        """Images from standardised residuals (``Encoding.residuals``' form), top-down: each group
+        is mu_l + sig_l * r_l under the prior its context gives (r_l itself where the prior is
+        fixed). ``size`` as in :meth:`decode`."""
+        self._check_latents(r)
+        L = self.config.levels
+        padded = (r[0].shape[-2] << L, r[0].shape[-1] << L)
+
+        def choose(level: int, prior: DiagonalGaussian | None, state: Tensor) -> Tensor:
+            return prior.unstandardise(r[level]) if prior is not None else r[level]
+
+        return self._generated(r[0].shape[0], size or padded, choose)
+
+    @torch.no_grad()
     def sample(
         self, n: int, temperature: float = 1.0, size: tuple[int, int] | None = None
     ) -> Generated:
