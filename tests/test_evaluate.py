@@ -29,7 +29,7 @@ def test_evaluate_run_writes_metrics_json_and_appends_a_csv_row(tiny_run):
     assert written["fid"]["samples"] == 12 and written["fid"]["inputs"] == 8
     # the second-stage prior's draws are scored beside the model's own prior's
     assert written["fid"]["fid_samples_second_stage"] > 0
-    assert written["fid"]["second_stage"].startswith("a Gaussian")
+    assert written["fid"]["second_stage"].startswith("a Gaussian mixture")
     staged = written["plausibility"]["second_stage"]
     assert 0 <= staged["brain_like"]["mean"] <= 1 and staged["n"] > 0
     moved = written["nll"]["convergence"]  # S = 2 against 8 on the split's 8 slices

@@ -234,6 +234,7 @@ def test_synthesize_run_writes_figures_captions_and_merged_json(tiny_run, tmp_pa
     assert written["figures"]["style-mix"] == "figures/synth_style_mix.png"
 
     prior = (run / "figures" / "synth_prior.png").read_bytes()
+    assert "Last row: the second-stage prior" in (run / "figures" / "synth_prior.txt").read_text()
     again = synthesize_run(run, what=["style-mix", "prior"], pathology_groups=[2], **small)
     merged = json.loads((run / "synthesis.json").read_text())
     assert merged == json.loads(json.dumps(again))

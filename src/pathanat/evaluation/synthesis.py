@@ -68,6 +68,7 @@ from pathanat.evaluation.evaluate import (
 )
 from pathanat.figures import display, save_figure
 from pathanat.models import HierarchicalVAE, HVAEConfig
+from pathanat.models.second_stage import SecondStagePrior, fit_model_second_stage
 from pathanat.training.run import load_trained
 
 ALL = ("prior", "layers", "style-mix", "conditional", "clusters")
@@ -389,6 +390,7 @@ class Request:
     samples: int
     draws: int
     per_cluster: int
+    second_stage: SecondStagePrior | None = None
 
     def __post_init__(self) -> None:
         self.images = np.asarray(self.data.image, dtype=np.float32)
@@ -410,11 +412,19 @@ Drawn = tuple[plt.Figure, str, dict]
 
 
 def prior_figure(r: Request) -> Drawn:
-    out = prior_samples(r.model, r.temperatures, r.samples, r.seed)
-    fig = image_grid(list(out), row_labels=[f"T={t:g}" for t in r.temperatures])
+    rows = list(prior_samples(r.model, r.temperatures, r.samples, r.seed))
+    labels = [f"T={t:g}" for t in r.temperatures]
     caption = (f"prior samples (likelihood means), one row per temperature "
                f"{', '.join(f'{t:g}' for t in r.temperatures)}; all groups z0..z{r.levels} drawn "
                f"top-down from the prior (no pathology groups or mode involved); seed {r.seed}.")
+    if r.second_stage is not None:
+        with seeded(r.seed):
+            rows.append(images_of(r.model.from_residuals(r.second_stage.draw(r.samples),
+                                                         r.model.config.image_size)))
+        labels.append("2nd stage")
+        caption += (" Last row: the second-stage prior, a Gaussian mixture fitted to the "
+                    "training posteriors' residuals of every group, decoded top-down.")
+    fig = image_grid(rows, row_labels=labels)
     return fig, caption, {"temperatures": list(map(float, r.temperatures)), "samples": r.samples}
 
 
@@ -572,8 +582,10 @@ def synthesize_run(
     data = split_arrays(run_cache(folder, config), split)
     chosen = choose_pairs(data, pairs, seed) if set(what) - {"prior", "clusters"} else []
     kind = config.model.kind
+    second_stage = (fit_model_second_stage(model, run_cache(folder, config).split("train").image,
+                                        seed=seed) if "prior" in what else None)
     request = Request(model, data, chosen, groups, seed, tuple(temperatures), temperature,
-                      samples, draws, per_cluster)
+                      samples, draws, per_cluster, second_stage)
     settings: dict[str, dict] = {}
     for name in tqdm(what, desc="synthesize", delay=2.0, disable=not progress):
         fig, caption, used = FIGURES[name](request)

@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+import torch
+
+from pathanat.errors import InputError
+from pathanat.models import HierarchicalVAE, HVAEConfig
+from pathanat.models.second_stage import fit_model_second_stage, fit_second_stage
+
+SHAPES = [(1, 2, 2), (2, 2, 3)]  # 4 + 12 = 16 values per code
+
+
+def flat(draws):
+    return torch.cat([d.flatten(1) for d in draws], 1).double().numpy()
+
+
+def test_one_component_draws_have_the_codes_mean_and_covariance_and_stay_in_their_span():
+    """Codes from a rank-3 Gaussian in 16 dimensions: with one component the fit is the sample
+    moments, so draws reproduce them, and nothing leaves the codes' span."""
+    rng = np.random.default_rng(0)
+    codes = 2.0 + rng.normal(size=(400, 3)) @ rng.normal(size=(3, 16))
+    fitted = fit_second_stage(codes, SHAPES, dims=2, components=1)
+    assert fitted.directions.shape[0] == 3
+    draws = fitted.draw(200_000, generator=torch.Generator().manual_seed(1))
+    assert [tuple(d.shape[1:]) for d in draws] == SHAPES
+    x = flat(draws)
+    np.testing.assert_allclose(x.mean(0), codes.mean(0), atol=0.03)
+    scale = np.abs(np.cov(codes.T)).max()
+    np.testing.assert_allclose(np.cov(x.T), np.cov(codes.T), atol=0.05 * scale)
+    _, _, vt = np.linalg.svd(codes - codes.mean(0))
+    assert np.abs((x - codes.mean(0)) @ vt[3:].T).max() < 1e-3
+    np.testing.assert_allclose(flat(fitted.draw(2, 0.0)), np.repeat(codes.mean(0)[None], 2, 0),
+                               rtol=1e-5)
+
+
+def test_the_mixture_keeps_two_clusters_apart_where_one_gaussian_blends_them():
+    """Two tight clusters at +-5 along one direction: a single Gaussian puts much of its mass
+    between them (where no code is), the mixture almost none."""
+    rng = np.random.default_rng(2)
+    direction = rng.normal(size=16)
+    direction /= np.linalg.norm(direction)
+    side = rng.choice([-5.0, 5.0], size=600)
+    codes = (side + 0.3 * rng.normal(size=600))[:, None] * direction + 0.1 * rng.normal(
+        size=(600, 16))
+    between = {}
+    for k in (1, 2):
+        draws = flat(fit_second_stage(codes, SHAPES, dims=4, components=k).draw(
+            20_000, generator=torch.Generator().manual_seed(0)))
+        between[k] = np.mean(np.abs(draws @ direction) < 2.5)
+    assert between[1] > 0.3 and between[2] < 0.01
+
+
+def test_bad_codes_and_draws_are_refused():
+    with pytest.raises(InputError, match="codes"):
+        fit_second_stage(np.full((5, 16), np.nan), SHAPES)
+    with pytest.raises(InputError, match="16 values"):
+        fit_second_stage(np.zeros((5, 15)), SHAPES)
+    good = np.random.default_rng(0).normal(size=(30, 16))
+    with pytest.raises(InputError, match="components"):
+        fit_second_stage(good, SHAPES, components=31)
+    with pytest.raises(InputError, match="n: expected"):
+        fit_second_stage(good, SHAPES, components=1).draw(0)
+
+
+def test_a_model_fit_covers_every_group_and_decodes():
+    torch.manual_seed(0)
+    model = HierarchicalVAE(HVAEConfig(kind="nvae", image_size=(16, 16), levels=2, width=8,
+                                       cells_per_scale=1)).eval()
+    images = np.random.default_rng(0).normal(size=(20, 16, 16)).astype(np.float32)
+    fitted = fit_model_second_stage(model, images, batch_size=8)
+    assert fitted.shapes == model.group_shapes((16, 16))
+    assert len(fitted.weights) == 1  # 20 codes: one component (at least 20 codes each)
+    out = model.from_residuals(fitted.draw(4), (16, 16))
+    assert out.x_mean.shape == (4, 1, 16, 16) and torch.isfinite(out.x_mean).all()
