@@ -14,7 +14,7 @@ The density: the codes' principal directions (SVD of the N centred codes, rank <
 first ``MIXTURE_DIMS`` coordinates a Gaussian mixture of ``MIXTURE_COMPONENTS`` full-covariance
 components (scikit-learn's EM), on the rest independent Gaussians with the codes' variances. A
 single Gaussian (``components=1``) blends slice levels into double outlines; the mixture keeps
-them apart (FID of 512 draws on the phantom, nvmp: one Gaussian 167, the mixture 155). Nothing is
+them apart (FID of 512 draws on the phantom, nvmp: one Gaussian 167, the mixture 149). Nothing is
 drawn outside the span of the training codes.
 """
 
@@ -30,7 +30,7 @@ from torch import Tensor
 from pathanat.errors import InputError
 
 FIT_SLICES = 2048  # at most this many training slices (a fixed-seed subset beyond it)
-MIXTURE_DIMS = 64
+MIXTURE_DIMS = 128
 MIXTURE_COMPONENTS = 10
 CODES_PER_COMPONENT = 20  # fewer training codes than 20 per component: fewer components
 # added to each component's covariance, relative to the largest direction's variance: keeps a
