@@ -163,6 +163,8 @@ def make_run(folder: Path, kind: str, seed: int, supervised: bool = False) -> di
                 "fid_samples": float(rng.uniform(0, 1)),
                 "kid_reconstruction": interval(rng.uniform(0, 0.1), 0.001),
                 "kid_samples": interval(rng.uniform(0, 0.1), 0.001),
+                "fid_samples_second_stage": float(rng.uniform(0, 1)),
+                "kid_samples_second_stage": interval(rng.uniform(0, 0.1), 0.001),
                 "samples": 2048, "inputs": 40,
                 "floor": {"split": "val", "slices": 36, "fid": 0.011,
                           "kid": interval(0.0004, 0.0001)}},
@@ -171,6 +173,8 @@ def make_run(folder: Path, kind: str, seed: int, supervised: bool = False) -> di
                      "shape_diversity": 0.06},
             "samples": {t: {"brain_like": interval(rng.uniform(0.1, 0.9), 0.05), "n": 256,
                             "shape_diversity": 0.05} for t in ("0.6", "0.8", "1.0")},
+            "second_stage": {"brain_like": interval(rng.uniform(0.1, 0.9), 0.05), "n": 256,
+                             "shape_diversity": 0.055},
         },
     }
     (folder / "metrics.json").write_text(json.dumps(metrics))
@@ -473,8 +477,8 @@ def test_evaluated_without_fid_says_so_and_vae_has_no_cluster_figure(tmp_path):
     del metrics["fid"]
     (run / "metrics.json").write_text(json.dumps(metrics))
     text = Page(write_report([run], tmp_path / "r.html").read_text()).all_text()
-    # the two FIDs and the two KIDs
-    assert text.count(f"not computed -- run pathanat evaluate {run}") == 4
+    # the three FIDs and the three KIDs (reconstructions, prior samples, second-stage samples)
+    assert text.count(f"not computed -- run pathanat evaluate {run}") == 6
     assert "--what clusters" not in text
 
 

@@ -91,12 +91,17 @@ TABLE1 = (
     ("FID samples", ("fid", "fid_samples"), 3, "min"),
     ("KID recon.", ("fid", "kid_reconstruction"), 4, "min"),
     ("KID samples", ("fid", "kid_samples"), 4, "min"),
+    ("FID 2nd-stage samples", ("fid", "fid_samples_second_stage"), 3, "min"),
+    ("KID 2nd-stage samples", ("fid", "kid_samples_second_stage"), 4, "min"),
     ("brain-like T=0.6", ("plausibility", "samples", "0.6", "brain_like"), 3, "max"),
     ("brain-like T=0.8", ("plausibility", "samples", "0.8", "brain_like"), 3, "max"),
     ("brain-like T=1", ("plausibility", "samples", "1.0", "brain_like"), 3, "max"),
     ("brain-like real", ("plausibility", "real", "brain_like"), 3, "max"),
     ("shape diversity T=1", ("plausibility", "samples", "1.0", "shape_diversity"), 3, "none"),
     ("shape diversity real", ("plausibility", "real", "shape_diversity"), 3, "none"),
+    ("brain-like 2nd stage", ("plausibility", "second_stage", "brain_like"), 3, "max"),
+    ("shape diversity 2nd stage", ("plausibility", "second_stage", "shape_diversity"), 3,
+     "none"),
 )
 DCI_COLUMNS = (
     ("D (groups)", "disentanglement_groups"),
@@ -535,7 +540,10 @@ def table1_section(runs: Sequence[Run]) -> str:
         "brain-like: the fraction of prior samples at temperature T "
         "that pass the brain-shape test (Wilson interval), and of the real test slices (the "
         "reference); shape diversity: mean pairwise 1 - Dice of their brain outlines (0: one "
-        "shape drawn again and again; nearer the real slices' value is better)."
+        "shape drawn again and again; nearer the real slices' value is better); 2nd stage: the "
+        "same for draws of the second-stage prior, a Gaussian mixture fitted after training to "
+        "the training posteriors' residuals of every group and decoded top-down "
+        "(models.second_stage), at the same N as the prior samples."
     )
     note = f'<p class="note">Intervals: {esc("; ".join(methods))}.</p>' if methods else ""
     return "<h2>Reconstruction (Table 1)</h2>\n" + table(header, rows, caption) + note
