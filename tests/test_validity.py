@@ -136,6 +136,46 @@ def test_only_brain_like_samples_are_counted(segmenters, tiny_cache):
     assert result["samples"]["lesion_voxels"] == alone["samples"]["lesion_voxels"]
 
 
+class PaintedStage:
+    """A 'second stage' whose draws index the painted slices (decoded by PaintedModel)."""
+
+    def __init__(self, count: int) -> None:
+        self.count, self.drawn = count, 0
+
+    def draw(self, n: int, temperature: float = 1.0) -> list[torch.Tensor]:
+        idx = (self.drawn + torch.arange(n)) % self.count
+        self.drawn += n
+        return [idx.float()]
+
+
+class PaintedModel(BlobModel):
+    """Prior draws: noise fields; second-stage draws: slices with lesions in the ventricles."""
+
+    def __init__(self, painted: np.ndarray) -> None:
+        super().__init__(painted)
+        self.noise = torch.randn(len(painted), *painted.shape[1:]) * 2
+
+    def sample(self, n: int, temperature: float = 1.0) -> SimpleNamespace:
+        return SimpleNamespace(x_mean=self.noise[torch.arange(n) % len(self.noise)][:, None])
+
+    def from_residuals(self, r: list[torch.Tensor], size) -> SimpleNamespace:
+        return SimpleNamespace(x_mean=self.images[r[0].long()][:, None])
+
+
+def test_second_stage_draws_are_scored_like_the_priors(segmenters, tiny_cache):
+    test = tiny_cache.split("test")
+    painted = blobs_in_ventricles(test)
+    result, _, _ = validity.scored_validity(
+        PaintedModel(painted[:4]), segmenters, test, 4, 1.0, 0, 4,
+        brain_references(tiny_cache), PaintedStage(4))
+    assert result["brain_like"]["mean"] == 0.0  # the prior's noise fields: none counted
+    staged = result["second_stage"]
+    alone = validity.sample_validity(BlobModel(painted[:4]), segmenters, test, n=4, batch_size=4)
+    assert staged["brain_like"]["mean"] == 1.0 and staged["samples"]["n"] == 4
+    assert staged["samples"]["lesion_voxels"] == alone["samples"]["lesion_voxels"]
+    assert staged["samples"]["invalid_fraction"] == alone["samples"]["invalid_fraction"]
+
+
 def test_sample_validity_is_seeded_and_reads_a_real_model(segmenters, tiny_run, tiny_cache):
     model = load_trained(tiny_run)[0]
     test = tiny_cache.split("test")
@@ -158,6 +198,9 @@ def test_validity_run_writes_result_and_figure(segmenters, tiny_run, tmp_path):
     # only the brain-like samples are counted (a 6-step model draws few or none)
     shape = on_disk["brain_like"]
     assert shape["n"] == 8 and on_disk["samples"]["n"] == round(shape["mean"] * 8)
+    staged = on_disk["second_stage"]  # the second-stage prior's 8 draws, counted the same way
+    assert staged["brain_like"]["n"] == 8
+    assert staged["samples"]["n"] == round(staged["brain_like"]["mean"] * 8)
     assert on_disk["invalid_labels"] == ["background", "CSF", "ventricles"]
     assert on_disk["segmenters"]["file"] == str(segmenters.path)
     assert on_disk["segmenters"]["lesion_dice"] == pytest.approx(segmenters.accuracy["lesion_dice"])

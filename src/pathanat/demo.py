@@ -158,6 +158,12 @@ def _summarise(
     counted = "" if not shape else f" (over the {samples['n']} brain-like of {shape['n']})"
     print(f"validity invalid lesion voxels: prior samples {_fraction(samples)}{counted}, real "
           f"test slices {_fraction(real)}")
+    staged = validity.get("second_stage")
+    if staged:
+        shape = staged.get("brain_like")
+        counted = "" if not shape else (f" (over the {staged['samples']['n']} brain-like of "
+                                        f"{shape['n']})")
+        print(f"         second-stage prior samples {_fraction(staged['samples'])}{counted}")
     print(f"report   {report}")
     print()
     print(f"A {steps}-step model on {counts.get('train', 0)} training subjects: look at the "

@@ -42,6 +42,7 @@ from pathanat.evaluation.evaluate import (
     finite_or_none,
     run_cache,
     run_folder,
+    second_stage_samples,
     split_arrays,
     write_json,
 )
@@ -62,6 +63,7 @@ from pathanat.evaluation.segmenters import (
     STEPS as SEGMENTER_STEPS,
 )
 from pathanat.figures import display, save_figure
+from pathanat.models.second_stage import SecondStagePrior, fit_model_second_stage
 from pathanat.training.run import load_trained
 
 INVALID = (BACKGROUND, CSF, VENTRICLES)
@@ -125,6 +127,18 @@ def prior_samples(model: Any, n: int, temperature: float, batch_size: int) -> np
     return np.concatenate(out)
 
 
+def brain_like_rates(scored: Scored, references: References | None, seed: int
+                     ) -> tuple[dict, dict | None]:
+    """The invalid-lesion rates over the brain-like images of ``scored`` (all of them without
+    ``references``) and the brain-like fraction with its Wilson interval."""
+    if references is None:
+        return validity_rates(scored.lesion, scored.tissue, seed), None
+    ok, *_ = brain_like(scored.images, references)
+    low, high = wilson_interval(int(ok.sum()), len(ok))
+    shape = {"mean": float(ok.mean()), "ci_low": low, "ci_high": high, "n": len(ok)}
+    return validity_rates(scored.lesion[ok], scored.tissue[ok], seed), shape
+
+
 @dataclass
 class Scored:
     """What the figure shows: images with their lesion masks and tissue labels."""
@@ -143,8 +157,10 @@ def scored_validity(
     seed: int,
     batch_size: int,
     references: References | None = None,
+    second_stage: SecondStagePrior | None = None,
 ) -> tuple[dict, Scored, Scored]:
-    """``sample_validity``'s result and the segmented samples and real slices behind it."""
+    """``sample_validity``'s result and the segmented samples and real slices behind it.
+    ``second_stage``: its ``n`` draws are scored the same way, under "second_stage"."""
     if not (isinstance(n, int) and n >= 1):
         raise PathanatError(f"n: expected an integer >= 1 (prior samples), got {n!r}")
     if not (isinstance(temperature, int | float) and math.isfinite(temperature)
@@ -183,13 +199,19 @@ def scored_validity(
 
     accuracy = segmenters.accuracy
     everything = validity_rates(samples.lesion, samples.tissue, seed)
-    if references is None:
-        counted, shape = everything, None
-    else:
-        ok, *_ = brain_like(samples.images, references)
-        low, high = wilson_interval(int(ok.sum()), len(ok))
-        shape = {"mean": float(ok.mean()), "ci_low": low, "ci_high": high, "n": len(ok)}
-        counted = validity_rates(samples.lesion[ok], samples.tissue[ok], seed)
+    counted, shape = brain_like_rates(samples, references, seed)
+    staged = None
+    if second_stage is not None:
+        start = time.perf_counter()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            drawn = second_stage_samples(model, second_stage, n, tuple(test.image.shape[1:]),
+                                         batch_size)
+        tissue, probs = segment(segmenters, drawn, batch_size)
+        rates, drawn_shape = brain_like_rates(Scored(drawn, probs > LESION_THRESHOLD, tissue),
+                                              references, seed)
+        staged = {"samples": rates, "brain_like": drawn_shape}
+        seconds["second_stage"] = time.perf_counter() - start
     result = {
         "split": test.name,
         "seed": seed,
@@ -199,6 +221,7 @@ def scored_validity(
         "samples": counted,
         "brain_like": shape,
         "all_samples": everything,
+        "second_stage": staged,
         "real": validity_rates(real.lesion, real.tissue, seed),
         "truth": validity_rates(np.asarray(test.lesion, dtype=bool), np.asarray(test.dseg), seed),
         "segmenters": {
@@ -308,9 +331,11 @@ def validity_run(
     segmenters = cohort_segmenters(cache, steps=steps, progress=progress)
     segs_seconds = time.perf_counter() - segs_start
     test = split_arrays(cache, "test")
+    model = model.float().eval()
     result, samples, real = scored_validity(
-        model.float().eval(), segmenters, test, n, temperature, seed, DEFAULT_BATCH_SIZE,
+        model, segmenters, test, n, temperature, seed, DEFAULT_BATCH_SIZE,
         brain_references(cache),
+        fit_model_second_stage(model, cache.split("train").image, seed=seed),
     )
     result = {"run": str(folder), "model": config.model.kind, **result}
     result["seconds"] = {"segmenters": round(segs_seconds, 2), **result["seconds"],
