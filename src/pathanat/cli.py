@@ -288,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         "Measure a trained run on a split of its cache: importance-weighted NLL (nats/slice and "
         "bits/dim, S stated), PSNR/SSIM of posterior-mean reconstructions (whole slice and brain "
-        "mask), FID of reconstructions and prior samples vs inputs, each with a subject-level "
-        "confidence interval. Writes RUN/metrics.json, RUN/eval/SPLIT_slices.csv and a row of "
+        "mask), FID and KID of reconstructions, of prior samples and of draws of the second-"
+        "stage prior (a mixture fitted to the training residuals) vs inputs, brain-like "
+        "fractions of samples, each with a confidence interval. Writes RUN/metrics.json, RUN/eval/SPLIT_slices.csv and a row of "
         "RUN/metrics_eval.csv.",
         "pathanat evaluate runs/nvmp_ms --iw-samples 100",
     )
@@ -300,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="slices per batch (default 32)")
     p.add_argument("--no-fid", action="store_true", help="skip FID (the slowest part)")
     p.add_argument("--fid-samples", type=int, default=None, metavar="N",
-                   help="prior draws for the FID/KID of samples (default 2048, or the split's "
-                        "slice count if larger)")
+                   help="draws of the prior, and of the second stage, for the FID/KID of "
+                        "samples (default 2048, or the split's slice count if larger)")
     p.set_defaults(func=_evaluate)
 
     p = _add(
