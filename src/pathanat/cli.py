@@ -290,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bits/dim, S stated), PSNR/SSIM of posterior-mean reconstructions (whole slice and brain "
         "mask), FID and KID of reconstructions, of prior samples and of draws of the second-"
         "stage prior (a mixture fitted to the training residuals) vs inputs, brain-like "
-        "fractions of samples, each with a confidence interval. Writes RUN/metrics.json, RUN/eval/SPLIT_slices.csv and a row of "
-        "RUN/metrics_eval.csv.",
+        "fractions of samples, each with a confidence interval. Writes RUN/metrics.json, "
+        "RUN/eval/SPLIT_slices.csv and a row of RUN/metrics_eval.csv.",
         "pathanat evaluate runs/nvmp_ms --iw-samples 100",
     )
     p.add_argument("run", type=Path, help="run folder made by `pathanat train`")
