@@ -55,6 +55,8 @@ def test_bad_codes_and_draws_are_refused():
     with pytest.raises(InputError, match="16 values"):
         fit_second_stage(np.zeros((5, 15)), SHAPES)
     good = np.random.default_rng(0).normal(size=(30, 16))
+    with pytest.raises(InputError, match="dims"):
+        fit_second_stage(good, SHAPES, dims=0)
     with pytest.raises(InputError, match="components"):
         fit_second_stage(good, SHAPES, components=31)
     with pytest.raises(InputError, match="n: expected"):

@@ -154,20 +154,21 @@ def _summarise(
                   f"{plausible['real']['shape_diversity']:.3f}")
     posthoc = (analysis.get("sensitivity") or {}).get("z_p_posthoc")
     print(f"latents  post-hoc z_P (pathology sensitivity): {posthoc}")
-    samples, real, shape = validity["samples"], validity["real"], validity.get("brain_like")
-    counted = "" if not shape else f" (over the {samples['n']} brain-like of {shape['n']})"
-    print(f"validity invalid lesion voxels: prior samples {_fraction(samples)}{counted}, real "
-          f"test slices {_fraction(real)}")
-    staged = validity.get("second_stage")
-    if staged:
-        shape = staged.get("brain_like")
-        counted = "" if not shape else (f" (over the {staged['samples']['n']} brain-like of "
-                                        f"{shape['n']})")
-        print(f"         second-stage prior samples {_fraction(staged['samples'])}{counted}")
+    print(f"validity invalid lesion voxels: prior samples {_counted(validity)}, real test "
+          f"slices {_fraction(validity['real'])}")
+    if validity.get("second_stage"):
+        print(f"         second-stage prior samples {_counted(validity['second_stage'])}")
     print(f"report   {report}")
     print()
     print(f"A {steps}-step model on {counts.get('train', 0)} training subjects: look at the "
           "report; `pathanat reproduce --dataset ms` trains and compares the paper's grid.")
+
+
+def _counted(drawn: dict) -> str:
+    """The invalid fraction of a set of draws, and over how many brain-like ones it is."""
+    samples, shape = drawn["samples"], drawn.get("brain_like")
+    over = "" if not shape else f" (over the {samples['n']} brain-like of {shape['n']})"
+    return _fraction(samples) + over
 
 
 def _fraction(rates: dict) -> str:

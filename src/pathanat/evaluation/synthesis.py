@@ -63,6 +63,7 @@ from pathanat.evaluation.evaluate import (
     batches,
     run_cache,
     run_folder,
+    second_stage_samples,
     split_arrays,
     write_json,
 )
@@ -419,8 +420,8 @@ def prior_figure(r: Request) -> Drawn:
                f"top-down from the prior (no pathology groups or mode involved); seed {r.seed}.")
     if r.second_stage is not None:
         with seeded(r.seed):
-            rows.append(images_of(r.model.from_residuals(r.second_stage.draw(r.samples),
-                                                         r.model.config.image_size)))
+            rows.append(second_stage_samples(r.model, r.second_stage, r.samples,
+                                             r.model.config.image_size, r.samples))
         labels.append("2nd stage")
         caption += (" Last row: the second-stage prior, a Gaussian mixture fitted to the "
                     "training posteriors' residuals of every group, decoded top-down.")
@@ -579,11 +580,12 @@ def synthesize_run(
     except json.JSONDecodeError as error:
         message = f"{path}: not valid JSON ({error}); delete it to start afresh"
         raise PathanatError(message) from None
-    data = split_arrays(run_cache(folder, config), split)
+    cache = run_cache(folder, config)
+    data = split_arrays(cache, split)
     chosen = choose_pairs(data, pairs, seed) if set(what) - {"prior", "clusters"} else []
     kind = config.model.kind
-    second_stage = (fit_model_second_stage(model, run_cache(folder, config).split("train").image,
-                                        seed=seed) if "prior" in what else None)
+    second_stage = (fit_model_second_stage(model, cache.split("train").image, seed=seed)
+                    if "prior" in what else None)
     request = Request(model, data, chosen, groups, seed, tuple(temperatures), temperature,
                       samples, draws, per_cluster, second_stage)
     settings: dict[str, dict] = {}

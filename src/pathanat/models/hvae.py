@@ -849,9 +849,8 @@ class HierarchicalVAE(nn.Module):
         ``size`` crops the output (default: the padded size the latents imply).
         """
         self._check_latents(z)
-        L = self.config.levels
-        padded = (z[0].shape[-2] << L, z[0].shape[-1] << L)
-        return self._generated(z[0].shape[0], size or padded, lambda level, prior, state: z[level])
+        return self._generated(z[0].shape[0], size or self._implied_size(z),
+                               lambda level, prior, state: z[level])
 
     @torch.no_grad()
     def from_residuals(self, r: list[Tensor], size: tuple[int, int] | None = None) -> Generated:
@@ -859,13 +858,11 @@ class HierarchicalVAE(nn.Module):
         is mu_l + sig_l * r_l under the prior its context gives (r_l itself where the prior is
         fixed). ``size`` as in :meth:`decode`."""
         self._check_latents(r)
-        L = self.config.levels
-        padded = (r[0].shape[-2] << L, r[0].shape[-1] << L)
 
         def choose(level: int, prior: DiagonalGaussian | None, state: Tensor) -> Tensor:
             return prior.unstandardise(r[level]) if prior is not None else r[level]
 
-        return self._generated(r[0].shape[0], size or padded, choose)
+        return self._generated(r[0].shape[0], size or self._implied_size(r), choose)
 
     @torch.no_grad()
     def sample(
@@ -907,6 +904,11 @@ class HierarchicalVAE(nn.Module):
     def _check_mode(mode: str) -> None:
         if mode not in ("value", "residual"):
             raise PathanatError(f"mode: expected 'value' or 'residual', got {mode!r}")
+
+    def _implied_size(self, z: list[Tensor]) -> tuple[int, int]:
+        """The padded image size a set of latents implies (z_0 is at 1/2^L of it)."""
+        L = self.config.levels
+        return (z[0].shape[-2] << L, z[0].shape[-1] << L)
 
     def _check_latents(self, z: list[Tensor]) -> None:
         if len(z) != self.config.num_groups:

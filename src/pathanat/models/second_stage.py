@@ -85,6 +85,8 @@ def fit_second_stage(codes: np.ndarray | Tensor, shapes: list[tuple[int, int, in
     if x.shape[1] != size:
         raise InputError(f"codes: expected {size} values per row (the groups' sizes), "
                          f"got {x.shape[1]}")
+    if not (isinstance(dims, int) and dims >= 1):
+        raise InputError(f"dims: expected an integer >= 1 (mixture coordinates), got {dims!r}")
     if not (isinstance(components, int) and 1 <= components <= len(x)):
         raise InputError(f"components: expected an integer in 1..{len(x)} (codes), "
                          f"got {components!r}")

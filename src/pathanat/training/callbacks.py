@@ -76,7 +76,8 @@ class StepCheckpoint(ModelCheckpoint):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
-        # had no validation followed (it always does, by the rule above), nothing is lost
+        # a safety net: were Lightning's validation rule ever to differ from the one above, the
+        # deferred checkpoint is written here, before the next step changes the state
         self._save_deferred(trainer, pl_module)
 
 

@@ -141,7 +141,7 @@ def resume(
         )
     if is_first_process():
         save_config(config, run_dir / "config.yaml")
-    _fit(config, run_dir, last, callbacks)
+    _fit(config, run_dir, last, callbacks, resume_step=step)
     return run_dir
 
 
@@ -295,14 +295,15 @@ def _fit(
     run_dir: Path,
     ckpt_path: Path | None,
     callbacks: Sequence[pl.Callback],
+    resume_step: int | None = None,
 ) -> None:
+    """Train from scratch, or from ``ckpt_path`` (a checkpoint of global step ``resume_step``)."""
     started = time.monotonic()
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
     module = HVAEModule(config)
     data = data_module(config)
     if config.model.vamp and ckpt_path is None:
         module.model.init_pseudo_inputs(initial_pseudo_inputs(data, config.model.pseudo_inputs))
-    resume_step = load_checkpoint(ckpt_path)["global_step"] if ckpt_path is not None else None
     trainer = build_trainer(config, run_dir, callbacks, resume_step)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     if trainer.state.status.value != "finished":
