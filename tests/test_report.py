@@ -208,6 +208,9 @@ def make_run(folder: Path, kind: str, seed: int, supervised: bool = False) -> di
         "invalid_labels": ["background", "CSF", "ventricles"],
         "samples": rates(float(rng.uniform(0.1, 0.5)), 0.05, 0.6, 64, shares()),
         "real": rates(float(rng.uniform(0, 0.05)), 0.0, 0.06, 40, shares()),
+        "reconstructions": rates(float(rng.uniform(0.03, 0.08)), 0.02, 0.09, 40, shares()),
+        "second_stage": {"samples": rates(float(rng.uniform(0.1, 0.4)), 0.05, 0.5, 60,
+                                          shares())},
         "truth": rates(0.0, 0.0, 0.0, 40, shares()),
         "segmenters": {"file": "/data/cache/segmenters/segmenters.pt", "split": "test",
                        "tissue_dice": dict(zip(labels, rng.uniform(0.5, 1, 6).tolist(),
@@ -373,9 +376,11 @@ def test_sensitivity_dci_and_validity_tables(two_runs):
             assert float(attrs["data-value"]) == value and text == f"{value:.3f}"
         validity = content["validity"]
         for column, source in (("samples", "samples"), ("real test slices", "real"),
-                               ("ground truth", "truth")):
+                               ("reconstructions", "reconstructions"),
+                               ("2nd-stage samples", "second_stage"), ("ground truth", "truth")):
             text, attrs = cell(rates_table, run.name, column)
             r = validity[source]
+            r = r["samples"] if source == "second_stage" else r
             assert float(attrs["data-value"]) == r["invalid_fraction"]
             assert text == (f"{r['invalid_fraction']:.4f} [{r['ci_low']:.4f}, "
                             f"{r['ci_high']:.4f}]")

@@ -73,3 +73,66 @@ def test_a_model_fit_covers_every_group_and_decodes():
     assert len(fitted.weights) == 1  # 20 codes: one component (at least 20 codes each)
     out = model.from_residuals(fitted.draw(4), (16, 16))
     assert out.x_mean.shape == (4, 1, 16, 16) and torch.isfinite(out.x_mean).all()
+
+
+def test_conditioned_on_one_group_the_other_is_drawn_from_the_gaussian_conditional():
+    """One component on full-rank codes is their sample Gaussian: given group 0, group 1 must
+    follow the conditional that the Schur complement of the codes' covariance gives."""
+    rng = np.random.default_rng(3)
+    codes = 1.0 + rng.normal(size=(500, 3)) @ rng.normal(size=(3, 16)) + 0.3 * rng.normal(
+        size=(500, 16))
+    fitted = fit_second_stage(codes, SHAPES, dims=2, components=1)
+    y = codes[0, :4] + 0.5
+    draws = fitted.draw_given([torch.tensor(y.reshape(1, 2, 2)), None], 200_000,
+                              generator=torch.Generator().manual_seed(4))
+    x = flat(draws)
+    np.testing.assert_array_equal(x[:, :4], np.repeat(y[None], len(x), 0).astype(np.float32))
+    m, C = codes.mean(0), np.cov(codes.T)
+    gain = C[4:, :4] @ np.linalg.inv(C[:4, :4])  # the fitted noise is ~0 for full-rank codes
+    np.testing.assert_allclose(x[:, 4:].mean(0), m[4:] + gain @ (y - m[:4]), atol=0.02)
+    np.testing.assert_allclose(np.cov(x[:, 4:].T), C[4:, 4:] - gain @ C[:4, 4:],
+                               atol=0.03 * np.abs(C).max())
+
+
+def test_conditioned_on_a_code_of_one_cluster_the_draws_come_from_that_cluster():
+    rng = np.random.default_rng(5)
+    direction = rng.normal(size=16)
+    direction /= np.linalg.norm(direction)
+    side = rng.choice([-5.0, 5.0], size=600)
+    codes = (side + 0.3 * rng.normal(size=600))[:, None] * direction + 0.1 * rng.normal(
+        size=(600, 16))
+    fitted = fit_second_stage(codes, SHAPES, dims=4, components=2)
+    for sign in (-1, 1):
+        given = codes[np.flatnonzero(side == 5.0 * sign)[0], :4]
+        x = flat(fitted.draw_given([torch.tensor(given.reshape(1, 2, 2)), None], 5000,
+                                   generator=torch.Generator().manual_seed(6)))
+        along = x[:, 4:] @ direction[4:] / np.linalg.norm(direction[4:]) ** 2
+        assert np.all(np.sign(along) == sign) and abs(np.median(along) - 5 * sign) < 0.5
+
+
+def test_off_span_noise_is_what_a_new_code_has_outside_the_training_span():
+    """Group 0 is an exactly rank-1 signal, group 1 independent noise of variance 0.25 in 400
+    values: 36 fitted codes span at most 35 directions, so a held-out code keeps about
+    (1 - 35/404) of its noise off the span and almost nothing of its signal."""
+    rng = np.random.default_rng(7)
+    t = rng.normal(size=(40, 1))
+    codes = np.concatenate([5 * t @ rng.normal(size=(1, 4)), 0.5 * rng.normal(size=(40, 400))],
+                           1)
+    fitted = fit_second_stage(codes, [(1, 2, 2), (1, 20, 20)], dims=2, components=1)
+    noise = fitted.noise.numpy()
+    assert 0.18 < noise[1] < 0.28  # 0.25 x (1 - 35/404) = 0.228
+    assert noise[0] < 0.01 * codes[:, :4].var(0).mean()
+
+
+def test_conditioning_on_every_group_or_none_and_bad_known_values():
+    codes = np.random.default_rng(8).normal(size=(50, 16))
+    fitted = fit_second_stage(codes, SHAPES, dims=2, components=2)
+    known = [torch.tensor(codes[0, :4].reshape(1, 2, 2)),
+             torch.tensor(codes[0, 4:].reshape(2, 2, 3))]
+    np.testing.assert_allclose(flat(fitted.draw_given(known, 3)),
+                               np.repeat(codes[:1], 3, 0), rtol=1e-6)
+    assert flat(fitted.draw_given([None, None], 3)).shape == (3, 16)
+    with pytest.raises(InputError, match="one entry per group"):
+        fitted.draw_given(known[:1], 3)
+    with pytest.raises(InputError, match=r"known\[1\]"):
+        fitted.draw_given([None, torch.zeros(2, 3, 2)], 3)

@@ -25,10 +25,12 @@ from pathanat.evaluation.synthesis import (
     pseudo_reconstructions,
     resolve_pathology_groups,
     responsibilities,
+    second_stage_given,
     style_mix,
     synthesize_run,
 )
 from pathanat.models import HierarchicalVAE, HVAEConfig
+from pathanat.models.second_stage import fit_model_second_stage
 
 SIZE = (32, 32)
 
@@ -58,6 +60,22 @@ def encoding(model, x: np.ndarray) -> list[torch.Tensor]:
 
 
 # ---- arrays ------------------------------------------------------------------------------------
+
+
+def test_second_stage_given_a_fitted_slice_draws_it_back_and_given_nothing_draws_freely(model):
+    """The second stage is fitted to the codes of 40 slices, so its span holds each of them:
+    keeping every group but the finest of one of those slices nearly pins the finest too, and
+    the draws lie near that slice's reconstruction; keeping nothing, they lie as far as any."""
+    images = np.random.default_rng(1).normal(size=(40, *SIZE)).astype(np.float32)
+    prior = fit_model_second_stage(model, images)
+    reconstruction = model.reconstruct(torch.tensor(images[3:4])[:, None])[0, 0].numpy()
+    error = {}
+    for kept in (range(model.config.levels), []):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            drawn = second_stage_given(model, prior, images[3], kept, 8, 1.0)
+        error[len(kept)] = np.abs(drawn - reconstruction).mean()
+    assert error[model.config.levels] < 0.25 * error[0]
 
 
 def test_style_mix_decodes_pathology_of_a_with_anatomy_of_b(model, images):
@@ -235,6 +253,8 @@ def test_synthesize_run_writes_figures_captions_and_merged_json(tiny_run, tmp_pa
 
     prior = (run / "figures" / "synth_prior.png").read_bytes()
     assert "Last row: the second-stage prior" in (run / "figures" / "synth_prior.txt").read_text()
+    assert "Lower rows: the same" in (run / "figures" / "synth_layers.txt").read_text()
+    assert "Last row: the pathology" in (run / "figures" / "synth_conditional.txt").read_text()
     again = synthesize_run(run, what=["style-mix", "prior"], pathology_groups=[2], **small)
     merged = json.loads((run / "synthesis.json").read_text())
     assert merged == json.loads(json.dumps(again))

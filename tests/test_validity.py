@@ -105,6 +105,35 @@ class BlobModel:
         self.drawn += n
         return SimpleNamespace(x_mean=self.images[idx][:, None])
 
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """A perfect autoencoder."""
+        return x.clone()
+
+
+class PaintingAutoencoder(BlobModel):
+    """Reconstructs each slice with lesions painted into its ventricles."""
+
+    def __init__(self, test) -> None:
+        super().__init__(np.asarray(test.image, dtype=np.float32))
+        self.painted = torch.tensor(blobs_in_ventricles(test))
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        rows = [int(np.flatnonzero((self.images == xi[0]).all(dim=(1, 2)))[0]) for xi in x]
+        return self.painted[rows][:, None]
+
+
+def test_reconstructions_are_scored_on_the_test_slices(segmenters, tiny_cache):
+    """A perfect autoencoder's reconstructions score as the real slices; one that paints lesions
+    into the ventricles scores as those painted slices do when drawn."""
+    test = tiny_cache.split("test")
+    perfect = validity.sample_validity(BlobModel(np.asarray(test.image)), segmenters, test, n=4)
+    assert perfect["reconstructions"] == perfect["real"]
+    painting = validity.sample_validity(PaintingAutoencoder(test), segmenters, test, n=4)
+    drawn = validity.sample_validity(BlobModel(blobs_in_ventricles(test)), segmenters, test,
+                                     n=len(test))
+    assert painting["reconstructions"] == drawn["samples"]
+    assert painting["reconstructions"]["ci_low"] > perfect["real"]["ci_high"]
+
 
 def test_lesions_painted_into_ventricles_are_invalid_real_ones_are_not(segmenters, tiny_cache):
     test = tiny_cache.split("test")

@@ -155,7 +155,9 @@ def _summarise(
     posthoc = (analysis.get("sensitivity") or {}).get("z_p_posthoc")
     print(f"latents  post-hoc z_P (pathology sensitivity): {posthoc}")
     print(f"validity invalid lesion voxels: prior samples {_counted(validity)}, real test "
-          f"slices {_fraction(validity['real'])}")
+          f"slices {_fraction(validity['real'])}"
+          + (f", their reconstructions {_fraction(validity['reconstructions'])}"
+             if validity.get("reconstructions") else ""))
     if validity.get("second_stage"):
         print(f"         second-stage prior samples {_counted(validity['second_stage'])}")
     print(f"report   {report}")

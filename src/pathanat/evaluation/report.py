@@ -676,7 +676,7 @@ def validity_section(runs: Sequence[Run]) -> str:
         if v is None:
             text = (absent("not applicable: sample validity is defined for MS cohorts")
                     if validity_not_applicable(run) else missing(run.command(VALIDITY)))
-            rate_rows.append([name_cell(run), td(text, colspan=7)])
+            rate_rows.append([name_cell(run), td(text, colspan=9)])
             seg_rows.append([name_cell(run), td(text, colspan=3 + len(tissue))])
             label_rows.append([name_cell(run), td(text, colspan=1 + len(labels))])
             continue
@@ -684,9 +684,11 @@ def validity_section(runs: Sequence[Run]) -> str:
         samples = v.get("samples") or {}
         rate_rows.append([
             name_cell(run), td(esc(v.get("model", run.model("kind", "?")))),
-            rate_cell(samples, i in best), rate_cell(v.get("real")), rate_cell(v.get("truth")),
-            td(esc(samples.get("n")), samples.get("n")),
+            rate_cell(samples, i in best), td(esc(samples.get("n")), samples.get("n")),
             estimate_cell(v.get("brain_like"), 3),
+            rate_cell(dig(v, ("second_stage", "samples"))[1]),
+            rate_cell(v.get("reconstructions")), rate_cell(v.get("real")),
+            rate_cell(v.get("truth")),
             td(esc(f"{v.get('temperature')}")),
         ])
         seg = v.get("segmenters") or {}
@@ -702,11 +704,13 @@ def validity_section(runs: Sequence[Run]) -> str:
     parts = ["<h2>Sample validity</h2>"]
     parts += [f'<p class="note">Definition: {esc(d)}</p>' for d in sorted(definitions)]
     parts.append(table(
-        ["run", "kind", "samples", "real test slices", "ground truth", "samples (n)",
-         "brain-like", "temperature"], rate_rows,
+        ["run", "kind", "samples", "samples (n)", "brain-like", "2nd-stage samples",
+         "reconstructions", "real test slices", "ground truth", "temperature"], rate_rows,
         "Fraction of lesion-like voxels in anatomically invalid places, mean [95% bootstrap CI "
-        "over slices]: prior samples, the real test slices segmented the same way (the reference "
-        "rate), and the ground-truth masks on the ground-truth tissue labels (0 by construction). "
+        "over slices]: the model's prior samples, the second-stage prior's draws, the model's "
+        "reconstructions of the test slices (the floor for decoded images), the real test slices "
+        "segmented the same way (the reference rate), and the ground-truth masks on the "
+        "ground-truth tissue labels (0 by construction). "
         "Samples are counted only when they pass the brain-shape test; brain-like gives the "
         "fraction that did (n counts them). "
         "Lowest sample rate marked &#9733;."))

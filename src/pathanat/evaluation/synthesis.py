@@ -7,12 +7,14 @@ Figures, each ``RUN/figures/synth_<what>.png`` with a one-line caption beside it
 - ``layers`` (Fig. 6a): row l keeps z_0 .. z_{l-1} at a test slice's posterior means and draws
   z_l .. z_L from the prior, top-down given what is above; row 0 is a full prior sample. With a
   kept *prefix* of the hierarchy the kept groups see exactly the context they were encoded in, so
-  ``mode="value"`` and ``"residual"`` coincide; we use "value" (exact).
+  ``mode="value"`` and ``"residual"`` coincide; we use "value" (exact). Below, the same rows with
+  the redrawn groups from the second-stage prior (``models.second_stage``) given the kept ones.
 - ``style-mix`` (Fig. 4): the pathology groups of slice a with the anatomy groups of slice b (and
   the reverse), sources beside.
 - ``conditional`` (Fig. 3): a subject's anatomy groups fixed and its pathology groups drawn from
   the prior given them, several times; and its pathology groups fixed over other subjects'
-  anatomy groups.
+  anatomy groups; last, its pathology groups drawn from the second-stage prior given its anatomy
+  groups' residuals (the groups below z_P then follow the new z_P: residual mode).
 - ``clusters`` (Fig. 6b, nvmp / nvmp+): each pseudo-input u_k, its posterior-mean reconstruction,
   and the test slices for which component k is the most responsible.
 
@@ -75,6 +77,7 @@ from pathanat.training.run import load_trained
 ALL = ("prior", "layers", "style-mix", "conditional", "clusters")
 NEEDS_PATHOLOGY = ("style-mix", "conditional")
 VAMP_ONLY = ("clusters",)
+SECOND_STAGE = ("prior", "layers", "conditional")  # figures with rows of the second stage
 MIX_MODE = "value"  # see the module docstring
 SYNTHESIS_JSON = "synthesis.json"
 TEMPERATURES = (0.6, 0.8, 1.0)
@@ -246,6 +249,18 @@ def layer_rows(
             rows.append(images_of(out))
             latents.append([z.numpy() for z in out.z])
     return Layers(np.asarray(image), np.stack(rows), latents)
+
+
+def second_stage_given(
+    model: HierarchicalVAE, prior: SecondStagePrior, image: np.ndarray, kept: Collection[int],
+    draws: int, temperature: float,
+) -> np.ndarray:
+    """(draws, H, W): ``image``'s (H, W) posterior-mean residuals of the groups ``kept``, the
+    others drawn from the second-stage prior given them, decoded top-down (residual mode)."""
+    enc = model.encode(as_input(image[None]))
+    known = [r[0] if g in kept else None for g, r in enumerate(enc.residuals)]
+    return images_of(model.from_residuals(prior.draw_given(known, draws, temperature),
+                                          enc.input_size))
 
 
 def style_mix(
@@ -433,14 +448,22 @@ def layers_figure(r: Request) -> Drawn:
     a = r.pairs[0][0]
     out = layer_rows(r.model, r.images[a], r.draws, r.temperature, r.seed)
     rows = [[out.source, *row] for row in out.images]
-    titles = [["source", *(f"draw {d + 1}" for d in range(r.draws))], *([[]] * r.levels)]
     labels = ["all redrawn", *(f"keep z0..z{lvl - 1}" if lvl > 1 else "keep z0"
                                for lvl in range(1, r.levels + 1))]
-    fig = image_grid(rows, titles, labels, [[r.outline(a)] for _ in rows])
     caption = (f"per-layer variation (Fig. 6a) of {r.data.name} slice {r.name(a)} "
                f"(left{r.outlined}): row l keeps z0..z(l-1) at its posterior means and draws "
                f"z(l)..z{r.levels} from the prior at T={r.temperature:g}, {r.draws} draws per row "
                f"(mode value; for a kept prefix value and residual coincide); seed {r.seed}.")
+    if r.second_stage is not None:
+        with seeded(r.seed):
+            rows += [[out.source, *second_stage_given(r.model, r.second_stage, r.images[a],
+                                                      range(level), r.draws, r.temperature)]
+                     for level in range(r.levels + 1)]
+        labels += [f"2nd stage: {label}" for label in labels]
+        caption += (" Lower rows: the same, the redrawn groups drawn from the second-stage "
+                    "prior given the kept ones.")
+    titles = [["source", *(f"draw {d + 1}" for d in range(r.draws))], *([[]] * (len(rows) - 1))]
+    fig = image_grid(rows, titles, labels, [[r.outline(a)] for _ in rows])
     return fig, caption, {"slice": r.name(a), "temperature": r.temperature, "draws": r.draws,
                           "mode": MIX_MODE}
 
@@ -471,12 +494,22 @@ def conditional_figure(r: Request) -> Drawn:
               ["", *["P(subject) + A"] * len(others)]]
     labels = ["fix A, draw P", "other subjects", "fix P, their A"]
     outlines = [[r.outline(a)], [None, *map(r.outline, others)], [r.outline(a)]]
-    fig = image_grid(rows, titles, labels, outlines)
     caption = (f"conditional synthesis (Fig. 3) for {r.data.name} slice {r.name(a)}: top, its "
                f"anatomy groups {group_names(r.anatomy())} fixed and the pathology groups "
                f"{group_names(r.pathology)} drawn from the prior given them at "
-               f"T={r.temperature:g}; bottom, its pathology groups fixed over the anatomy groups "
-               f"of the other subjects' slices in the middle row (mode value); seed {r.seed}.")
+               f"T={r.temperature:g}; then its pathology groups fixed over the anatomy groups "
+               f"of the other subjects' slices in the row above (mode value); seed {r.seed}.")
+    if r.second_stage is not None:
+        with seeded(r.seed):
+            drawn = second_stage_given(r.model, r.second_stage, r.images[a], r.anatomy(),
+                                       r.draws, r.temperature)
+        rows.append([r.images[a], *drawn])
+        titles.append(["", *["P redrawn"] * r.draws])
+        labels.append("2nd stage: fix A, draw P")
+        outlines.append([r.outline(a)])
+        caption += (" Last row: the pathology groups drawn from the second-stage prior given "
+                    "the anatomy groups' residuals (residual mode).")
+    fig = image_grid(rows, titles, labels, outlines)
     return fig, caption, {"slice": r.name(a), "others": list(map(r.name, others)),
                           "pathology_groups": r.pathology, "temperature": r.temperature,
                           "draws": r.draws, "mode": MIX_MODE}
@@ -585,7 +618,7 @@ def synthesize_run(
     chosen = choose_pairs(data, pairs, seed) if set(what) - {"prior", "clusters"} else []
     kind = config.model.kind
     second_stage = (fit_model_second_stage(model, cache.split("train").image, seed=seed)
-                    if "prior" in what else None)
+                    if set(what) & set(SECOND_STAGE) else None)
     request = Request(model, data, chosen, groups, seed, tuple(temperatures), temperature,
                       samples, draws, per_cluster, second_stage)
     settings: dict[str, dict] = {}

@@ -15,6 +15,10 @@ Three rates, all on the same definition:
   fraction of samples counted (``all_samples``: the rate over every sample);
 - ``real``: the real test slices segmented the same way: the reference rate, which the
   segmenters' own errors (a lesion edge next to a ventricle) keep above zero;
+- ``reconstructions``: the model's reconstructions of those slices (likelihood means of their
+  posterior means), segmented the same way: the rate of a decoded image whose anatomy and lesions
+  are real ones -- the floor for a model's draws, which are decoded images too (smoother than
+  real slices, with fainter lesion edges);
 - ``truth``: the test slices' ground-truth lesion masks on the ground-truth tissue labels: zero
   by construction of the phantom, a check of the definition.
 
@@ -127,6 +131,14 @@ def prior_samples(model: Any, n: int, temperature: float, batch_size: int) -> np
     return np.concatenate(out)
 
 
+@torch.no_grad()
+def reconstructions(model: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """(N, H, W) float32: ``model.reconstruct`` of ``images`` (N, H, W), in batches."""
+    x = torch.from_numpy(images)[:, None]
+    return np.concatenate([model.reconstruct(x[p])[:, 0].float().numpy()
+                           for p in batches(len(images), batch_size)])
+
+
 def brain_like_rates(scored: Scored, references: References | None, seed: int
                      ) -> tuple[dict, dict | None]:
     """The invalid-lesion rates over the brain-like images of ``scored`` (all of them without
@@ -195,7 +207,10 @@ def scored_validity(
     real_images = np.array(test.image, dtype=np.float32)
     tissue, probs = segment(segmenters, real_images, batch_size)
     real = Scored(real_images, probs > LESION_THRESHOLD, tissue)
+    rebuilt = reconstructions(model, real_images, batch_size)
+    tissue, probs = segment(segmenters, rebuilt, batch_size)
     seconds["segmentation"] = time.perf_counter() - start
+    reconstructed = validity_rates(probs > LESION_THRESHOLD, tissue, seed)
 
     accuracy = segmenters.accuracy
     everything = validity_rates(samples.lesion, samples.tissue, seed)
@@ -223,6 +238,7 @@ def scored_validity(
         "all_samples": everything,
         "second_stage": staged,
         "real": validity_rates(real.lesion, real.tissue, seed),
+        "reconstructions": reconstructed,
         "truth": validity_rates(np.asarray(test.lesion, dtype=bool), np.asarray(test.dseg), seed),
         "segmenters": {
             "file": None if segmenters.path is None else str(segmenters.path),
@@ -246,10 +262,10 @@ def sample_validity(
     references: References | None = None,
 ) -> dict:
     """The invalid-lesion RATES of ``n`` prior samples of ``model`` (anything with
-    ``sample(n, temperature).x_mean`` of shape (n, 1, H, W)), of the real slices of ``test``
-    and of its ground truth, with the segmenters' accuracy. ``references`` (the cache's real
-    brains, ``brain_references``) restricts the sample rate to brain-like samples. Seeded: the
-    same call, the same numbers."""
+    ``sample(n, temperature).x_mean`` of shape (n, 1, H, W) and ``reconstruct(x)``), of the real
+    slices of ``test``, of the model's reconstructions of them and of the ground truth, with the
+    segmenters' accuracy. ``references`` (the cache's real brains, ``brain_references``)
+    restricts the sample rate to brain-like samples. Seeded: the same call, the same numbers."""
     return scored_validity(
         model, segmenters, test, n, temperature, seed, batch_size, references
     )[0]

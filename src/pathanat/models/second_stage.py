@@ -16,6 +16,11 @@ components (scikit-learn's EM), on the rest independent Gaussians with the codes
 single Gaussian (``components=1``) blends slice levels into double outlines; the mixture keeps
 them apart (FID of 512 draws on the phantom, nvmp: one Gaussian 167, the mixture 149). Nothing is
 drawn outside the span of the training codes.
+
+Conditioned on some groups of one slice (``draw_given``: per-layer variation, conditional
+synthesis), the other groups are drawn from the mixture's posterior given them. A new slice's code
+does not lie in the training codes' span, so the kept groups are treated as observed with
+isotropic noise per group, whose variance is what the span misses of held-out training codes.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class SecondStagePrior:
     cholesky: Tensor  # (K, q, q) lower Cholesky factors of the component covariances
     scales: Tensor  # (r - q,) standard deviations of the other coordinates
     shapes: list[tuple[int, int, int]]  # each group's (C, h, w)
+    noise: Tensor  # (G,) per group: variance per value of a held-out code off the span
 
     def draw(self, n: int, temperature: float = 1.0,
              generator: torch.Generator | None = None) -> list[Tensor]:
@@ -65,6 +71,63 @@ class SecondStagePrior:
         rest = temperature * torch.randn(n, len(self.scales), generator=generator,
                                          dtype=dtype) * self.scales
         flat = self.mean + torch.cat([top, rest], 1) @ self.directions
+        return split_groups(flat, self.shapes)
+
+    def draw_given(self, known: list[Tensor | None], n: int, temperature: float = 1.0,
+                   generator: torch.Generator | None = None) -> list[Tensor]:
+        """``n`` residual codes whose groups in ``known`` (one slice's, (C, h, w) each; None for a
+        group to draw) are those given, the others drawn from the mixture conditioned on them.
+
+        Coordinates w of the span: a mixture component's Gaussian on the first q, independent
+        Gaussians on the rest; the kept values y = (mean + w @ directions)[kept] + noise. Per
+        component the posterior of w is Gaussian and its evidence picks the component."""
+        if len(known) != len(self.shapes):
+            raise InputError(f"known: expected one entry per group ({len(self.shapes)}), "
+                             f"got {len(known)}")
+        for g, (k, shape) in enumerate(zip(known, self.shapes, strict=True)):
+            if k is not None and tuple(k.shape) != shape:
+                raise InputError(f"known[{g}]: expected shape {shape}, got {tuple(k.shape)}")
+        if all(k is None for k in known):
+            return self.draw(n, temperature, generator)
+        if not (isinstance(n, int) and n >= 1):
+            raise InputError(f"n: expected an integer >= 1, got {n!r}")
+        if not temperature >= 0:
+            raise InputError(f"temperature: expected a number >= 0, got {temperature!r}")
+        dtype = self.directions.dtype
+        kept = torch.cat([torch.full((int(np.prod(s)),), k is not None)
+                          for k, s in zip(known, self.shapes, strict=True)])
+        given = torch.cat([k.flatten().to(dtype) for k in known if k is not None])
+        precision = torch.cat([torch.full((int(np.prod(s)),), 1 / float(v))
+                               for k, s, v in zip(known, self.shapes, self.noise, strict=True)
+                               if k is not None]).to(dtype)
+        W = self.directions[:, kept].T  # (kept values, r)
+        y = given - self.mean[kept]
+        gram = W.T @ (W * precision[:, None])
+        rest_precision = torch.diag(1 / self.scales**2)
+        log_evidence, means, factors = [], [], []
+        for mu, chol in zip(self.means, self.cholesky, strict=True):
+            prior_precision = torch.block_diag(torch.cholesky_inverse(chol), rest_precision)
+            prior_mean = torch.cat([mu, torch.zeros(len(self.scales), dtype=dtype)])
+            L = torch.linalg.cholesky(prior_precision + gram)
+            a = y - W @ prior_mean
+            c = W.T @ (precision * a)
+            means.append(prior_mean + torch.cholesky_solve(c[:, None], L)[:, 0])
+            factors.append(L)
+            # log N(y; W m, W S W^T + D) by the determinant lemma and Woodbury's identity
+            log_det = (-precision.log().sum() + 2 * chol.diagonal().log().sum()
+                       + 2 * self.scales.log().sum() + 2 * L.diagonal().log().sum())
+            mahalanobis = (precision * a * a).sum() - c @ torch.cholesky_solve(c[:, None], L)[:, 0]
+            log_evidence.append(-0.5 * (log_det + mahalanobis))
+        log_weights = self.weights.log() + torch.stack(log_evidence)
+        pick = torch.multinomial(torch.softmax(log_weights, 0), n, replacement=True,
+                                 generator=generator)
+        eps = torch.randn(n, W.shape[1], 1, generator=generator, dtype=dtype)
+        # L L^T is the posterior precision, so L^-T eps has the posterior covariance
+        factor = torch.stack(factors)[pick]
+        deviation = torch.linalg.solve_triangular(factor.transpose(1, 2), eps, upper=True)[..., 0]
+        w = torch.stack(means)[pick] + temperature * deviation
+        flat = self.mean + w @ self.directions
+        flat[:, kept] = given
         return split_groups(flat, self.shapes)
 
 
@@ -91,9 +154,7 @@ def fit_second_stage(codes: np.ndarray | Tensor, shapes: list[tuple[int, int, in
         raise InputError(f"components: expected an integer in 1..{len(x)} (codes), "
                          f"got {components!r}")
     mean = x.mean(0)
-    u, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
-    keep = s > s[0] * 1e-6 if s[0] > 0 else s > 0
-    u, s, vt = u[:, keep], s[keep], vt[keep]
+    u, s, vt = principal_directions(x - mean)
     coordinates = (u * s).numpy()
     scales = s / np.sqrt(len(x) - 1)
     q = min(dims, len(s))
@@ -105,8 +166,35 @@ def fit_second_stage(codes: np.ndarray | Tensor, shapes: list[tuple[int, int, in
         mean=mean, directions=vt, weights=torch.as_tensor(mixture.weights_),
         means=torch.as_tensor(mixture.means_),
         cholesky=torch.linalg.cholesky(torch.as_tensor(mixture.covariances_)),
-        scales=scales[q:], shapes=list(shapes),
+        scales=scales[q:], shapes=list(shapes), noise=off_span_noise(x, shapes),
     )
+
+
+def principal_directions(centred: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The thin SVD of ``centred`` without its (numerically) zero directions."""
+    u, s, vt = torch.linalg.svd(centred, full_matrices=False)
+    keep = s > s[0] * 1e-6 if s[0] > 0 else s > 0
+    return u[:, keep], s[keep], vt[keep]
+
+
+def off_span_noise(x: Tensor, shapes: list[tuple[int, int, int]], every: int = 10) -> Tensor:
+    """Per group, the mean square per value of held-out codes (every ``every``-th, at least one)
+    off the span of the others: how far a new code lies from what the density can draw. A floor
+    of 1e-6 of the group's variance keeps a code set that is exactly low-rank well-posed."""
+    held = torch.arange(len(x)) % every == every - 1
+    if not held.any():
+        held[-1] = True
+    fit = x[~held]
+    centre = fit.mean(0)
+    _, _, vt = principal_directions(fit - centre)
+    off = x[held] - centre
+    off = off - (off @ vt.T) @ vt
+    sizes = [int(np.prod(s)) for s in shapes]
+    variance = x.var(0)
+    return torch.stack([
+        torch.maximum(part.pow(2).mean(), 1e-6 * spread.mean().clamp_min(1e-12))
+        for part, spread in zip(off.split(sizes, 1), variance.split(sizes), strict=True)
+    ])
 
 
 @torch.no_grad()
