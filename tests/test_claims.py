@@ -64,6 +64,20 @@ def test_paper_like_results_hold_every_claim():
     assert "nvae: +0.050 (slice)" in claims[2]["evidence"]
     # the VAE's negative z3 counts as 0, not as a loss: gain 0
     assert "vae: +0.000 (slice)" in claims[2]["evidence"]
+    assert "second-stage" not in claims[3]["evidence"]  # nothing to show beside
+
+
+def test_the_validity_claim_shows_second_stage_and_reconstruction_rates_without_using_them():
+    results = {k: dict(v) for k, v in PAPER_LIKE.items()}
+    for i, kind in enumerate(KINDS):
+        rates = validity((0.30, 0.10, 0.08, 0.05)[i])
+        rates["second_stage"] = {"samples": {"invalid_fraction": 0.2 - 0.01 * i}}
+        rates["reconstructions"] = {"invalid_fraction": 0.04}
+        results[f"{kind}_ms"]["validity.json"] = rates
+    claim = check_claims(results, "ms")[3]
+    assert claim["held"] is True  # decided on the model's prior samples, as before
+    assert "second-stage draws: vae 0.2, nvae 0.19" in claim["evidence"]
+    assert "reconstructions: vae 0.04" in claim["evidence"]
 
 
 def test_each_claim_fails_on_its_own_counterexample():

@@ -107,6 +107,14 @@ def validity_claim(results: Results) -> list[dict]:
 
     evidence = "; ".join(f"{k}: {show(r)}" for k, r in rates.items())
     evidence += f"; real test slices: {real:.4g}" if real is not None else ""
+    # beside the verdict: the same decoders' rates on draws of the second-stage prior and on
+    # reconstructions (the floor of a decoded image)
+    for what, keys in (("second-stage draws", ("second_stage", "samples")),
+                       ("reconstructions", ("reconstructions",))):
+        beside = {k: _get(results.get(f"{k}_ms", {}).get("validity.json"), *keys)
+                  for k in rates}
+        if any(beside.values()):
+            evidence += f"; {what}: " + ", ".join(f"{k} {show(r)}" for k, r in beside.items())
     held = None
     if all(r and r.get("invalid_fraction") is not None for r in rates.values()):
         held = all(rates[k]["invalid_fraction"] < rates["vae"]["invalid_fraction"]
