@@ -33,7 +33,8 @@ def test_the_demo_runs_every_stage_into_one_report(tiny_demo, capsys):
     out, report = tiny_demo
     run = out / "run"
     assert report == out / "report.html"
-    for name in ("metrics.json", "analysis.json", "validity.json", "synthesis.json"):
+    for name in ("metrics.json", "analysis.json", "validity.json", "counterfactual.json",
+                 "synthesis.json"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     html = report.read_text()

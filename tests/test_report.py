@@ -220,6 +220,17 @@ def make_run(folder: Path, kind: str, seed: int, supervised: bool = False) -> di
                        "lesion_recall": float(rng.uniform(0.5, 1))},
     }
     (folder / "validity.json").write_text(json.dumps(validity))
+    detection = None
+    if supervised:  # the other run has no counterfactual.json: its row names the command
+        detection = {"run": str(folder), "model": kind, "pathology_groups": [2],
+                     "detection": {name: {"auprc": interval(rng.uniform(0.1, 0.9), 0.05),
+                                          "dice": interval(rng.uniform(0.1, 0.9), 0.05),
+                                          "best_dice": interval(rng.uniform(0.1, 0.9), 0.05),
+                                          "load_correlation": interval(rng.uniform(0, 1), 0.1),
+                                          "n_subjects": 12}
+                                   for name in ("pseudo-healthy residual",
+                                                "reconstruction residual", "intensity")}}
+        (folder / "counterfactual.json").write_text(json.dumps(detection))
     steps = np.arange(10, 110, 10)
     curves = pd.DataFrame({"step": steps, "train/loss": rng.uniform(1, 2, 10),
                            "kl/group_0": rng.uniform(1, 5, 10), "val/psnr": np.nan})
@@ -236,7 +247,7 @@ def make_run(folder: Path, kind: str, seed: int, supervised: bool = False) -> di
                  "figures": {"prior": "figures/synth_prior.png"}}
     (folder / "synthesis.json").write_text(json.dumps(synthesis))
     return {"summary": summary, "metrics": metrics, "analysis": analysis, "validity": validity,
-            "figures": figures}
+            "detection": detection, "figures": figures}
 
 
 @pytest.fixture(scope="module")
@@ -394,6 +405,25 @@ def test_sensitivity_dci_and_validity_tables(two_runs):
         rows = [r for r in shares[1:] if r[0][0] == run.name and r[1][0] == "samples"]
         assert float(rows[0][header(shares).index("GM")][1]["data-value"]) == \
             validity["samples"]["per_label"]["GM"]
+
+
+def test_lesion_detection_table_shows_each_score_or_the_command(two_runs):
+    runs, contents, page, _ = two_runs
+    rows = page.table("Voxel-level detection")
+    names = header(rows)
+    assert "not computed -- run pathanat counterfactual" in page.row(
+        "Voxel-level detection", runs[0].name)[-1][0]
+    found = [r for r in rows[1:] if r[0][0] == runs[1].name]
+    detection = contents[1]["detection"]["detection"]
+    assert [r[names.index("score")][0] for r in found] == list(detection)
+    for r in found:
+        entry = detection[r[names.index("score")][0]]
+        for column, key in (("AUPRC", "auprc"), ("best Dice (optimistic)", "best_dice"),
+                            ("lesion-load r", "load_correlation")):
+            text, attrs = r[names.index(column)]
+            assert float(attrs["data-value"]) == entry[key]["mean"]
+            assert text.startswith(f"{entry[key]['mean']:.3f} [")
+        assert r[names.index("pathology groups")][0] == "z2"
 
 
 def test_overview_and_figures(two_runs):

@@ -62,12 +62,13 @@ def test_every_stage_writes_its_output_and_the_report_covers_the_runs(tiny_grid)
     for name in RUNS:
         run = out / name
         assert json.loads((run / "summary.json").read_text())["steps"] == 10
-        for output in ("metrics.json", "analysis.json", "validity.json", "synthesis.json"):
+        for output in ("metrics.json", "analysis.json", "validity.json", "counterfactual.json",
+                       "synthesis.json"):
             assert (run / output).is_file(), f"{name}/{output}"
     record = json.loads((out / "reproduce.json").read_text())
     assert record["runs"] == RUNS and record["budget"] == "smoke"
     assert set(record["seconds"]["vae_ms"]) >= {"train", "evaluate", "analyze", "validity",
-                                                 "synthesize"}
+                                                 "counterfactual", "synthesize"}
     # a grid of two runs can check no claim: each says so instead of deciding
     assert [c["held"] for c in record["claims"]] == [None, None, None, None]
     html = (out / "report.html").read_text()
@@ -80,12 +81,12 @@ def test_a_second_call_redoes_nothing(tiny_grid, capsys):
     out, cache = tiny_grid
     outputs = [out / n / f for n in RUNS for f in ("checkpoints/last.ckpt", "metrics.json",
                                                    "analysis.json", "validity.json",
-                                                   "synthesis.json")]
+                                                   "counterfactual.json", "synthesis.json")]
     before = [p.stat().st_mtime_ns for p in outputs]
     reproduce("ms", "smoke", out=out, cache=cache, runs=RUNS)
     assert [p.stat().st_mtime_ns for p in outputs] == before
     printed = capsys.readouterr().out
-    assert printed.count(": done") == len(RUNS) * 5  # train + four stages, each run
+    assert printed.count(": done") == len(RUNS) * 6  # train + five stages, each run
 
 
 def test_a_stale_output_is_redone(tiny_grid, tmp_path):

@@ -62,7 +62,7 @@ def run_demo(out: Path, n_subjects: int = 30, seed: int = 0, overwrite: bool = F
     save_figure(_train_montage(cache), run / "figures" / "prepared_slices.png",
                 caption="Prepared training slices (central and off-centre, standardised FLAIR) "
                         "with the ground-truth lesion outlines in red.")
-    print("[4/5] evaluate, analyze, sample validity, synthesize")
+    print("[4/5] evaluate, analyze, sample validity, lesion detection, synthesize")
     seconds: dict = {}
     run_stages(run, DEMO_BUDGET, "ms", "      run", seconds)
     print("[5/5] writing the report")
@@ -105,6 +105,7 @@ def _summarise(
     metrics = json.loads((run / "metrics.json").read_text())
     analysis = json.loads((run / "analysis.json").read_text())
     validity = json.loads((run / "validity.json").read_text())
+    detection = json.loads((run / "counterfactual.json").read_text())
     print()
     print(f"cohort   {cohort}  (NIfTI volumes, lesion masks, participants.tsv)")
     print(
@@ -160,6 +161,14 @@ def _summarise(
              if validity.get("reconstructions") else ""))
     if validity.get("second_stage"):
         print(f"         second-stage prior samples {_counted(validity['second_stage'])}")
+    groups = ", ".join(f"z{g}" for g in detection["pathology_groups"])
+    print(f"lesions  detection on test slices (AUPRC, threshold-free; Dice at the val-chosen "
+          f"threshold), pathology groups {groups}:")
+    if detection.get("not_scored"):
+        print(f"         not scored: {detection['not_scored']}")
+    for name, row in detection["detection"].items():
+        print(f"         {name}: AUPRC {estimate_text(row['auprc'], 3)}, "
+              f"Dice {estimate_text(row['dice'], 3)}")
     print(f"report   {report}")
     print()
     print(f"A {steps}-step model on {counts.get('train', 0)} training subjects: look at the "

@@ -196,6 +196,12 @@ def _validity(run: Path, budget: Budget) -> object:
     return validity_run(run, n=budget.validity_samples, segmenter_steps=budget.segmenter_steps)
 
 
+def _counterfactual(run: Path, budget: Budget) -> object:
+    from pathanat.evaluation.counterfactual import counterfactual_run
+
+    return counterfactual_run(run)
+
+
 def _synthesize(run: Path, budget: Budget) -> object:
     from pathanat.evaluation.synthesis import synthesize_run
 
@@ -206,6 +212,7 @@ STAGES = (
     Stage("evaluate", "metrics.json", _evaluate),
     Stage("analyze", "analysis.json", _analyze),
     Stage("validity", "validity.json", _validity, ("ms",)),
+    Stage("counterfactual", "counterfactual.json", _counterfactual, ("ms",)),
     Stage("synthesize", "synthesis.json", _synthesize),
 )
 
