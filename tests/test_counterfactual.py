@@ -54,14 +54,17 @@ def test_a_score_that_is_the_mask_detects_exactly_and_intensity_matches_sklearn(
 
 def test_the_pseudo_healthy_image_keeps_the_anatomy_and_redraws_pathology_at_t0(tiny_run):
     """With every group but one kept, the pseudo-healthy image is the decoding of the posterior
-    means with that one group at its prior mean given the groups above (value mode)."""
+    means with that one group at its prior mean given the groups above, the groups below keeping
+    their standardised residuals under the new context."""
     model, config = load_trained(tiny_run)
     model = model.float().eval()
     x = torch.tensor(np.asarray(load_cache(config.data.cache).split("test").image[:3]))[:, None]
     enc = model.encode(x)
 
     def choose(level, prior, state):
-        return enc.z[level] if level != 2 else prior.mu
+        if level == 2:
+            return prior.mu
+        return enc.z[level] if level < 2 else prior.mu + prior.sigma * enc.residuals[level]
 
     by_hand = model._generated(len(x), enc.input_size, choose).x_mean
     torch.testing.assert_close(counterfactual.pseudo_healthy(model, x, [2]), by_hand)

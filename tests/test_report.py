@@ -496,7 +496,7 @@ def test_every_table_lists_every_run(tmp_path):
     bare.mkdir()
     (bare / "config.yaml").write_text(yaml.safe_dump({"model": {"kind": "nvae"}}))
     page = Page(write_report([full, bare], tmp_path / "r.html").read_text())
-    assert len(page.tables) == 9
+    assert len(page.tables) == 10
     for table in page.tables:
         names = [row[0][0] for row in table["rows"][1:]]
         assert "full" in names and "bare" in names, table["caption"]

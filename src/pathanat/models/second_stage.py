@@ -111,12 +111,13 @@ class SecondStagePrior:
             L = torch.linalg.cholesky(prior_precision + gram)
             a = y - W @ prior_mean
             c = W.T @ (precision * a)
-            means.append(prior_mean + torch.cholesky_solve(c[:, None], L)[:, 0])
+            shift = torch.cholesky_solve(c[:, None], L)[:, 0]
+            means.append(prior_mean + shift)
             factors.append(L)
             # log N(y; W m, W S W^T + D) by the determinant lemma and Woodbury's identity
             log_det = (-precision.log().sum() + 2 * chol.diagonal().log().sum()
                        + 2 * self.scales.log().sum() + 2 * L.diagonal().log().sum())
-            mahalanobis = (precision * a * a).sum() - c @ torch.cholesky_solve(c[:, None], L)[:, 0]
+            mahalanobis = (precision * a * a).sum() - c @ shift
             log_evidence.append(-0.5 * (log_det + mahalanobis))
         log_weights = self.weights.log() + torch.stack(log_evidence)
         pick = torch.multinomial(torch.softmax(log_weights, 0), n, replacement=True,
