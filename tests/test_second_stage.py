@@ -13,6 +13,18 @@ def flat(draws):
     return torch.cat([d.flatten(1) for d in draws], 1).double().numpy()
 
 
+def two_clusters(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """600 codes in two tight clusters at +-5 along a random unit direction: (codes, direction,
+    each code's side)."""
+    rng = np.random.default_rng(seed)
+    direction = rng.normal(size=16)
+    direction /= np.linalg.norm(direction)
+    side = rng.choice([-5.0, 5.0], size=600)
+    codes = (side + 0.3 * rng.normal(size=600))[:, None] * direction + 0.1 * rng.normal(
+        size=(600, 16))
+    return codes, direction, side
+
+
 def test_one_component_draws_have_the_codes_mean_and_covariance_and_stay_in_their_span():
     """Codes from a rank-3 Gaussian in 16 dimensions: with one component the fit is the sample
     moments, so draws reproduce them, and nothing leaves the codes' span."""
@@ -35,12 +47,7 @@ def test_one_component_draws_have_the_codes_mean_and_covariance_and_stay_in_thei
 def test_the_mixture_keeps_two_clusters_apart_where_one_gaussian_blends_them():
     """Two tight clusters at +-5 along one direction: a single Gaussian puts much of its mass
     between them (where no code is), the mixture almost none."""
-    rng = np.random.default_rng(2)
-    direction = rng.normal(size=16)
-    direction /= np.linalg.norm(direction)
-    side = rng.choice([-5.0, 5.0], size=600)
-    codes = (side + 0.3 * rng.normal(size=600))[:, None] * direction + 0.1 * rng.normal(
-        size=(600, 16))
+    codes, direction, _ = two_clusters(2)
     between = {}
     for k in (1, 2):
         draws = flat(fit_second_stage(codes, SHAPES, dims=4, components=k).draw(
@@ -95,12 +102,7 @@ def test_conditioned_on_one_group_the_other_is_drawn_from_the_gaussian_condition
 
 
 def test_conditioned_on_a_code_of_one_cluster_the_draws_come_from_that_cluster():
-    rng = np.random.default_rng(5)
-    direction = rng.normal(size=16)
-    direction /= np.linalg.norm(direction)
-    side = rng.choice([-5.0, 5.0], size=600)
-    codes = (side + 0.3 * rng.normal(size=600))[:, None] * direction + 0.1 * rng.normal(
-        size=(600, 16))
+    codes, direction, side = two_clusters(5)
     fitted = fit_second_stage(codes, SHAPES, dims=4, components=2)
     for sign in (-1, 1):
         given = codes[np.flatnonzero(side == 5.0 * sign)[0], :4]

@@ -68,10 +68,10 @@ def cpu_precision() -> str:
 
 BUDGETS = {
     "cpu": Budget(
-        about="about 1 hour on 2 CPU cores for the 8 MS runs (32 min measured end to end on an "
-              "AMD EPYC with bf16 arithmetic with FID on 288 draws; 2048 draws added about 3 min "
-              "per run there, and the 2 x 1024 draws here are estimated to cost the same; 94 min "
-              "on an AVX2-only EPYC in fp32 before): 60 subjects, widths 64..16, 600 steps (KL "
+        about="about 70 min on 2 CPU cores for the 8 MS runs (67 min measured end to end on "
+              "an AMD EPYC with bf16 arithmetic, without the lesion-detection stage, which adds "
+              "about 20 s per run; 94 min on an AVX2-only EPYC in fp32 with FID on 288 draws "
+              "before): 60 subjects, widths 64..16, 600 steps (KL "
               "weight reaches 1 at step 400), cosine lr, vae and nvae with fitted unconditional "
               "priors (the paper's N(0, I) draws no brains), recentred conditional priors (the "
               "learned ones draw blurred boxes), bf16 where the CPU has it, IW NLL with S=8, FID "

@@ -100,12 +100,16 @@ def lesion_detection(score: Score, val: CacheSplit, test: CacheSplit, seed: int,
 
 def detection_figure(test: CacheSplit, maps: dict[str, np.ndarray], thresholds: dict[str, float],
                      kind: str) -> Any:
-    """The test slices with the most lesion, each beside its score maps (lesions outlined in
-    red, the voxels above each validation-chosen threshold in yellow)."""
+    """The most lesioned test slice of each of the most lesioned subjects, each beside its score
+    maps (lesions outlined in red, the voxels above each validation-chosen threshold in
+    yellow)."""
     import matplotlib.pyplot as plt
 
     truth = np.asarray(test.lesion) > 0
-    shown = np.argsort(-truth.sum(axis=(1, 2)), kind="stable")[:FIGURE_SLICES]
+    subjects = test.slices["subject"].to_numpy()
+    order = np.argsort(-truth.sum(axis=(1, 2)), kind="stable")
+    _, first = np.unique(subjects[order], return_index=True)  # each subject's most lesioned slice
+    shown = order[np.sort(first)][:FIGURE_SLICES]
     names = list(maps)
     fig, axes = plt.subplots(len(shown), 1 + len(names), squeeze=False,
                              figsize=(1.6 * (1 + len(names)), 1.8 * len(shown)))
@@ -165,9 +169,10 @@ def counterfactual_run(run: str | os.PathLike, pathology_groups: Collection[int]
         return result
     save_figure(
         detection_figure(test, maps, thresholds, config.model.kind), folder / FIGURE,
-        caption=f"Lesion scores of the {config.model.kind} run on the test slices with the most "
-                f"lesion: the slice, then each score map (pseudo-healthy residual with pathology "
-                f"groups {', '.join(f'z{g}' for g in groups)} at their prior mean; the plain "
+        caption=f"Lesion scores of the {config.model.kind} run on the most lesioned test slice of "
+                f"each of the {FIGURE_SLICES} most lesioned subjects: the slice, then each score "
+                f"map (pseudo-healthy residual with pathology groups "
+                f"{', '.join(f'z{g}' for g in groups)} at their prior mean; the plain "
                 f"reconstruction's residual; the intensity); true lesions outlined in red, the "
                 f"voxels at or above each score's validation-chosen threshold in yellow.",
     )
