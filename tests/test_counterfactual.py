@@ -74,6 +74,7 @@ def test_the_pseudo_healthy_image_keeps_the_anatomy_and_redraws_pathology_at_t0(
 def test_counterfactual_run_writes_the_table_and_figure(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
+    (run / "analysis.json").unlink(missing_ok=True)  # another test may have analysed tiny_run
     with pytest.raises(PathanatError, match="pathanat analyze"):
         counterfactual_run(run)  # unsupervised, no analysis.json: no pathology groups known
     result = counterfactual_run(run, pathology_groups=[3])
