@@ -132,7 +132,7 @@ def prior_samples(model: Any, n: int, temperature: float, batch_size: int) -> np
 
 
 @torch.no_grad()
-def reconstructions(model: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
+def reconstructed_slices(model: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
     """(N, H, W) float32: ``model.reconstruct`` of ``images`` (N, H, W), in batches."""
     x = torch.from_numpy(images)[:, None]
     return np.concatenate([model.reconstruct(x[p])[:, 0].float().numpy()
@@ -207,7 +207,7 @@ def scored_validity(
     real_images = np.array(test.image, dtype=np.float32)
     tissue, probs = segment(segmenters, real_images, batch_size)
     real = Scored(real_images, probs > LESION_THRESHOLD, tissue)
-    rebuilt = reconstructions(model, real_images, batch_size)
+    rebuilt = reconstructed_slices(model, real_images, batch_size)
     tissue, probs = segment(segmenters, rebuilt, batch_size)
     seconds["segmentation"] = time.perf_counter() - start
     reconstructed = validity_rates(probs > LESION_THRESHOLD, tissue, seed)
