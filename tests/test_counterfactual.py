@@ -91,6 +91,15 @@ def test_counterfactual_run_writes_the_table_and_figure(tiny_run, tmp_path):
         ".txt").read_text()
 
 
+def test_counterfactual_run_is_seeded_even_where_t0_picks_a_vampprior_component(tiny_run,
+                                                                                tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    first, again = (counterfactual_run(run, pathology_groups=[0]) for _ in range(2))
+    first.pop("seconds"), again.pop("seconds")
+    assert first == again
+
+
 def test_counterfactual_run_refuses_a_cache_without_lesions(tiny_run, tiny_cache, tmp_path,
                                                              monkeypatch):
     copy = tmp_path / "cache"

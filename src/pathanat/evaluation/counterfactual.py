@@ -152,7 +152,10 @@ def counterfactual_run(run: str | os.PathLike, pathology_groups: Collection[int]
     rows, maps, thresholds = {}, {}, {}
     if not lacking:
         for name, score in scorers(model, groups).items():
-            rows[name], maps[name] = lesion_detection(score, val, test, seed)
+            # seeded: a VampPrior z_0 at T = 0 still picks a component at random
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                rows[name], maps[name] = lesion_detection(score, val, test, seed)
             thresholds[name] = rows[name]["threshold"]
     result = finite_or_none({
         "run": str(folder), "model": config.model.kind, "seed": seed,
