@@ -16,6 +16,7 @@ def test_every_subcommand_help_shows_an_example(command, capsys):
     out = capsys.readouterr().out
     assert "example:" in out
     assert f"pathanat {command}" in out.split("example:")[1]
+    assert "%%" not in out  # a percent sign is written once (argparse formats the summary only)
 
 
 def test_top_level_help_lists_every_subcommand(capsys):

@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         "lesion detection -- each test slice's pathology groups set to their prior mean given "
         "the groups above, decoded, and the positive residual in the brain taken as a lesion "
         "score -- with pixel AUPRC, Dice at a threshold chosen on the val split, best Dice "
-        "(optimistic) and per-subject lesion-load correlation (95%% subject-bootstrap CIs), "
+        "(optimistic) and per-subject lesion-load correlation (95% subject-bootstrap CIs), "
         "beside the plain reconstruction's residual and the intensity. Writes "
         "RUN/counterfactual.json and RUN/figures/lesion_detection.png.",
         "pathanat counterfactual runs/nvmp_ms_sup",
