@@ -148,7 +148,8 @@ def counterfactual_run(run: str | os.PathLike, pathology_groups: Collection[int]
     groups, source = resolve_pathology_groups(pathology_groups, config.model,
                                               folder / ANALYSIS_JSON)
     val, test = split_arrays(cache, "val"), split_arrays(cache, "test")
-    lacking = [d.name for d in (val, test) if not (_arrays(d)[0] & _arrays(d)[1]).any()]
+    lacking = [d.name for d in (val, test)
+               if not (np.asarray(d.lesion, dtype=bool) & np.asarray(d.brain, dtype=bool)).any()]
     rows, maps, thresholds = {}, {}, {}
     if not lacking:
         for name, score in scorers(model, groups).items():
@@ -167,17 +168,15 @@ def counterfactual_run(run: str | os.PathLike, pathology_groups: Collection[int]
                        f"split(s)") if lacking else None,
         "seconds": round(time.perf_counter() - start, 2),
     })
-    if lacking:
-        write_json(folder / COUNTERFACTUAL_JSON, result)
-        return result
-    save_figure(
-        detection_figure(test, maps, thresholds, config.model.kind), folder / FIGURE,
-        caption=f"Lesion scores of the {config.model.kind} run on the most lesioned test slice of "
-                f"each of the {FIGURE_SLICES} most lesioned subjects: the slice, then each score "
-                f"map (pseudo-healthy residual with pathology groups "
-                f"{', '.join(f'z{g}' for g in groups)} at their prior mean; the plain "
-                f"reconstruction's residual; the intensity); true lesions outlined in red, the "
-                f"voxels at or above each score's validation-chosen threshold in yellow.",
-    )
+    if not lacking:
+        save_figure(
+            detection_figure(test, maps, thresholds, config.model.kind), folder / FIGURE,
+            caption=f"Lesion scores of the {config.model.kind} run on the most lesioned test "
+                    f"slice of each of the {FIGURE_SLICES} most lesioned subjects: the slice, "
+                    f"then each score map (pseudo-healthy residual with pathology groups "
+                    f"{', '.join(f'z{g}' for g in groups)} at their prior mean; the plain "
+                    f"reconstruction's residual; the intensity); true lesions outlined in red, "
+                    f"the voxels at or above each score's validation-chosen threshold in yellow.",
+        )
     write_json(folder / COUNTERFACTUAL_JSON, result)
     return result
