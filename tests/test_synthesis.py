@@ -191,6 +191,20 @@ def test_pairs_have_lesions_in_a_and_fewest_in_another_subject_at_that_slice():
         assert area[b] == min(area[same])
 
 
+def test_more_pairs_than_slices_a_give_each_a_further_donors():
+    data = planted_split()
+    subjects = data.slices["subject"].to_numpy()
+    first = choose_pairs(data, 5, seed=0)
+    pairs = choose_pairs(data, 12, seed=0)
+    assert pairs[:5] == first  # the first donors are the ones the figures use
+    assert len(pairs) == 12 and len(set(pairs)) == 12
+    for a in {a for a, _ in pairs}:
+        donors = [subjects[b] for x, b in pairs if x == a]
+        assert subjects[a] not in donors and len(set(donors)) == len(donors)
+    # 5 slices a and 3 other subjects each: at most 15 pairs
+    assert len(choose_pairs(data, 40, seed=0)) == 15
+
+
 # ---- which groups ------------------------------------------------------------------------------
 
 

@@ -158,11 +158,18 @@ def _validity(args: argparse.Namespace) -> None:
 
 
 def _counterfactual(args: argparse.Namespace) -> None:
-    from pathanat.evaluation.counterfactual import COUNTERFACTUAL_JSON, FIGURE, counterfactual_run
+    from pathanat.evaluation.counterfactual import (
+        COUNTERFACTUAL_JSON,
+        FIGURE,
+        SWAP_FIGURE,
+        counterfactual_run,
+        summary_lines,
+    )
     from pathanat.evaluation.reconstruction import estimate_text
 
     for run in args.run:
-        result = counterfactual_run(run, pathology_groups=args.pathology_groups, seed=args.seed)
+        result = counterfactual_run(run, pathology_groups=args.pathology_groups, seed=args.seed,
+                                    pairs=args.pairs)
         groups = ", ".join(f"z{g}" for g in result["pathology_groups"])
         print(f"{run}: lesion detection on the test split (pathology groups {groups}, "
               f"{result['pathology_source']}; threshold chosen on val)")
@@ -173,7 +180,9 @@ def _counterfactual(args: argparse.Namespace) -> None:
                   f"Dice {estimate_text(row['dice'], 3)}, "
                   f"best Dice {estimate_text(row['best_dice'], 3)} (optimistic), "
                   f"load r {estimate_text(row['load_correlation'], 3)}")
-        print(f"written: {run / COUNTERFACTUAL_JSON}, {run / FIGURE}")
+        for line in summary_lines(result):
+            print(f"  {line}")
+        print(f"written: {run / COUNTERFACTUAL_JSON}, {run / SWAP_FIGURE}, {run / FIGURE}")
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -413,20 +422,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(
         sub,
         "counterfactual",
-        "Pathology edits of an MS run scored against the phantom's truth. So far: pseudo-healthy "
-        "lesion detection -- each test slice's pathology groups set to their prior mean given "
-        "the groups above, decoded, and the positive residual in the brain taken as a lesion "
-        "score -- with pixel AUPRC, Dice at a threshold chosen on the val split, best Dice "
-        "(optimistic) and per-subject lesion-load correlation (95% subject-bootstrap CIs), "
-        "beside the plain reconstruction's residual and the intensity. Writes "
-        "RUN/counterfactual.json and RUN/figures/lesion_detection.png.",
+        "Pathology edits of an MS run scored against the phantom's truth (95% subject-bootstrap "
+        "CIs throughout). The swap P(a) + A(b) over test pairs: effectiveness (the lesion "
+        "segmenter's area on the mix against a's true area; Dice where b's tissue allows), "
+        "anatomy kept (tissue Dice against b's labels; factor R^2 from the mix's z_A), "
+        "reversibility (P(b) + A(mix) against b's reconstruction), minimality (change outside "
+        "the lesions over change inside); composition (the null edit repeated 1 and 10 times); "
+        "conditional redraws of z_P (lesion-area spread, lesions in valid tissue, anatomy "
+        "Dice); and pseudo-healthy lesion detection -- the pathology groups set to their prior "
+        "mean given the groups above, the positive residual in the brain as a lesion score -- "
+        "with pixel AUPRC, Dice at a threshold chosen on the val split, best Dice (optimistic) "
+        "and lesion-load correlation, beside the plain reconstruction's residual and the "
+        "intensity. Writes RUN/counterfactual.json, RUN/figures/counterfactual_swap.png and "
+        "lesion_detection.png.",
         "pathanat counterfactual runs/nvmp_ms_sup",
     )
     p.add_argument("run", type=Path, nargs="+", help="run folders made by `pathanat train`")
     p.add_argument("--pathology-groups", nargs="+", type=int, default=None, metavar="L",
                    help="latent groups that hold pathology (default: the supervised z_P, else "
                         "the post-hoc z_P of `pathanat analyze`)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    p.add_argument("--pairs", type=int, default=200, help="test pairs swapped (default 200)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the pairs, the draws and the bootstrap (default 0)")
     p.set_defaults(func=_counterfactual)
 
     p = _add(

@@ -17,6 +17,7 @@ import numpy as np
 from pathanat.data.phantom import generate_cohort
 from pathanat.data.prepare import load_cache, prepare_cohort
 from pathanat.errors import PathanatError
+from pathanat.evaluation.counterfactual import summary_lines
 from pathanat.evaluation.reconstruction import estimate_text
 from pathanat.figures import save_figure, slice_montage
 from pathanat.reproduce import Budget, run_stages, train_stage
@@ -169,6 +170,8 @@ def _summarise(
     for name, row in detection["detection"].items():
         print(f"         {name}: AUPRC {estimate_text(row['auprc'], 3)}, "
               f"Dice {estimate_text(row['dice'], 3)}")
+    for line in summary_lines(detection):
+        print(f"edits    {line}")
     print(f"report   {report}")
     print()
     print(f"A {steps}-step model on {counts.get('train', 0)} training subjects: look at the "

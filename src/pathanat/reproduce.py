@@ -199,7 +199,7 @@ def _validity(run: Path, budget: Budget) -> object:
 def _counterfactual(run: Path, budget: Budget) -> object:
     from pathanat.evaluation.counterfactual import counterfactual_run
 
-    return counterfactual_run(run)
+    return counterfactual_run(run, segmenter_steps=budget.segmenter_steps)
 
 
 def _synthesize(run: Path, budget: Budget) -> object:

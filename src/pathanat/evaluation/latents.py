@@ -108,24 +108,21 @@ def lasso_r2(
     return float(r2_score(np.asarray(test_target, dtype=np.float64), predicted))
 
 
-def r2_interval(
+def r2_replicates(
     target: np.ndarray,
     predicted: np.ndarray,
     clusters: np.ndarray | None = None,
-    confidence: float = CONFIDENCE,
     n_boot: int = R2_BOOTSTRAPS,
     seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the test R^2 of fixed predictions: test units are drawn
-    with replacement (whole ``clusters`` -- e.g. a subject's slices -- where given) and R^2 is
-    recomputed against each draw's own mean. It measures the test set's sampling error, not the
-    variation of the fit over training sets. Draws whose target is constant are left out."""
+) -> np.ndarray:
+    """(n_boot,) test R^2 of fixed predictions over bootstrap draws of the test units (whole
+    ``clusters`` -- e.g. a subject's slices -- where given), each against its draw's own mean;
+    NaN for a draw whose target is constant. The same ``seed`` and clusters give the same draws
+    for every target, so replicates of several targets can be combined draw by draw."""
     y = np.asarray(target, dtype=np.float64)
     f = np.asarray(predicted, dtype=np.float64)
     if y.shape != f.shape or y.ndim != 1 or len(y) < 2:
         raise InputError(f"target {y.shape} and predictions {f.shape}: expected two equal (N>=2,)")
-    if not 0 < confidence < 1:
-        raise InputError(f"confidence must lie in (0, 1), got {confidence}")
     ids = np.arange(len(y)) if clusters is None else np.unique(clusters, return_inverse=True)[1]
     if len(ids) != len(y):
         raise InputError(f"clusters: expected one id per test unit ({len(y)}), got {len(ids)}")
@@ -140,7 +137,25 @@ def r2_interval(
     n, sy, syy, sse = (counts @ row for row in stats)
     sst = syy - sy * sy / n
     ok = sst > 1e-12 * np.maximum(syy, 1.0)
-    r2 = 1.0 - sse[ok] / sst[ok]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(ok, 1.0 - sse / np.where(ok, sst, 1.0), np.nan)
+
+
+def r2_interval(
+    target: np.ndarray,
+    predicted: np.ndarray,
+    clusters: np.ndarray | None = None,
+    confidence: float = CONFIDENCE,
+    n_boot: int = R2_BOOTSTRAPS,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the test R^2 of fixed predictions (``r2_replicates``). It
+    measures the test set's sampling error, not the variation of the fit over training sets.
+    Draws whose target is constant are left out."""
+    if not 0 < confidence < 1:
+        raise InputError(f"confidence must lie in (0, 1), got {confidence}")
+    r2 = r2_replicates(target, predicted, clusters, n_boot, seed)
+    r2 = r2[np.isfinite(r2)]
     tail = 100 * (1 - confidence) / 2
     return float(np.percentile(r2, tail)), float(np.percentile(r2, 100 - tail))
 

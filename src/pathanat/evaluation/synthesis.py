@@ -44,6 +44,7 @@ the post-hoc z_P of ``RUN/analysis.json`` (``pathanat analyze``). Only ``style-m
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -196,7 +197,8 @@ def donors(data: CacheSplit, source: int, n: int, rng: np.random.Generator) -> l
 
 def choose_pairs(data: CacheSplit, n: int, seed: int) -> list[tuple[int, int]]:
     """Up to ``n`` (a, b) slice indices: a with marked pathology, b of another subject with the
-    least (see the module docstring); the same ``seed`` gives the same pairs."""
+    least (see the module docstring); where fewer than ``n`` slices qualify as a, each a gets
+    further donors (of other subjects). The same ``seed`` gives the same pairs."""
     rng = np.random.default_rng(seed)
     score = pathology_scores(data)
     positive = score > 0
@@ -208,7 +210,10 @@ def choose_pairs(data: CacheSplit, n: int, seed: int) -> list[tuple[int, int]]:
     # one slice per subject first (the earliest in the shuffled order), then the rest
     _, first = np.unique(subjects[order], return_index=True)
     order = np.concatenate([order[np.sort(first)], np.delete(order, first)])
-    return [(int(a), donors(data, a, 1, rng)[0]) for a in order[:n]]
+    per = -(-n // len(order))  # donors per slice a where the pool holds fewer than n slices
+    chosen = [[(int(a), b) for b in donors(data, a, per, rng)] for a in order[:n]]
+    # every a's first donor, then every a's second, ...
+    return [pair for rank in itertools.zip_longest(*chosen) for pair in rank if pair][:n]
 
 
 # ---- arrays ------------------------------------------------------------------------------------

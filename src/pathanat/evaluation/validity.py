@@ -42,6 +42,7 @@ from pathanat.data.phantom import BACKGROUND, CSF, VENTRICLES
 from pathanat.data.prepare import CacheSplit
 from pathanat.errors import InputError, PathanatError
 from pathanat.evaluation.evaluate import (
+    as_input,
     batches,
     finite_or_none,
     run_cache,
@@ -134,8 +135,7 @@ def prior_samples(model: Any, n: int, temperature: float, batch_size: int) -> np
 @torch.no_grad()
 def reconstructed_slices(model: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
     """(N, H, W) float32: ``model.reconstruct`` of ``images`` (N, H, W), in batches."""
-    x = torch.from_numpy(images)[:, None]
-    return np.concatenate([model.reconstruct(x[p])[:, 0].float().numpy()
+    return np.concatenate([model.reconstruct(as_input(images[p]))[:, 0].float().numpy()
                            for p in batches(len(images), batch_size)])
 
 
