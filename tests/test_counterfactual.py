@@ -62,8 +62,10 @@ def test_the_mix_and_the_redraw_are_the_model_s_own_operations(tiny_run, tiny_ca
     a, b = np.asarray(test.image[:3]), np.asarray(test.image[3:6])
     expected = model.mix(torch.tensor(a)[:, None], torch.tensor(b)[:, None], from_a=[1, 2],
                          mode="value").x_mean[:, 0].numpy()
-    np.testing.assert_allclose(counterfactual.mixed(model, a, b, [1, 2], batch_size=2),
-                               expected, atol=1e-5)
+    za, zb = (counterfactual.encoded(model, x, batch_size=2) for x in (a, b))
+    mix = counterfactual.decoded(model, counterfactual.swapped(za, zb, [1, 2]), a.shape[1:],
+                                 batch_size=2)
+    np.testing.assert_allclose(mix, expected, atol=1e-5)
     # every group kept: a redraw at any temperature is the reconstruction
     drawn = counterfactual.redrawn(model, a, [], draws=2, temperature=1.0, batch_size=4)
     assert drawn.shape == (3, 2, *a.shape[1:])

@@ -230,6 +230,7 @@ def make_run(folder: Path, kind: str, seed: int, supervised: bool = False) -> di
                                           "n_subjects": 12}
                                    for name in ("pseudo-healthy residual",
                                                 "reconstruction residual", "intensity")}}
+        detection.update(edit_records(rng))
         (folder / "counterfactual.json").write_text(json.dumps(detection))
     steps = np.arange(10, 110, 10)
     curves = pd.DataFrame({"step": steps, "train/loss": rng.uniform(1, 2, 10),
@@ -426,6 +427,55 @@ def test_lesion_detection_table_shows_each_score_or_the_command(two_runs):
         assert r[names.index("pathology groups")][0] == "z2"
 
 
+def edit_records(rng) -> dict:
+    """Swap, composition and conditional records shaped as counterfactual_run writes them."""
+    def est(low=0.0, high=1.0):
+        mean = float(rng.uniform(low, high))
+        return ci(mean, mean - 0.05, mean + 0.05)
+
+    tissues = {t: est() for t in ("ventricles", "WM", "brain")}
+    areas = {"area_correlation": est(), "area_mae_mm2": est(0, 200)}
+    return {
+        "swap": {"pairs": 200,
+                 "effectiveness": {**areas, "lesion_dice_where_allowed": est(),
+                                   "allowed_fraction": 0.98,
+                                   "reference_a_reconstruction": dict(areas),
+                                   "no_edit_b_reconstruction": dict(areas)},
+                 "anatomy": {"tissue_dice": tissues, "reference_b_reconstruction": dict(tissues),
+                             "factors": {"mix": {"mean_r2_held": est()},
+                                         "b": {"mean_r2_held": est()}}},
+                 "reversibility": {"psnr": est(20, 35), "ssim": est()},
+                 "minimality": est()},
+        "composition": {"slices": 32, **{k: {"psnr": est(20, 40), "ssim": est(),
+                                             "lesion_area_drift_mm2": est(-50, 50),
+                                             "lesion_area_abs_drift_mm2": est(0, 50)}
+                                         for k in ("1", "10")}},
+        "conditional": {"sources": 32, "draws": 8, "lesion_area_spread_mm2": est(0, 100),
+                        "lesion_in_valid_tissue": est(), "tissue_dice": dict(tissues)},
+    }
+
+
+def test_swap_tables_show_each_run_s_edits_or_the_command(two_runs):
+    runs, contents, page, _ = two_runs
+    for caption in ("The mix P(a) + A(b)", "Reversibility: P(b) + A(mix)"):
+        assert "not computed -- run pathanat counterfactual" in page.row(caption,
+                                                                         runs[0].name)[-1][0]
+    found = contents[1]["detection"]
+    swap = page.table("The mix P(a) + A(b)")
+    for column, entry in (("lesion area r", found["swap"]["effectiveness"]["area_correlation"]),
+                          ("minimality", found["swap"]["minimality"]),
+                          ("factor R² from mix z_A",
+                           found["swap"]["anatomy"]["factors"]["mix"]["mean_r2_held"])):
+        text, attrs = cell(swap, runs[1].name, column)
+        assert float(attrs["data-value"]) == entry["mean"]
+        assert text.startswith(f"{entry['mean']:.3f} [")
+    sound = page.table("Reversibility: P(b) + A(mix)")
+    text, attrs = cell(sound, runs[1].name, "null edit x10: PSNR")
+    assert float(attrs["data-value"]) == found["composition"]["10"]["psnr"]["mean"]
+    text, attrs = cell(sound, runs[1].name, "redrawn lesions in valid tissue")
+    assert float(attrs["data-value"]) == found["conditional"]["lesion_in_valid_tissue"]["mean"]
+
+
 def test_overview_and_figures(two_runs):
     runs, contents, page, _ = two_runs
     overview = page.table("Model kind")
@@ -496,7 +546,7 @@ def test_every_table_lists_every_run(tmp_path):
     bare.mkdir()
     (bare / "config.yaml").write_text(yaml.safe_dump({"model": {"kind": "nvae"}}))
     page = Page(write_report([full, bare], tmp_path / "r.html").read_text())
-    assert len(page.tables) == 10
+    assert len(page.tables) == 12
     for table in page.tables:
         names = [row[0][0] for row in table["rows"][1:]]
         assert "full" in names and "bare" in names, table["caption"]

@@ -37,7 +37,7 @@ import torch
 from pathanat.data.phantom import ANATOMY_RANGES, CONTRAST_RANGES, SCANNER_RANGES, VENTRICLES
 from pathanat.data.prepare import Cache, CacheSplit
 from pathanat.errors import PathanatError
-from pathanat.evaluation.analyze import ANALYSIS_JSON, latent_codes
+from pathanat.evaluation.analyze import ANALYSIS_JSON
 from pathanat.evaluation.detection import (
     chosen_threshold,
     counts,
@@ -174,13 +174,32 @@ def take(scored: Scored, index: np.ndarray) -> Scored:
 
 
 @torch.no_grad()
-def mixed(model: HierarchicalVAE, a: np.ndarray, b: np.ndarray, pathology: Collection[int],
-          batch_size: int) -> np.ndarray:
-    """(N, H, W): slices a's ``pathology`` groups over slices b's other groups (posterior means
-    by value, as the style-mix figure); a and b (N, H, W)."""
+def encoded(model: HierarchicalVAE, images: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Posterior means of every group of slices ``images`` (N, H, W): (N, C, h, w) per group."""
+    parts = [[z.float().numpy() for z in model.encode(as_input(images[p])).z]
+             for p in batches(len(images), batch_size)]
+    return [np.concatenate(group) for group in zip(*parts, strict=True)]
+
+
+@torch.no_grad()
+def decoded(model: HierarchicalVAE, z: list[np.ndarray], size: tuple[int, int],
+            batch_size: int) -> np.ndarray:
+    """(N, H, W) likelihood means of latents ``z`` (one (N, C, h, w) array per group)."""
     return np.concatenate([
-        images_of(model.mix(as_input(a[p]), as_input(b[p]), from_a=pathology, mode=MIX_MODE))
-        for p in batches(len(a), batch_size)])
+        images_of(model.decode([torch.from_numpy(g[p]) for g in z], size))
+        for p in batches(len(z[0]), batch_size)])
+
+
+def swapped(a: list[np.ndarray], b: list[np.ndarray], pathology: Collection[int]
+            ) -> list[np.ndarray]:
+    """a's ``pathology`` groups with b's others: the value-mode mix (as the style-mix figure)."""
+    return [za if g in set(pathology) else zb for g, (za, zb) in enumerate(zip(a, b, strict=True))]
+
+
+def flattened(z: list[np.ndarray], pathology: Collection[int]) -> np.ndarray:
+    """(N, D): the groups not in ``pathology``, flattened, side by side (the codes of z_A)."""
+    return np.concatenate([g.reshape(len(g), -1) for i, g in enumerate(z)
+                           if i not in set(pathology)], axis=1)
 
 
 @torch.no_grad()
@@ -208,13 +227,6 @@ def null_edits(model: HierarchicalVAE, first: np.ndarray, repeats: Sequence[int]
     return out
 
 
-def anatomy_codes(model: HierarchicalVAE, images: np.ndarray, pathology: Collection[int],
-                  batch_size: int) -> np.ndarray:
-    """(N, D): the posterior means of every group not in ``pathology``, flattened, side by side."""
-    codes = latent_codes(model, images, batch_size)
-    return np.concatenate([c for g, c in enumerate(codes) if g not in set(pathology)], axis=1)
-
-
 def non_pathology_factors(slices: pd.DataFrame) -> list[str]:
     """The phantom's drawn factors that z_A should hold: slice position, anatomy, contrast and
     scanner (the pathology factors and the seeds left out)."""
@@ -238,12 +250,14 @@ class Setting:
     def segmented(self, images: np.ndarray) -> Scored:
         return segmented(self.segmenters, images, self.batch_size)
 
-    def mixed(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return mixed(self.model, a, b, self.pathology, self.batch_size)
+    def encoded(self, images: np.ndarray) -> list[np.ndarray]:
+        return encoded(self.model, images, self.batch_size)
+
+    def decoded(self, z: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+        return decoded(self.model, z, size, self.batch_size)
 
     def codes(self, images: np.ndarray) -> np.ndarray:
-        return anatomy_codes(self.model, np.asarray(images, dtype=np.float32), self.pathology,
-                             self.batch_size)
+        return flattened(self.encoded(images), self.pathology)
 
 
 @dataclass
@@ -265,8 +279,11 @@ def swap_record(k: Setting, train: CacheSplit, val: CacheSplit, test: CacheSplit
     image = np.asarray(test.image, dtype=np.float32)
     lesion, dseg = np.asarray(test.lesion) > 0, np.asarray(test.dseg)
     subjects = test.slices["subject"].to_numpy()
-    mix = k.segmented(k.mixed(image[a], image[b]))
-    back = k.mixed(image[b], mix.images)
+    size = image.shape[1:]
+    za, zb = k.encoded(image[a]), k.encoded(image[b])
+    mix = k.segmented(k.decoded(swapped(za, zb, k.pathology), size))
+    zmix = k.encoded(mix.images)
+    back = k.decoded(swapped(zb, zmix, k.pathology), size)
     record = swap_scores(lesion[a], lesion[b], dseg[b], np.asarray(test.brain)[b] > 0, mix, back,
                          take(rebuilt, a), take(rebuilt, b), subjects[a], k.pixel_mm2, k.seed)
     names = non_pathology_factors(test.slices)
@@ -274,7 +291,7 @@ def swap_record(k: Setting, train: CacheSplit, val: CacheSplit, test: CacheSplit
     record["anatomy"]["factors"] = factor_r2(
         k.codes(train.image[::2]), train.slices[names].iloc[::2],
         k.codes(val.image), val.slices[names],
-        {"mix": k.codes(mix.images), "b": k.codes(image[b])},
+        {"mix": flattened(zmix, k.pathology), "b": flattened(zb, k.pathology)},
         test.slices[names].iloc[b].reset_index(drop=True), subjects[b], k.seed)
     return record, Swap(a, b, mix, back, rebuilt.images[b])
 
