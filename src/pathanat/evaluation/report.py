@@ -739,10 +739,10 @@ def swap_section(runs: Sequence[Run]) -> str:
         swap, conditional = found["swap"], found["conditional"]
         once, tenfold = found["composition"]["1"], found["composition"]["10"]
         return [
-            estimate_cell(swap["reversibility"]["psnr"], 3),
-            estimate_cell(once["psnr"], 3), estimate_cell(tenfold["psnr"], 3),
-            estimate_cell(tenfold["lesion_area_drift_mm2"], 3),
-            estimate_cell(conditional["lesion_area_spread_mm2"], 3),
+            estimate_cell(swap["reversibility"]["psnr"], 1),
+            estimate_cell(once["psnr"], 1), estimate_cell(tenfold["psnr"], 1),
+            estimate_cell(tenfold["lesion_area_drift_mm2"], 0),
+            estimate_cell(conditional["lesion_area_spread_mm2"], 1),
             estimate_cell(conditional["lesion_in_valid_tissue"], 3),
             estimate_cell(conditional["tissue_dice"]["WM"], 3),
         ]
