@@ -12,17 +12,15 @@ torch.set_num_threads(1)
 TINY_SHAPE = (48, 48)
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
-    """A 10-subject MS phantom (6/2/2 subjects, 4 slices of 48 x 48 at 4 mm) and an nvmp model
-    of width 8 trained for 6 steps on it: one trained run for the evaluation tests."""
+def make_tiny_run(root: Path) -> Path:
+    """A 10-subject MS phantom (6/2/2 subjects, 4 slices of 48 x 48 at 4 mm) under ``root`` and
+    an nvmp model of width 8 trained for 6 steps on it; returns the run folder."""
     from pathanat.data.phantom import generate_cohort
     from pathanat.data.prepare import prepare_cohort
     from pathanat.models import HVAEConfig
     from pathanat.training.config import DataConfig, ExperimentConfig, TrainerConfig
     from pathanat.training.run import train_config
 
-    root = tmp_path_factory.mktemp("tiny-phantom-run")
     cohort = generate_cohort("ms", 10, root / "cohort", seed=1, slab_mm=16.0, progress=False)
     cache = prepare_cohort(cohort, root / "cache", in_plane_mm=4.0, n_slices=4, shape=TINY_SHAPE,
                            progress=False, workers=1)
@@ -35,3 +33,10 @@ def tiny_run(tmp_path_factory) -> Path:
     )
     config.optim.lr = 2e-3
     return train_config(config, root / "run")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The tiny trained run the evaluation tests share (``make_tiny_run``): read it, do not
+    damage it."""
+    return make_tiny_run(tmp_path_factory.mktemp("tiny-phantom-run"))

@@ -170,8 +170,8 @@ def _summarise(
     for name, row in detection["detection"].items():
         print(f"         {name}: AUPRC {estimate_text(row['auprc'], 3)}, "
               f"Dice {estimate_text(row['dice'], 3)}")
-    for line in summary_lines(detection):
-        print(f"edits    {line}")
+    for i, line in enumerate(summary_lines(detection)):
+        print(f"{'edits' if i == 0 else '':9s}{line.strip()}")
     print(f"report   {report}")
     print()
     print(f"A {steps}-step model on {counts.get('train', 0)} training subjects: look at the "
