@@ -128,6 +128,23 @@ def test_a_damaged_file_gets_one_line_that_names_it(own_run, tmp_path, capsys, c
     assert len(err.strip().splitlines()) == 1, err
 
 
+def test_damaged_segmenter_weights_are_trained_again(own_run, monkeypatch):
+    from pathanat.data.prepare import load_cache
+    from pathanat.evaluation import segmenters as seg
+
+    cache = load_cache(cache_of(own_run))
+    seg.cohort_segmenters(cache, steps=2)
+    trained = []
+    real = seg.train_segmenters
+    monkeypatch.setattr(seg, "train_segmenters",
+                        lambda *a, **k: trained.append(1) or real(*a, **k))
+    weights = cache_of(own_run) / seg.FOLDER / seg.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:500])
+    again = seg.cohort_segmenters(cache, steps=2)
+    assert trained == [1] and again.manifest_sha256 == seg.manifest_sha256(cache)
+    seg.load_segmenters(weights)  # whole again
+
+
 # ---- kill -9 ---------------------------------------------------------------------------------
 
 
@@ -146,16 +163,19 @@ def killed_at(args: list[str], delay: float, cwd: Path) -> int:
         return proc.wait()
 
 
+TIMING = {"seconds", "wall_s", "run", "time_utc"}  # where and when, not what was measured
+
+
 def json_without_timing(path: Path) -> dict:
     def strip(x):
         if isinstance(x, dict):
-            return {k: strip(v) for k, v in x.items() if k not in {"seconds", "wall_s", "run"}}
+            return {k: strip(v) for k, v in x.items() if k not in TIMING}
         return [strip(v) for v in x] if isinstance(x, list) else x
 
     return strip(json.loads(path.read_text()))
 
 
-@pytest.mark.parametrize("stage", ["evaluate", "analyze"])
+@pytest.mark.parametrize("stage", ["evaluate", pytest.param("analyze", marks=pytest.mark.slow)])
 def test_a_stage_killed_anywhere_leaves_nothing_half_written_and_reruns_to_the_same_result(
         own_run, tmp_path, stage):
     output = {"evaluate": "metrics.json", "analyze": "analysis.json"}[stage]
@@ -216,3 +236,33 @@ def test_two_prepares_of_one_output_at_once_one_wins_and_the_other_says_why(own_
     assert "cache" in loser and "Traceback" not in loser
     assert (tmp_path / "cache" / "manifest.json").is_file()
     assert temporaries(tmp_path) == []
+
+
+def test_reproduce_computes_a_damaged_stage_output_again(own_run, capsys):
+    from pathanat.reproduce import is_current
+
+    output = own_run / "analysis.json"
+    os.utime(output)  # written after the last checkpoint
+    assert is_current(output, own_run)
+    with damaged(output, "truncated"):
+        os.utime(output)
+        assert not is_current(output, own_run)
+    assert "analysis.json: not a readable JSON file" in capsys.readouterr().err
+
+
+STAGES = [["evaluate", "--no-fid", "--iw-samples", "2"], ["analyze"], ["validity"],
+          ["counterfactual"], ["synthesize"]]
+
+
+@pytest.mark.parametrize("command", STAGES, ids=[c[0] for c in STAGES])
+def test_a_stage_running_on_a_run_stops_a_second_one_with_a_reason(own_run, capsys, command):
+    from pathanat.atomic import exclusive
+
+    before = {p.name: p.stat().st_mtime for p in own_run.glob("*.json")}
+    with exclusive(own_run / f".{command[0]}.lock", "held by this test"):
+        code = main([command[0], str(own_run), *command[1:]])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"another `pathanat {command[0]}` is running on this run" in err
+    assert {p.name: p.stat().st_mtime for p in own_run.glob("*.json")} == before
+    assert not (own_run / f".{command[0]}.lock").exists()

@@ -606,7 +606,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     run = tmp_path / "run"
     make_run(run, "vae", 6)
     (run / "analysis.json").write_text("{not json")
-    with pytest.raises(InputError, match=r"analysis\.json: not valid JSON"):
+    with pytest.raises(InputError, match=r"analysis\.json: not a readable JSON file"):
         write_report([run], tmp_path / "r.html")
     assert not (tmp_path / "r.html").exists()  # nothing half-written
 

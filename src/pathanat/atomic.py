@@ -107,22 +107,30 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
 @contextlib.contextmanager
 def _writer_lock(path: Path) -> Iterator[None]:
     """Hold ``.NAME.lock`` beside ``path`` for the whole write, so a second writer of the same
-    folder stops at once rather than both succeeding and the last one silently winning. An
-    flock dies with its process, so a killed writer leaves no lock behind."""
-    lock = path.with_name(f".{path.name}.lock")
+    folder stops at once rather than both succeeding and the last one silently winning."""
+    with exclusive(path.with_name(f".{path.name}.lock"),
+                   f"{path} is being written by another process right now"):
+        yield
+
+
+@contextlib.contextmanager
+def exclusive(lock: str | os.PathLike, busy: str) -> Iterator[None]:
+    """Hold the file ``lock`` (an flock) while the block runs; a second holder stops at once
+    with ``busy`` as its message. An flock dies with its process, so a killed holder leaves no
+    lock behind (its file stays until the next holder finishes)."""
+    lock = Path(lock)
     with open(lock, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise OutputBusyError(
-                f"{path} is being written by another process right now (it holds {lock}); "
-                "wait for it to finish, or write elsewhere"
+                f"{busy} (it holds {lock}); wait for it to finish, or write elsewhere"
             ) from None
         try:
             yield
         finally:
             # removed while still held: a writer that opened it before fails its non-blocking
-            # lock; one that comes after makes a new file, and finds the finished folder
+            # lock; one that comes after makes a new file, and finds the finished result
             lock.unlink(missing_ok=True)
 
 

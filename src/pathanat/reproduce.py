@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,8 +26,9 @@ from pathlib import Path
 from pathanat.atomic import atomic_file
 from pathanat.config import to_dict
 from pathanat.data.prepare import load_cache
-from pathanat.errors import PathanatError
+from pathanat.errors import InputError, PathanatError
 from pathanat.hardware import native_bf16
+from pathanat.jsonfiles import read_json
 from pathanat.training.config import ExperimentConfig, load_experiment
 from pathanat.training.run import LAST, resume, train_config
 
@@ -134,7 +136,7 @@ def run_config(name: str, budget: Budget, out: Path, cache: Path | None) -> Expe
 
 def trained_steps(run: Path) -> int:
     summary = run / "summary.json"
-    return json.loads(summary.read_text())["steps"] if summary.is_file() else 0
+    return read_json(summary).get("steps", 0) if summary.is_file() else 0
 
 
 def check_same_model(run: Path, config: ExperimentConfig) -> None:
@@ -164,9 +166,17 @@ def train_stage(run: Path, config: ExperimentConfig) -> str:
 
 
 def is_current(output: Path, run: Path) -> bool:
-    """Whether ``output`` was written after the run's last checkpoint (so it describes it)."""
+    """Whether ``output`` was written after the run's last checkpoint (so it describes it) and
+    still reads back (a damaged one is computed again, with a warning)."""
     last = run / "checkpoints" / LAST
-    return output.is_file() and output.stat().st_mtime >= last.stat().st_mtime
+    if not (output.is_file() and output.stat().st_mtime >= last.stat().st_mtime):
+        return False
+    try:
+        read_json(output)
+    except InputError as err:
+        print(f"warning: {err}; computing it again", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -274,7 +284,7 @@ def reproduce(
 
 def _record(out: Path, dataset: str, budget: str, chosen: Budget, names: list[str]) -> dict:
     path = out / "reproduce.json"
-    old = json.loads(path.read_text()) if path.is_file() else {}
+    old = read_json(path, "delete it to start the record afresh") if path.is_file() else {}
     return {"dataset": dataset, "budget": budget, "about": chosen.about,
             "overrides": list(chosen.overrides), "runs": names,
             "seconds": old.get("seconds", {})}
@@ -307,7 +317,7 @@ def _report(out: Path, names: list[str], claims: list[dict]) -> Path:
 
 def _read(run: Path, name: str) -> dict | None:
     path = run / name
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def claims_of(out: Path, dataset: str, names: list[str]) -> list[dict]:

@@ -50,8 +50,10 @@ from pathanat.data.volume import (
     standardisation,
 )
 from pathanat.errors import ConfigError, InputError
+from pathanat.jsonfiles import read_json
 
 CACHE_FORMAT = 1
+REPREPARE = "prepare the cache again (`pathanat prepare ... --overwrite`)"
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 DEFAULT_SLICES = {"FLAIR": 24, "T2w": 24, "T1w": 16}  # the paper's MS and AD settings
@@ -405,16 +407,18 @@ class Cache:
         """The slices of ``name`` (train, val or test), memory-mapped read-only by default."""
         if name not in SPLITS:
             raise InputError(f"{self.path}: unknown split {name!r}; expected one of {SPLITS}")
-        mode = "r" if mmap else None
         arrays = {
-            kind: np.load(self.path / f"{name}_{kind}.npy", mmap_mode=mode)
+            kind: _cache_array(self.path / f"{name}_{kind}.npy", mmap)
             if kind in self.manifest["arrays"] else None
             for kind in ("image", "brain", "lesion", "dseg")
         }
-        slices = pd.read_csv(
-            self.path / f"{name}_slices.tsv", sep="\t", dtype={"subject": str},
-            na_values=["n/a"], keep_default_na=False,
-        )
+        slices = _cache_table(self.path / f"{name}_slices.tsv", ("subject", "slice"))
+        lengths = {k: len(a) for k, a in arrays.items() if a is not None}
+        if any(n != len(slices) for n in lengths.values()):
+            raise InputError(
+                f"{self.path}: the {name} split's arrays hold {lengths} slices and "
+                f"{name}_slices.tsv {len(slices)} rows; {REPREPARE}"
+            )
         return CacheSplit(name=name, slices=slices, **arrays)
 
     def stats(self, subject: str) -> tuple[float, float]:
@@ -454,16 +458,33 @@ def load_cache(path: str | Path) -> Cache:
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise InputError(f"{path}: no manifest.json; expected a cache made by `pathanat prepare`")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"{manifest_path}: cannot read the manifest ({err})") from err
+    manifest = read_json(manifest_path, REPREPARE)
     if manifest.get("format") != CACHE_FORMAT:
         raise InputError(
             f"{manifest_path}: cache format {manifest.get('format')!r}; expected {CACHE_FORMAT}"
         )
-    subjects = pd.read_csv(
-        path / "subjects.tsv", sep="\t", dtype={"subject": str}, na_values=["n/a"],
-        keep_default_na=False,
-    )
-    return Cache(path=path, manifest=manifest, subjects=subjects)
+    return Cache(path=path, manifest=manifest,
+                 subjects=_cache_table(path / "subjects.tsv", ("subject", "split")))
+
+
+def _cache_array(path: Path, mmap: bool) -> np.ndarray:
+    """A cache array, memory-mapped read-only when ``mmap``; damage named with its file."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        reason = str(err).splitlines()[0][:120]
+        raise InputError(f"{path}: cannot read this cache array ({reason}); {REPREPARE}") from None
+
+
+def _cache_table(path: Path, columns: Sequence[str]) -> pd.DataFrame:
+    """A cache TSV with at least ``columns``; damage named with its file."""
+    try:
+        table = pd.read_csv(path, sep="\t", dtype={"subject": str}, na_values=["n/a"],
+                            keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError) as err:  # ValueError: bad UTF-8 too
+        reason = str(err).splitlines()[0][:120]
+        raise InputError(f"{path}: cannot read this cache table ({reason}); {REPREPARE}") from None
+    lacking = [c for c in columns if c not in table.columns]
+    if lacking:
+        raise InputError(f"{path}: no column {', '.join(lacking)}; {REPREPARE}")
+    return table

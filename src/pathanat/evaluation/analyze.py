@@ -53,6 +53,7 @@ from pathanat.evaluation.evaluate import (
     as_input,
     batches,
     finite_or_none,
+    one_at_a_time,
     run_cache,
     run_folder,
     split_arrays,
@@ -464,6 +465,7 @@ def sensitivity_figure(data: dict) -> plt.Figure:
 # ---- the run folder ----------------------------------------------------------------------------
 
 
+@one_at_a_time("analyze")
 def analyze_run(
     run: str | os.PathLike,
     split: str = "test",

@@ -56,6 +56,7 @@ from pathanat.evaluation.evaluate import (
     as_input,
     batches,
     finite_or_none,
+    one_at_a_time,
     run_cache,
     run_folder,
     split_arrays,
@@ -385,6 +386,7 @@ def swap_figure(test: CacheSplit, swap: Swap, kind: str) -> Any:
     return fig
 
 
+@one_at_a_time("counterfactual")
 def counterfactual_run(run: str | os.PathLike, pathology_groups: Collection[int] | None = None,
                        seed: int = 0, pairs: int = PAIRS, segmenter_steps: int | None = None,
                        progress: bool = True) -> dict:

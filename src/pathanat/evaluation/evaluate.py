@@ -39,15 +39,16 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pathanat.atomic import atomic_file
+from pathanat.atomic import atomic_file, exclusive
 from pathanat.data.prepare import SPLITS, Cache, CacheSplit, load_cache
 from pathanat.errors import InputError, PathanatError
 from pathanat.evaluation.fid import (
@@ -66,6 +67,8 @@ from pathanat.models.distributions import Bins, discretized_gaussian_log_probs
 from pathanat.models.second_stage import SecondStagePrior, fit_model_second_stage
 from pathanat.training.config import ExperimentConfig
 from pathanat.training.run import load_trained, phantom_paths
+
+Stage = TypeVar("Stage", bound=Callable[..., Any])
 
 # The cost is linear in S (one top-down pass per sample; the encoder runs once). S = 32 keeps the
 # test split of a 100-subject phantom (480 slices of 96 x 112) to minutes on 2 CPU cores
@@ -110,6 +113,21 @@ def run_folder(run: str | os.PathLike) -> Path:
     if not (run / "checkpoints" / "last.ckpt").is_file():
         raise PathanatError(f"{run}: not a run folder (no checkpoints/last.ckpt)")
     return run.absolute()
+
+
+def one_at_a_time(stage: str) -> Callable[[Stage], Stage]:
+    """Decorate a stage ``f(run, ...)`` that writes into a run folder: while one call runs on a
+    folder, a second stops with a message (instead of both writing and the last silently
+    winning, or a read-modify-write losing the other's part)."""
+    def decorate(compute: Stage) -> Stage:
+        @functools.wraps(compute)
+        def locked(run: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+            folder = run_folder(run)
+            with exclusive(folder / f".{stage}.lock",
+                           f"{folder}: another `pathanat {stage}` is running on this run"):
+                return compute(run, *args, **kwargs)
+        return locked  # type: ignore[return-value]
+    return decorate
 
 
 def split_arrays(cache: Cache, split: str) -> CacheSplit:
@@ -491,6 +509,7 @@ def write_json(path: Path, content: dict) -> None:
         tmp.write_text(json.dumps(finite_or_none(content), indent=2) + "\n")
 
 
+@one_at_a_time("evaluate")
 def evaluate_run(
     run: str | os.PathLike,
     split: str = "test",

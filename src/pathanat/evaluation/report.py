@@ -23,7 +23,6 @@ import dataclasses
 import datetime
 import html
 import io
-import json
 import math
 import os
 import re
@@ -40,6 +39,7 @@ import yaml
 from matplotlib import colormaps
 from matplotlib.colors import to_hex
 
+from pathanat import jsonfiles
 from pathanat.atomic import atomic_file
 from pathanat.config import from_dict
 from pathanat.errors import InputError, PathanatError
@@ -178,15 +178,7 @@ class Run:
 
 
 def read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        content = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(content, dict):
-        raise InputError(f"{path}: expected a JSON object, got {type(content).__name__}")
-    return content
+    return jsonfiles.read_json(path) if path.is_file() else None
 
 
 def with_binned_nll(metrics: dict | None) -> dict | None:

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import os
 from collections.abc import Collection, Iterator, Sequence
@@ -64,6 +63,7 @@ from pathanat.evaluation.evaluate import (
     DEFAULT_BATCH_SIZE,
     as_input,
     batches,
+    one_at_a_time,
     run_cache,
     run_folder,
     second_stage_samples,
@@ -71,6 +71,7 @@ from pathanat.evaluation.evaluate import (
     write_json,
 )
 from pathanat.figures import display, save_figure
+from pathanat.jsonfiles import read_json
 from pathanat.models import HierarchicalVAE, HVAEConfig
 from pathanat.models.second_stage import SecondStagePrior, fit_model_second_stage
 from pathanat.training.run import load_trained
@@ -128,10 +129,8 @@ def posthoc_group(analysis: Path) -> int | None:
     """The post-hoc z_P of an analysis.json ("z3" -> 3), or None where there is none."""
     if not analysis.is_file():
         return None
-    try:
-        found = json.loads(analysis.read_text()).get("sensitivity", {}).get("z_p_posthoc")
-    except (json.JSONDecodeError, AttributeError) as error:
-        raise PathanatError(f"{analysis}: not a readable analysis file ({error})") from None
+    found = (read_json(analysis, "rerun `pathanat analyze`").get("sensitivity") or {}).get(
+        "z_p_posthoc")
     if found is None:
         return None
     if not (isinstance(found, str) and found[:1] == "z" and found[1:].isdigit()):
@@ -577,6 +576,7 @@ def check_temperatures(temperatures: Sequence[float], name: str) -> None:
         raise PathanatError(f"--{name}: expected positive numbers, got {list(temperatures)!r}")
 
 
+@one_at_a_time("synthesize")
 def synthesize_run(
     run: str | os.PathLike,
     what: Sequence[str] | None = None,
@@ -613,11 +613,8 @@ def synthesize_run(
             pathology_groups, config.model, folder / ANALYSIS_JSON
         )
     path = folder / SYNTHESIS_JSON
-    try:  # read before drawing: a broken file stops the command before any work
-        old = json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError as error:
-        message = f"{path}: not valid JSON ({error}); delete it to start afresh"
-        raise PathanatError(message) from None
+    # read before drawing: a broken file stops the command before any work
+    old = read_json(path, "delete it to start afresh") if path.is_file() else {}
     cache = run_cache(folder, config)
     data = split_arrays(cache, split)
     chosen = choose_pairs(data, pairs, seed) if set(what) - {"prior", "clusters"} else []

@@ -45,6 +45,7 @@ from pathanat.evaluation.evaluate import (
     as_input,
     batches,
     finite_or_none,
+    one_at_a_time,
     run_cache,
     run_folder,
     second_stage_samples,
@@ -321,6 +322,7 @@ def validity_figure(result: dict, samples: Scored, real: Scored, kind: str) -> A
     return fig
 
 
+@one_at_a_time("validity")
 def validity_run(
     run: str | os.PathLike,
     n: int = DEFAULT_SAMPLES,
