@@ -266,3 +266,15 @@ def test_a_stage_running_on_a_run_stops_a_second_one_with_a_reason(own_run, caps
     assert f"another `pathanat {command[0]}` is running on this run" in err
     assert {p.name: p.stat().st_mtime for p in own_run.glob("*.json")} == before
     assert not (own_run / f".{command[0]}.lock").exists()
+
+
+def test_a_run_being_trained_stops_a_second_train_or_resume_of_it(own_run, tmp_path, capsys):
+    from pathanat.atomic import exclusive
+
+    with exclusive(own_run.with_name(f".{own_run.name}.lock"), "held by this test"):
+        resumed = main(["train", "--resume", str(own_run), "trainer.max_steps=8"])
+        fresh = main(["train", "demo", "--out", str(own_run), "--overwrite"])
+    err = capsys.readouterr().err
+    assert resumed == fresh == 2, err
+    assert err.count("is being trained by another process right now") == 2
+    assert (own_run / "checkpoints" / "last.ckpt").is_file()  # the overwrite did not start

@@ -24,6 +24,7 @@ the same number of replicas (the train stream is sharded by rank) and on a deter
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -40,7 +41,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from pathanat.atomic import atomic_file
+from pathanat.atomic import atomic_file, exclusive
 from pathanat.config import apply_override, from_dict, read_yaml, save_config, to_dict
 from pathanat.data.prepare import load_cache
 from pathanat.errors import ConfigError, OutputBusyError, OutputExistsError, PathanatError
@@ -85,6 +86,12 @@ def train_config(
 ) -> Path:
     """Train ``config`` into the new run folder ``run_dir``; returns it (absolute)."""
     run_dir = Path(run_dir).absolute()
+    with training_lock(run_dir):
+        return _trained_new(config, run_dir, overwrite, callbacks)
+
+
+def _trained_new(config: ExperimentConfig, run_dir: Path, overwrite: bool,
+                 callbacks: Sequence[pl.Callback]) -> Path:
     held = (run_dir / "checkpoints").exists() or (run_dir / "config.yaml").exists()
     if is_first_process() and held:
         if not overwrite:
@@ -111,6 +118,11 @@ def resume(
     anything else would change what the checkpoint's weights mean.
     """
     run_dir = Path(run_dir).absolute()
+    with training_lock(run_dir):
+        return _resumed(run_dir, overrides, callbacks)
+
+
+def _resumed(run_dir: Path, overrides: Sequence[str], callbacks: Sequence[pl.Callback]) -> Path:
     last = run_dir / "checkpoints" / LAST
     if not last.is_file():
         raise PathanatError(f"{run_dir}: no checkpoints/{LAST} to resume from")
@@ -143,6 +155,17 @@ def resume(
         save_config(config, run_dir / "config.yaml")
     _fit(config, run_dir, last, callbacks, resume_step=step)
     return run_dir
+
+
+def training_lock(run_dir: Path) -> contextlib.AbstractContextManager:
+    """Held by the first process while it trains ``run_dir`` (``.NAME.lock`` beside it): a second
+    `train` or `train --resume` of the same folder stops with a message instead of writing
+    checkpoints over the first's. Other DDP ranks take no lock: the first holds it for them."""
+    if not is_first_process():
+        return contextlib.nullcontext()
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    return exclusive(run_dir.with_name(f".{run_dir.name}.lock"),
+                     f"{run_dir} is being trained by another process right now")
 
 
 def is_first_process() -> bool:
