@@ -278,3 +278,32 @@ def test_a_run_being_trained_stops_a_second_train_or_resume_of_it(own_run, tmp_p
     assert resumed == fresh == 2, err
     assert err.count("is being trained by another process right now") == 2
     assert (own_run / "checkpoints" / "last.ckpt").is_file()  # the overwrite did not start
+
+
+@pytest.mark.slow
+def test_reproduce_killed_anywhere_finishes_on_a_rerun_with_nothing_half_written(own_run,
+                                                                                 tmp_path):
+    from pathanat.data.prepare import load_cache
+    from pathanat.evaluation.segmenters import cohort_segmenters
+
+    cache = cache_of(own_run)
+    cohort_segmenters(load_cache(cache), steps=2)  # as reproduce's smoke budget would reuse them
+    args = ["reproduce", "--dataset", "ms", "--budget", "smoke", "--cache", str(cache), "--runs",
+            "vae_ms", "--out", str(tmp_path / "grid")]
+    start = time.perf_counter()
+    assert killed_at([*args[:-1], str(tmp_path / "whole")], 1800, tmp_path) == 0
+    whole = time.perf_counter() - start
+    for delay in sorted(np.random.default_rng(2).uniform(1.0, whole, 3)):
+        killed_at(args, delay, tmp_path)
+        for record in (tmp_path / "grid").rglob("*.json"):
+            json.loads(record.read_text())  # whatever is there is whole
+    assert killed_at(args, 1800, tmp_path) == 0
+    for output in ("metrics.json", "analysis.json", "validity.json", "counterfactual.json",
+                   "synthesis.json"):
+        assert (tmp_path / "grid" / "vae_ms" / output).is_file()
+    # training resumes bit-identically and the stages are seeded: the same numbers
+    for output in ("metrics.json", "analysis.json"):
+        assert (json_without_timing(tmp_path / "grid" / "vae_ms" / output)
+                == json_without_timing(tmp_path / "whole" / "vae_ms" / output))
+    assert (tmp_path / "grid" / "report.html").is_file()
+    assert temporaries(tmp_path / "grid") == []
