@@ -1,13 +1,38 @@
-"""Reading the JSON files pathanat writes (manifests, metrics, analyses, records), with one error
-that names the file when it cannot be read -- a truncated copy, a disk error, someone's edit."""
+"""The JSON files pathanat writes (manifests, metrics, analyses, records): written strictly (NaN
+and infinities as null, which JSON lacks) and atomically, and read back with one error that names
+the file when it cannot be read -- a truncated copy, a disk error, someone's edit."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+
+from pathanat.atomic import atomic_file
 from pathanat.errors import InputError
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with NaN and infinities as None and numpy scalars as Python ones, recursively."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_json(path: str | os.PathLike, content: dict) -> None:
+    """``content`` as strict JSON (NaN and infinities as null), written aside and renamed."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(finite_or_none(content), indent=2) + "\n")
 
 
 def read_json(path: str | os.PathLike, advice: str = "") -> dict:

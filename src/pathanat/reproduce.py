@@ -15,7 +15,6 @@ mixed in. ``OUT/reproduce.json`` records the budget, the runs, each stage's seco
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -23,12 +22,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pathanat.atomic import atomic_file
 from pathanat.config import to_dict
 from pathanat.data.prepare import load_cache
 from pathanat.errors import InputError, PathanatError
 from pathanat.hardware import native_bf16
-from pathanat.jsonfiles import read_json
+from pathanat.jsonfiles import read_json, write_json
 from pathanat.training.config import ExperimentConfig, load_experiment
 from pathanat.training.run import LAST, resume, train_config
 
@@ -291,8 +289,7 @@ def _record(out: Path, dataset: str, budget: str, chosen: Budget, names: list[st
 
 
 def _write_record(out: Path, record: dict) -> None:
-    with atomic_file(out / "reproduce.json") as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(out / "reproduce.json", record)
 
 
 def _timed(label: str, seconds: dict, key: str, work: Callable[[], object]) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import json
 import math
 import multiprocessing as mp
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ import pathanat
 from pathanat.atomic import atomic_dir
 from pathanat.data.templates import DERIVATIONS, Template, load_template
 from pathanat.errors import PathanatError
+from pathanat.jsonfiles import write_json
 
 GENERATOR_VERSION = "1.0"
 KINDS = ("ms", "ad")
@@ -561,10 +561,6 @@ def generator_parameters() -> dict:
         "z_pad": Z_PAD,
         "region_margin_mm": REGION_MARGIN_MM,
     }
-
-
-def write_json(path: Path, content: dict) -> None:
-    path.write_text(json.dumps(content, indent=2) + "\n")
 
 
 def write_metadata(

@@ -20,7 +20,6 @@ Slice k of a subject maps to world coordinates through that subject's affine in 
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing as mp
 from collections.abc import Iterator, Sequence
@@ -50,7 +49,7 @@ from pathanat.data.volume import (
     standardisation,
 )
 from pathanat.errors import ConfigError, InputError
-from pathanat.jsonfiles import read_json
+from pathanat.jsonfiles import read_json, write_json
 
 CACHE_FORMAT = 1
 REPREPARE = "prepare the cache again (`pathanat prepare ... --overwrite`)"
@@ -334,7 +333,7 @@ def _write_manifest(
         "splits": {split: [s.id for s in members[split]] for split in SPLITS},
         "subjects": {sid: records[sid] for sid in sorted(records)},
     }
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    write_json(folder / "manifest.json", manifest)
 
 
 def _numeric(source: Cohort) -> list[str]:

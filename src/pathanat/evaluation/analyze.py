@@ -52,15 +52,14 @@ from pathanat.evaluation.evaluate import (
     DEFAULT_BATCH_SIZE,
     as_input,
     batches,
-    finite_or_none,
     one_at_a_time,
     run_cache,
     run_folder,
     split_arrays,
-    write_json,
 )
 from pathanat.evaluation.latents import DCI_ALPHA, LASSO_ALPHA, dci, informativeness_table
 from pathanat.figures import display, save_figure
+from pathanat.jsonfiles import finite_or_none, write_json
 from pathanat.training.run import load_trained
 
 SENSITIVITY_FACTORS = (0.0, 0.5, 1.5, 2.0, 3.0)
@@ -76,15 +75,19 @@ ANALYSIS_JSON = "analysis.json"
 
 
 @torch.no_grad()
+def encoded(model, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> list[np.ndarray]:
+    """Posterior means of every group of slices ``images`` (N, H, W): one (N, C, h, w) float32
+    array per group."""
+    parts = [[z.float().numpy() for z in model.encode(as_input(images[p])).z]
+             for p in batches(len(images), batch_size)]
+    return [np.concatenate(group) for group in zip(*parts, strict=True)]
+
+
 def latent_codes(
     model, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE
 ) -> list[np.ndarray]:
     """Posterior means of every group, flattened: one (N, C * h * w) float32 array per group."""
-    parts: list[list[np.ndarray]] = []
-    for part in batches(len(images), batch_size):
-        z = model.encode(as_input(images[part])).z
-        parts.append([g.reshape(len(g), -1).float().numpy() for g in z])
-    return [np.concatenate(group) for group in zip(*parts, strict=True)]
+    return [g.reshape(len(g), -1) for g in encoded(model, images, batch_size)]
 
 
 def subject_average(values: np.ndarray, subjects: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -37,7 +37,7 @@ import torch
 from pathanat.data.phantom import ANATOMY_RANGES, CONTRAST_RANGES, SCANNER_RANGES, VENTRICLES
 from pathanat.data.prepare import Cache, CacheSplit
 from pathanat.errors import PathanatError
-from pathanat.evaluation.analyze import ANALYSIS_JSON
+from pathanat.evaluation.analyze import ANALYSIS_JSON, encoded
 from pathanat.evaluation.detection import (
     chosen_threshold,
     counts,
@@ -55,12 +55,10 @@ from pathanat.evaluation.evaluate import (
     DEFAULT_BATCH_SIZE,
     as_input,
     batches,
-    finite_or_none,
     one_at_a_time,
     run_cache,
     run_folder,
     split_arrays,
-    write_json,
 )
 from pathanat.evaluation.segmenters import LESION_THRESHOLD, STEPS, cohort_segmenters, segment
 from pathanat.evaluation.synthesis import (
@@ -71,6 +69,7 @@ from pathanat.evaluation.synthesis import (
 )
 from pathanat.evaluation.validity import Scored, reconstructed_slices
 from pathanat.figures import display, save_figure
+from pathanat.jsonfiles import finite_or_none, write_json
 from pathanat.models import HierarchicalVAE
 from pathanat.training.run import load_trained
 
@@ -172,14 +171,6 @@ def segmented(segmenters: Any, images: np.ndarray, batch_size: int) -> Scored:
 
 def take(scored: Scored, index: np.ndarray) -> Scored:
     return Scored(scored.images[index], scored.lesion[index], scored.tissue[index])
-
-
-@torch.no_grad()
-def encoded(model: HierarchicalVAE, images: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Posterior means of every group of slices ``images`` (N, H, W): (N, C, h, w) per group."""
-    parts = [[z.float().numpy() for z in model.encode(as_input(images[p])).z]
-             for p in batches(len(images), batch_size)]
-    return [np.concatenate(group) for group in zip(*parts, strict=True)]
 
 
 @torch.no_grad()

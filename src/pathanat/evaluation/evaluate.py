@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import json
 import math
 import os
 import time
@@ -62,6 +61,7 @@ from pathanat.evaluation.fid import (
 )
 from pathanat.evaluation.plausibility import TEST, References, brain_references, plausibility
 from pathanat.evaluation.reconstruction import mean_ci, reconstruction_table
+from pathanat.jsonfiles import finite_or_none, write_json
 from pathanat.models import HierarchicalVAE
 from pathanat.models.distributions import Bins, discretized_gaussian_log_probs
 from pathanat.models.second_stage import SecondStagePrior, fit_model_second_stage
@@ -488,25 +488,6 @@ def append_csv(path: Path, row: dict) -> None:
         table = pd.concat([pd.read_csv(path), table], ignore_index=True)
     with atomic_file(path) as tmp:
         table.to_csv(tmp, index=False)
-
-
-def finite_or_none(value):
-    """JSON has no NaN or infinity: such values are written as null."""
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite_or_none(v) for v in value]
-    if isinstance(value, float | np.floating):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def write_json(path: Path, content: dict) -> None:
-    """``content`` as strict JSON (NaN and infinities as null), written aside and renamed."""
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(finite_or_none(content), indent=2) + "\n")
 
 
 @one_at_a_time("evaluate")

@@ -35,7 +35,6 @@ where the CPU has bf16 arithmetic, in fp32 elsewhere (``hardware.cpu_autocast``)
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -50,8 +49,8 @@ from tqdm import tqdm
 from pathanat.atomic import atomic_dir
 from pathanat.data.prepare import Cache, CacheSplit
 from pathanat.errors import InputError, OutputBusyError, PathanatError
-from pathanat.evaluation.evaluate import finite_or_none
 from pathanat.hardware import cpu_autocast
+from pathanat.jsonfiles import finite_or_none, write_json
 
 TISSUE_LABELS = ("background", "CSF", "ventricles", "GM", "WM", "hippocampus")  # dseg 0..5
 LESION_THRESHOLD = 0.5  # a voxel is lesion-like when the lesion probability exceeds this
@@ -399,7 +398,7 @@ def save_segmenters(segs: Segmenters, folder: Path) -> Path:
             torch.save(content, tmp / WEIGHTS)
             summary = {"manifest_sha256": segs.manifest_sha256, "settings": segs.settings,
                        **finite_or_none(segs.accuracy)}
-            (tmp / ACCURACY).write_text(json.dumps(summary, indent=2) + "\n")
+            write_json(tmp / ACCURACY, summary)
     except OutputBusyError:
         pass  # another run on this cache is saving segmenters of the same data and settings
     segs.path = folder / WEIGHTS

@@ -68,10 +68,9 @@ from pathanat.evaluation.evaluate import (
     run_folder,
     second_stage_samples,
     split_arrays,
-    write_json,
 )
 from pathanat.figures import display, save_figure
-from pathanat.jsonfiles import read_json
+from pathanat.jsonfiles import read_json, write_json
 from pathanat.models import HierarchicalVAE, HVAEConfig
 from pathanat.models.second_stage import SecondStagePrior, fit_model_second_stage
 from pathanat.training.run import load_trained

@@ -44,13 +44,11 @@ from pathanat.errors import InputError, PathanatError
 from pathanat.evaluation.evaluate import (
     as_input,
     batches,
-    finite_or_none,
     one_at_a_time,
     run_cache,
     run_folder,
     second_stage_samples,
     split_arrays,
-    write_json,
 )
 from pathanat.evaluation.plausibility import (
     References,
@@ -69,6 +67,7 @@ from pathanat.evaluation.segmenters import (
     STEPS as SEGMENTER_STEPS,
 )
 from pathanat.figures import display, save_figure
+from pathanat.jsonfiles import finite_or_none, write_json
 from pathanat.models.second_stage import SecondStagePrior, fit_model_second_stage
 from pathanat.training.run import load_trained
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -41,10 +40,11 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from pathanat.atomic import atomic_file, exclusive
+from pathanat.atomic import exclusive
 from pathanat.config import apply_override, from_dict, read_yaml, save_config, to_dict
 from pathanat.data.prepare import load_cache
 from pathanat.errors import ConfigError, OutputBusyError, OutputExistsError, PathanatError
+from pathanat.jsonfiles import write_json
 from pathanat.models import HierarchicalVAE
 from pathanat.training.callbacks import ReconstructionGrid, RunCSVLogger, StepCheckpoint
 from pathanat.training.checkpoint import (
@@ -349,8 +349,7 @@ def write_summary(trainer: pl.Trainer, module: HVAEModule, run_dir: Path, wall_s
         "last_validation": {k: v for k, v in metrics.items() if math.isfinite(v)},
         "checkpoint": str(run_dir / "checkpoints" / LAST),
     }
-    with atomic_file(run_dir / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(run_dir / "summary.json", summary)
 
 
 # ---- reading a trained model back ---------------------------------------------------------------
