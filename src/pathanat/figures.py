@@ -20,12 +20,15 @@ def display(slice_xy: np.ndarray) -> np.ndarray:
     return np.flipud(np.asarray(slice_xy).T)
 
 
+WINDOW = (-2.5, 3.5)  # standardised intensities every slice figure shows: background to lesions
+
+
 def slice_montage(
     images: Sequence[np.ndarray],
     lesions: Sequence[np.ndarray] | None = None,
     titles: Sequence[str] | None = None,
     columns: int = 8,
-    vrange: tuple[float, float] = (-2.5, 3.5),
+    vrange: tuple[float, float] = WINDOW,
 ) -> plt.Figure:
     """A grid of axial slices (standardised intensities), with lesion outlines in red if given."""
     n = len(images)

@@ -47,7 +47,7 @@ from sklearn.exceptions import ConvergenceWarning
 from pathanat.atomic import atomic_dir
 from pathanat.data.phantom import COLUMN_DOCS, CSF, GM, HIPPOCAMPUS, VENTRICLES, WM
 from pathanat.data.prepare import CacheSplit
-from pathanat.errors import InputError, PathanatError
+from pathanat.errors import InputError, PathanatError, checked_int
 from pathanat.evaluation.evaluate import (
     DEFAULT_BATCH_SIZE,
     as_input,
@@ -58,7 +58,7 @@ from pathanat.evaluation.evaluate import (
     split_arrays,
 )
 from pathanat.evaluation.latents import DCI_ALPHA, LASSO_ALPHA, dci, informativeness_table
-from pathanat.figures import display, save_figure
+from pathanat.figures import WINDOW, display, save_figure
 from pathanat.jsonfiles import finite_or_none, write_json
 from pathanat.training.run import load_trained
 
@@ -273,8 +273,7 @@ def analyze(
         raise PathanatError(f"pixel_mm2: expected a positive area, got {pixel_mm2!r}")
     if not factors or any(not math.isfinite(f) for f in factors):
         raise PathanatError(f"factors: expected finite scale factors, got {list(factors)}")
-    if not (isinstance(examples, int) and examples >= 1):
-        raise PathanatError(f"examples: expected an integer >= 1, got {examples!r}")
+    checked_int(examples, "examples")
     pathology = pathology_of(list(train.slices.columns), f"split {train.name}")
     images = {s.name: np.array(s.image, dtype=np.float32) for s in (train, test)}
     clock = time.perf_counter()
@@ -452,7 +451,7 @@ def sensitivity_figure(data: dict) -> plt.Figure:
         panels = [data["image"], *decoded[r]]
         titles = ["input", *(f"x{f:g}" for f in factors)]
         for c, (ax, panel) in enumerate(zip(axes[r], panels, strict=True)):
-            ax.imshow(display(panel), cmap="gray", vmin=-2.5, vmax=3.5)
+            ax.imshow(display(panel), cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1])
             if data["region"].any():
                 ax.contour(display(data["region"]).astype(float), levels=[0.5], colors="red",
                            linewidths=0.4)

@@ -36,7 +36,7 @@ import torch
 
 from pathanat.data.phantom import ANATOMY_RANGES, CONTRAST_RANGES, SCANNER_RANGES, VENTRICLES
 from pathanat.data.prepare import Cache, CacheSplit
-from pathanat.errors import PathanatError
+from pathanat.errors import PathanatError, checked_int
 from pathanat.evaluation.analyze import ANALYSIS_JSON, encoded
 from pathanat.evaluation.detection import (
     chosen_threshold,
@@ -68,7 +68,7 @@ from pathanat.evaluation.synthesis import (
     resolve_pathology_groups,
 )
 from pathanat.evaluation.validity import Scored, reconstructed_slices
-from pathanat.figures import display, save_figure
+from pathanat.figures import WINDOW, display, save_figure
 from pathanat.jsonfiles import finite_or_none, write_json
 from pathanat.models import HierarchicalVAE
 from pathanat.training.run import load_trained
@@ -144,7 +144,7 @@ def detection_figure(test: CacheSplit, maps: dict[str, np.ndarray], thresholds: 
     fig, axes = plt.subplots(len(shown), 1 + len(names), squeeze=False,
                              figsize=(1.6 * (1 + len(names)), 1.8 * len(shown)))
     for row, i in zip(axes, shown, strict=True):
-        row[0].imshow(display(test.image[i]), cmap="gray", vmin=-2.5, vmax=3.5)
+        row[0].imshow(display(test.image[i]), cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1])
         row[0].set_title(f"slice {i}", fontsize=6)
         for ax, name in zip(row[1:], names, strict=True):
             ax.imshow(display(maps[name][i]), cmap="magma")
@@ -360,7 +360,7 @@ def swap_figure(test: CacheSplit, swap: Swap, kind: str) -> Any:
         a, b = swap.a[i], swap.b[i]
         for ax, picture in zip(row[:4], (test.image[a], test.image[b], swap.mix.images[i],
                                         swap.back[i]), strict=True):
-            ax.imshow(display(picture), cmap="gray", vmin=-2.5, vmax=3.5)
+            ax.imshow(display(picture), cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1])
         row[4].imshow(display(np.abs(swap.mix.images[i] - swap.recon_b[i])), cmap="magma",
                       vmin=0, vmax=1.5)
         outline(row[0], lesion[a], "red")
@@ -387,8 +387,7 @@ def counterfactual_run(run: str | os.PathLike, pathology_groups: Collection[int]
     ``segmenter_steps``; None: their default) and kept in CACHE/segmenters.
     Example: ``counterfactual_run("runs/nvmp_ms")``."""
     start = time.perf_counter()
-    if not (isinstance(pairs, int) and pairs >= 2):
-        raise PathanatError(f"pairs: expected an integer >= 2, got {pairs!r}")
+    checked_int(pairs, "pairs", minimum=2)
     folder = run_folder(run)
     model, config = load_trained(folder)
     model = model.float().eval()

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from pathanat.atomic import atomic_file, exclusive
 from pathanat.data.prepare import SPLITS, Cache, CacheSplit, load_cache
-from pathanat.errors import InputError, PathanatError
+from pathanat.errors import InputError, PathanatError, checked_int
 from pathanat.evaluation.fid import (
     FID_WINDOW,
     fid,
@@ -292,12 +292,10 @@ def evaluate(
     brains samples are judged by (``brain_references``); None leaves plausibility out.
     ``second_stage``: a density fitted to the model's training residuals
     (``fit_model_second_stage``); its draws are scored beside the model's own prior's."""
-    if not (isinstance(iw_samples, int) and iw_samples >= 1):
-        raise PathanatError(f"iw_samples: expected an integer >= 1, got {iw_samples!r}")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise PathanatError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
-    if fid_samples is not None and not (isinstance(fid_samples, int) and fid_samples >= 4):
-        raise PathanatError(f"fid_samples: expected an integer >= 4, got {fid_samples!r}")
+    checked_int(iw_samples, "iw_samples")
+    checked_int(batch_size, "batch_size")
+    if fid_samples is not None:
+        checked_int(fid_samples, "fid_samples", minimum=4)
     model = model.float().eval()
     images = np.array(data.image, dtype=np.float32)  # a copy: the cache is memory-mapped
     brain = np.asarray(data.brain).astype(bool)

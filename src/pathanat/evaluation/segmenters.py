@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from pathanat.atomic import atomic_dir
 from pathanat.data.prepare import Cache, CacheSplit
-from pathanat.errors import InputError, OutputBusyError, PathanatError
+from pathanat.errors import InputError, OutputBusyError, checked_int
 from pathanat.hardware import cpu_autocast
 from pathanat.jsonfiles import finite_or_none, write_json
 
@@ -282,9 +282,7 @@ def train_segmenters(
 ) -> Segmenters:
     """Train the tissue and lesion segmenters on ``cache``'s train split and score them on its
     test split. Nothing is written; ``cohort_segmenters`` saves them."""
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if not (isinstance(value, int) and value >= 1):
-            raise PathanatError(f"{name}: expected an integer >= 1, got {value!r}")
+    checked_int(steps, "steps"), checked_int(batch_size, "batch_size")
     check_cache(cache)
     train = cache.split("train")
     pixel_mm = float(cache.manifest["parameters"]["in_plane_mm"])

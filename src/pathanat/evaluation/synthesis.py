@@ -57,7 +57,7 @@ import torch
 from tqdm import tqdm
 
 from pathanat.data.prepare import CacheSplit
-from pathanat.errors import PathanatError
+from pathanat.errors import PathanatError, checked_int
 from pathanat.evaluation.analyze import ANALYSIS_JSON, ATROPHY
 from pathanat.evaluation.evaluate import (
     DEFAULT_BATCH_SIZE,
@@ -69,7 +69,7 @@ from pathanat.evaluation.evaluate import (
     second_stage_samples,
     split_arrays,
 )
-from pathanat.figures import display, save_figure
+from pathanat.figures import WINDOW, display, save_figure
 from pathanat.jsonfiles import read_json, write_json
 from pathanat.models import HierarchicalVAE, HVAEConfig
 from pathanat.models.second_stage import SecondStagePrior, fit_model_second_stage
@@ -82,7 +82,6 @@ SECOND_STAGE = ("prior", "layers", "conditional")  # figures with rows of the se
 MIX_MODE = "value"  # see the module docstring
 SYNTHESIS_JSON = "synthesis.json"
 TEMPERATURES = (0.6, 0.8, 1.0)
-VRANGE = (-2.5, 3.5)  # standardised intensities shown, as figures.slice_montage
 
 
 def figure_path(what: str) -> str:
@@ -372,7 +371,7 @@ def image_grid(
             if panel is None:
                 ax.axis("off")
                 continue
-            ax.imshow(display(panel), cmap="gray", vmin=VRANGE[0], vmax=VRANGE[1])
+            ax.imshow(display(panel), cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1])
             mask = outlines[r][c] if outlines is not None and c < len(outlines[r]) else None
             if mask is not None and np.any(mask):
                 ax.contour(display(mask).astype(float), levels=[0.5], colors="red",
@@ -563,9 +562,7 @@ def checked_what(what: Sequence[str] | None, model: HierarchicalVAE) -> list[str
 
 def check_counts(**counts: int) -> None:
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            flag = "--" + name.replace("_", "-")
-            raise PathanatError(f"{flag}: expected an integer >= 1, got {value!r}")
+        checked_int(value, "--" + name.replace("_", "-"))
 
 
 def check_temperatures(temperatures: Sequence[float], name: str) -> None:

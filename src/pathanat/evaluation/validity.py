@@ -40,7 +40,7 @@ from matplotlib.colors import ListedColormap
 
 from pathanat.data.phantom import BACKGROUND, CSF, VENTRICLES
 from pathanat.data.prepare import CacheSplit
-from pathanat.errors import InputError, PathanatError
+from pathanat.errors import InputError, PathanatError, checked_int
 from pathanat.evaluation.evaluate import (
     as_input,
     batches,
@@ -66,7 +66,7 @@ from pathanat.evaluation.segmenters import (
 from pathanat.evaluation.segmenters import (
     STEPS as SEGMENTER_STEPS,
 )
-from pathanat.figures import display, save_figure
+from pathanat.figures import WINDOW, display, save_figure
 from pathanat.jsonfiles import finite_or_none, write_json
 from pathanat.models.second_stage import SecondStagePrior, fit_model_second_stage
 from pathanat.training.run import load_trained
@@ -173,13 +173,11 @@ def scored_validity(
 ) -> tuple[dict, Scored, Scored]:
     """``sample_validity``'s result and the segmented samples and real slices behind it.
     ``second_stage``: its ``n`` draws are scored the same way, under "second_stage"."""
-    if not (isinstance(n, int) and n >= 1):
-        raise PathanatError(f"n: expected an integer >= 1 (prior samples), got {n!r}")
+    checked_int(n, "n", what="prior samples")
     if not (isinstance(temperature, int | float) and math.isfinite(temperature)
             and temperature > 0):
         raise PathanatError(f"temperature: expected a positive number, got {temperature!r}")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise PathanatError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    checked_int(batch_size, "batch_size")
     if test.lesion is None or test.dseg is None:
         raise InputError(
             f"split {test.name!r}: sample validity needs ground-truth lesion masks and dseg "
@@ -273,7 +271,7 @@ def sample_validity(
 
 def overlay(ax: Any, scored: Scored, i: int, title: str) -> None:
     """Slice ``i`` with its lesions outlined in red and their invalid voxels filled in cyan."""
-    ax.imshow(display(scored.images[i]), cmap="gray", vmin=-2.5, vmax=3.5)
+    ax.imshow(display(scored.images[i]), cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1])
     lesion = scored.lesion[i]
     if lesion.any():
         ax.contour(display(lesion).astype(float), levels=[0.5], colors="red", linewidths=0.6)

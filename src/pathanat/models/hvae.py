@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pathanat.errors import ConfigError, InputError, PathanatError
+from pathanat.errors import ConfigError, InputError, PathanatError, checked_int
 from pathanat.models.blocks import (
     conv1x1,
     conv3x3,
@@ -155,12 +155,8 @@ class HVAEConfig:
             )
         for key in ("in_channels", "levels", "latent_channels", "width", "pseudo_inputs"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"model.{key}: expected an integer >= 1, got {value!r}")
-        if not isinstance(self.cells_per_scale, int) or self.cells_per_scale < 0:
-            raise ConfigError(
-                f"model.cells_per_scale: expected an integer >= 0, got {self.cells_per_scale!r}"
-            )
+            checked_int(value, f"model.{key}", error=ConfigError)
+        checked_int(self.cells_per_scale, "model.cells_per_scale", minimum=0, error=ConfigError)
         for key, low in (("widths", 1), ("cells", 0)):
             value = getattr(self, key)
             if value is None:

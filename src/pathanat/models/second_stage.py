@@ -32,7 +32,7 @@ import torch
 from sklearn.mixture import GaussianMixture
 from torch import Tensor
 
-from pathanat.errors import InputError
+from pathanat.errors import InputError, checked_int
 
 FIT_SLICES = 2048  # at most this many training slices (a fixed-seed subset beyond it)
 MIXTURE_DIMS = 128
@@ -60,8 +60,7 @@ class SecondStagePrior:
              generator: torch.Generator | None = None) -> list[Tensor]:
         """``n`` residual codes, one tensor (n, C, h, w) per group; ``temperature`` scales every
         deviation from a component's mean (and the Gaussian coordinates' spread)."""
-        if not (isinstance(n, int) and n >= 1):
-            raise InputError(f"n: expected an integer >= 1, got {n!r}")
+        checked_int(n, "n", error=InputError)
         if not temperature >= 0:
             raise InputError(f"temperature: expected a number >= 0, got {temperature!r}")
         dtype = self.directions.dtype
@@ -89,8 +88,7 @@ class SecondStagePrior:
                 raise InputError(f"known[{g}]: expected shape {shape}, got {tuple(k.shape)}")
         if all(k is None for k in known):
             return self.draw(n, temperature, generator)
-        if not (isinstance(n, int) and n >= 1):
-            raise InputError(f"n: expected an integer >= 1, got {n!r}")
+        checked_int(n, "n", error=InputError)
         if not temperature >= 0:
             raise InputError(f"temperature: expected a number >= 0, got {temperature!r}")
         dtype = self.directions.dtype
@@ -149,8 +147,7 @@ def fit_second_stage(codes: np.ndarray | Tensor, shapes: list[tuple[int, int, in
     if x.shape[1] != size:
         raise InputError(f"codes: expected {size} values per row (the groups' sizes), "
                          f"got {x.shape[1]}")
-    if not (isinstance(dims, int) and dims >= 1):
-        raise InputError(f"dims: expected an integer >= 1 (mixture coordinates), got {dims!r}")
+    checked_int(dims, "dims", what="mixture coordinates", error=InputError)
     if not (isinstance(components, int) and 1 <= components <= len(x)):
         raise InputError(f"components: expected an integer in 1..{len(x)} (codes), "
                          f"got {components!r}")

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from pathanat.config import load_config
-from pathanat.errors import ConfigError
+from pathanat.errors import ConfigError, checked_int
 from pathanat.models import HVAEConfig
 
 Precision = Literal["32", "bf16-mixed"]
@@ -166,8 +166,7 @@ def check_experiment(config: ExperimentConfig) -> None:
     if trainer.val_batches is not None:
         positive["trainer.val_batches"] = trainer.val_batches
     for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}: expected an integer >= 1, got {value!r}")
+        checked_int(value, key, error=ConfigError)
     nonnegative = {
         "data.num_workers": data.num_workers,
         "data.intensity_scale": data.intensity_scale,
