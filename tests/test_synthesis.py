@@ -15,17 +15,18 @@ from scipy.stats import norm
 
 from pathanat.data.prepare import CacheSplit
 from pathanat.errors import PathanatError
+from pathanat.evaluation.evaluate import prior_samples
 from pathanat.evaluation.synthesis import (
     ALL,
     choose_pairs,
     component_log_densities,
     conditional,
     layer_rows,
-    prior_samples,
     pseudo_reconstructions,
     resolve_pathology_groups,
     responsibilities,
     second_stage_given,
+    seeded,
     style_mix,
     synthesize_run,
 )
@@ -126,7 +127,9 @@ def test_conditional_fixes_anatomy_and_moves_pathology(model, images):
 def test_same_seed_same_arrays_other_seed_others(model, images):
     def arrays(seed: int) -> list[np.ndarray]:
         cond = conditional(model, images[0], images[1:3], [2], 2, 1.0, seed)
-        return [prior_samples(model, (0.5, 1.0), 2, seed),
+        with seeded(seed):
+            prior = np.stack([prior_samples(model, 2, None, 2, t) for t in (0.5, 1.0)])
+        return [prior,
                 layer_rows(model, images[0], 2, 1.0, seed).images, cond.drawn, cond.moved]
 
     first, again, other = arrays(0), arrays(0), arrays(1)

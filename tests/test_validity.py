@@ -100,7 +100,7 @@ class BlobModel:
         self.images = torch.tensor(images)
         self.drawn = 0
 
-    def sample(self, n: int, temperature: float = 1.0) -> SimpleNamespace:
+    def sample(self, n: int, temperature: float = 1.0, size=None) -> SimpleNamespace:
         idx = (self.drawn + torch.arange(n)) % len(self.images)
         self.drawn += n
         return SimpleNamespace(x_mean=self.images[idx][:, None])
@@ -184,7 +184,7 @@ class PaintedModel(BlobModel):
         super().__init__(painted)
         self.noise = torch.randn(len(painted), *painted.shape[1:]) * 2
 
-    def sample(self, n: int, temperature: float = 1.0) -> SimpleNamespace:
+    def sample(self, n: int, temperature: float = 1.0, size=None) -> SimpleNamespace:
         return SimpleNamespace(x_mean=self.noise[torch.arange(n) % len(self.noise)][:, None])
 
     def from_residuals(self, r: list[torch.Tensor], size) -> SimpleNamespace:

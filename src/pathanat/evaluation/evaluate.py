@@ -202,12 +202,13 @@ def code_lengths(
 
 @torch.no_grad()
 def prior_samples(
-    model: HierarchicalVAE, n: int, size: tuple[int, int], batch_size: int,
+    model: HierarchicalVAE, n: int, size: tuple[int, int] | None, batch_size: int,
     temperature: float = 1.0,
 ) -> np.ndarray:
-    """``n`` likelihood means of prior draws at ``temperature``, (n, H, W), float32."""
-    out = [model.sample(p.stop - p.start, temperature, size).x_mean[:, 0].numpy() for p in
-           batches(n, batch_size)]
+    """``n`` likelihood means of prior draws at ``temperature``, (n, H, W), float32, from the
+    global torch RNG; ``size`` None: the model's image size."""
+    out = [model.sample(p.stop - p.start, temperature, size).x_mean[:, 0].float().numpy()
+           for p in batches(n, batch_size)]
     return np.concatenate(out)
 
 

@@ -64,6 +64,7 @@ from pathanat.evaluation.evaluate import (
     as_input,
     batches,
     one_at_a_time,
+    prior_samples,
     run_cache,
     run_folder,
     second_stage_samples,
@@ -219,14 +220,6 @@ def choose_pairs(data: CacheSplit, n: int, seed: int) -> list[tuple[int, int]]:
 def images_of(generated) -> np.ndarray:
     """(N, H, W) float32 likelihood means."""
     return generated.x_mean[:, 0].float().numpy()
-
-
-def prior_samples(
-    model: HierarchicalVAE, temperatures: Sequence[float], n: int, seed: int
-) -> np.ndarray:
-    """(T, n, H, W): ``n`` prior samples at each temperature, of the model's image size."""
-    with seeded(seed):
-        return np.stack([images_of(model.sample(n, t)) for t in temperatures])
 
 
 @dataclass
@@ -430,7 +423,8 @@ Drawn = tuple[plt.Figure, str, dict]
 
 
 def prior_figure(r: Request) -> Drawn:
-    rows = list(prior_samples(r.model, r.temperatures, r.samples, r.seed))
+    with seeded(r.seed):  # one batch per temperature
+        rows = [prior_samples(r.model, r.samples, None, r.samples, t) for t in r.temperatures]
     labels = [f"T={t:g}" for t in r.temperatures]
     caption = (f"prior samples (likelihood means), one row per temperature "
                f"{', '.join(f'{t:g}' for t in r.temperatures)}; all groups z0..z{r.levels} drawn "

@@ -45,6 +45,7 @@ from pathanat.evaluation.evaluate import (
     as_input,
     batches,
     one_at_a_time,
+    prior_samples,
     run_cache,
     run_folder,
     second_stage_samples,
@@ -125,13 +126,6 @@ def validity_rates(lesion: np.ndarray, tissue: np.ndarray, seed: int = 0) -> dic
 
 
 @torch.no_grad()
-def prior_samples(model: Any, n: int, temperature: float, batch_size: int) -> np.ndarray:
-    """``n`` likelihood means of prior draws (n, H, W) float32, from the global torch RNG."""
-    out = [model.sample(p.stop - p.start, temperature).x_mean[:, 0].float().numpy()
-           for p in batches(n, batch_size)]
-    return np.concatenate(out)
-
-
 @torch.no_grad()
 def reconstructed_slices(model: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
     """(N, H, W) float32: ``model.reconstruct`` of ``images`` (N, H, W), in batches."""
@@ -189,7 +183,7 @@ def scored_validity(
     # fork_rng: the seed fixes the draws without changing the caller's RNG state
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        images = prior_samples(model, n, float(temperature), batch_size)
+        images = prior_samples(model, n, None, batch_size, float(temperature))
     seconds["sampling"] = time.perf_counter() - start
     if images.shape[1:] != test.image.shape[1:]:
         raise PathanatError(
