@@ -68,9 +68,9 @@ def cpu_precision() -> str:
 
 BUDGETS = {
     "cpu": Budget(
-        about="about 70 min on 2 CPU cores for the 8 MS runs (67 min measured end to end on "
-              "an AMD EPYC with bf16 arithmetic, without the lesion-detection stage, which adds "
-              "about 20 s per run; 94 min on an AVX2-only EPYC in fp32 with FID on 288 draws "
+        about="about 75 min on 2 CPU cores for the 8 MS runs (67 min measured end to end on "
+              "an AMD EPYC with bf16 arithmetic, before the counterfactual stage, which took "
+              "26-48 s per run there; 94 min on an AVX2-only EPYC in fp32 with FID on 288 draws "
               "before): 60 subjects, widths 64..16, 600 steps (KL "
               "weight reaches 1 at step 400), cosine lr, vae and nvae with fitted unconditional "
               "priors (the paper's N(0, I) draws no brains), recentred conditional priors (the "
