@@ -126,11 +126,12 @@ def test_counterfactual_run_writes_the_records_and_figures(tiny_run, tiny_cache,
     strong = lesioned >= np.median(lesioned[lesioned > 0])
     assert swap["pairs"] == strong.sum() * (len(set(subjects)) - 1)
     effect = swap["effectiveness"]
-    for estimate in (effect["area_correlation"], swap["minimality"],
-                     swap["anatomy"]["tissue_dice"]["brain"], swap["reversibility"]["ssim"]):
+    for estimate in (swap["anatomy"]["tissue_dice"]["brain"], swap["reversibility"]["ssim"]):
+        assert 0 <= estimate["ci_low"] <= estimate["mean"] <= estimate["ci_high"] <= 1
+    # undefined on 2 test subjects when the 6-step model finds no lesion area or changes nothing
+    for estimate in (effect["area_correlation"], swap["minimality"]):
         if estimate["mean"] is not None and estimate["ci_low"] is not None:
             assert estimate["ci_low"] <= estimate["mean"] <= estimate["ci_high"]
-    assert 0 <= swap["anatomy"]["tissue_dice"]["brain"]["mean"] <= 1
     assert set(result["composition"]) == {"slices", "1", "10"}
     assert result["conditional"]["draws"] == counterfactual.CONDITIONAL_DRAWS
     assert 0 <= result["conditional"]["lesion_in_valid_tissue"]["n"] <= result[

@@ -60,14 +60,15 @@ from pathanat.evaluation.evaluate import (
     run_folder,
     split_arrays,
 )
-from pathanat.evaluation.segmenters import LESION_THRESHOLD, STEPS, cohort_segmenters, segment
+from pathanat.evaluation.reconstruction import estimate_text
+from pathanat.evaluation.segmenters import STEPS, cohort_segmenters
 from pathanat.evaluation.synthesis import (
     MIX_MODE,
     choose_pairs,
     images_of,
     resolve_pathology_groups,
 )
-from pathanat.evaluation.validity import Scored, reconstructed_slices
+from pathanat.evaluation.validity import Scored, reconstructed_slices, segmented
 from pathanat.figures import WINDOW, display, save_figure
 from pathanat.jsonfiles import finite_or_none, write_json
 from pathanat.models import HierarchicalVAE
@@ -161,12 +162,6 @@ def detection_figure(test: CacheSplit, maps: dict[str, np.ndarray], thresholds: 
 
 
 # ---- edits: swap, composition, conditional -----------------------------------------------------
-
-
-def segmented(segmenters: Any, images: np.ndarray, batch_size: int) -> Scored:
-    """``images`` (N, H, W) with the segmenters' lesion maps and tissue labels."""
-    tissue, probs = segment(segmenters, images, batch_size)
-    return Scored(images, probs > LESION_THRESHOLD, tissue)
 
 
 def take(scored: Scored, index: np.ndarray) -> Scored:
@@ -311,8 +306,6 @@ def conditional_record(k: Setting, test: CacheSplit, sources: np.ndarray) -> dic
 def summary_lines(result: dict) -> list[str]:
     """The swap, composition and conditional records of a ``counterfactual_run`` result, as the
     CLI and the demo print them (estimates with their 95% subject-bootstrap intervals)."""
-    from pathanat.evaluation.reconstruction import estimate_text
-
     swap, composition, conditional = (result.get(k) for k in ("swap", "composition",
                                                                "conditional"))
     if not swap:

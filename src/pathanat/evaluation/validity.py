@@ -154,6 +154,12 @@ class Scored:
     tissue: np.ndarray
 
 
+def segmented(segmenters: Segmenters, images: np.ndarray, batch_size: int) -> Scored:
+    """``images`` (N, H, W) with the segmenters' lesion maps and tissue labels."""
+    tissue, probs = segment(segmenters, images, batch_size)
+    return Scored(images, probs > LESION_THRESHOLD, tissue)
+
+
 def scored_validity(
     model: Any,
     segmenters: Segmenters,
@@ -194,15 +200,13 @@ def scored_validity(
         raise PathanatError("the model drew samples with NaN or infinite values")
 
     start = time.perf_counter()
-    tissue, probs = segment(segmenters, images, batch_size)
-    samples = Scored(images, probs > LESION_THRESHOLD, tissue)
+    samples = segmented(segmenters, images, batch_size)
     real_images = np.array(test.image, dtype=np.float32)
-    tissue, probs = segment(segmenters, real_images, batch_size)
-    real = Scored(real_images, probs > LESION_THRESHOLD, tissue)
-    rebuilt = reconstructed_slices(model, real_images, batch_size)
-    tissue, probs = segment(segmenters, rebuilt, batch_size)
+    real = segmented(segmenters, real_images, batch_size)
+    rebuilt = segmented(segmenters, reconstructed_slices(model, real_images, batch_size),
+                        batch_size)
     seconds["segmentation"] = time.perf_counter() - start
-    reconstructed = validity_rates(probs > LESION_THRESHOLD, tissue, seed)
+    reconstructed = validity_rates(rebuilt.lesion, rebuilt.tissue, seed)
 
     accuracy = segmenters.accuracy
     everything = validity_rates(samples.lesion, samples.tissue, seed)
@@ -214,8 +218,7 @@ def scored_validity(
             torch.manual_seed(seed)
             drawn = second_stage_samples(model, second_stage, n, tuple(test.image.shape[1:]),
                                          batch_size)
-        tissue, probs = segment(segmenters, drawn, batch_size)
-        rates, drawn_shape = brain_like_rates(Scored(drawn, probs > LESION_THRESHOLD, tissue),
+        rates, drawn_shape = brain_like_rates(segmented(segmenters, drawn, batch_size),
                                               references, seed)
         staged = {"samples": rates, "brain_like": drawn_shape}
         seconds["second_stage"] = time.perf_counter() - start
