@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pathanat.evaluation.claims import check_claims
+from pathanat.evaluation.claims import check_claims, check_claims_over_seeds, verdict_text
 
 KINDS = ("vae", "nvae", "nvmp", "nvmpplus")
 
@@ -112,3 +112,31 @@ def test_ad_checks_only_reconstruction(dataset):
                            "validity.json": None} for i, k in enumerate(KINDS)}
     claims = check_claims(results, dataset)
     assert [c["held"] for c in claims] == [True, True]
+
+
+def test_over_seeds_a_claim_holds_only_when_every_seed_holds_it():
+    not_best = dict(PAPER_LIKE)
+    not_best["nvae_ms"] = {**not_best["nvae_ms"], "metrics.json": metrics(27.0, 800)}
+    invalid = dict(PAPER_LIKE)
+    invalid["nvmpplus_ms"] = {**invalid["nvmpplus_ms"], "validity.json": validity(0.5)}
+    # seed 1 loses "nvmp+ best", seed 2 loses both it and the validity claim
+    both = {**not_best, "nvmpplus_ms": invalid["nvmpplus_ms"]}
+    claims = check_claims_over_seeds([PAPER_LIKE, not_best, both], "ms")
+    assert [c["held"] for c in claims] == [True, False, True, False]
+    assert [c["held_in"] for c in claims] == [[3, 3], [1, 3], [3, 3], [2, 3]]
+    assert [verdict_text(c) for c in claims] == [
+        "held in all 3 seeds", "mixed: held in 1 of 3 seeds", "held in all 3 seeds",
+        "mixed: held in 2 of 3 seeds"]
+    assert claims[0]["evidence"].startswith("seed 0: vae: PSNR 24 [23, 25] dB")
+    assert "seed 2: " in claims[0]["evidence"]
+    # a claim that fails in every seed, and one that a seed cannot check
+    worse = dict(PAPER_LIKE)
+    worse["nvmp_ms"] = {**worse["nvmp_ms"], "metrics.json": metrics(23.0, 950)}
+    partial = {k: v for k, v in PAPER_LIKE.items() if not k.endswith("_sup")}
+    claims = check_claims_over_seeds([worse, worse], "ms")
+    assert verdict_text(claims[0]) == "did not hold in any of 2 seeds"
+    claims = check_claims_over_seeds([PAPER_LIKE, partial], "ms")
+    assert claims[2]["held"] is None and claims[2]["held_in"] is None
+    assert verdict_text(claims[2]) == "not checked (results missing)"
+    # one seed: the plain verdicts, as check_claims
+    assert check_claims_over_seeds([PAPER_LIKE], "ms") == check_claims(PAPER_LIKE, "ms")

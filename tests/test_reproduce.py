@@ -137,3 +137,35 @@ def test_a_run_folder_holding_another_model_stops_the_grid(tiny_grid, tmp_path, 
 def test_unknown_run_names_are_listed(tmp_path):
     with pytest.raises(PathanatError, match=r"--runs: \['nvmp_ad'\] not in the ms grid"):
         reproduce("ms", "smoke", out=tmp_path, runs=["nvmp_ad"])
+
+
+def test_more_seeds_add_runs_beside_seed_0_and_a_spread_section(tiny_grid, tmp_path):
+    import torch
+
+    out, cache = tiny_grid
+    grid_copy = tmp_path / "copy"
+    shutil.copytree(out, grid_copy)
+    seed0 = (grid_copy / "vae_ms" / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    code = main(["reproduce", "--dataset", "ms", "--budget", "smoke", "--out", str(grid_copy),
+                 "--cache", str(cache), "--runs", "vae_ms", "--seeds", "2"])
+    assert code == 0
+    # seed 0 is the run already there, not trained again; seed 1 is a new run with its own seed
+    assert (grid_copy / "vae_ms" / "checkpoints" / "last.ckpt").stat().st_mtime_ns == seed0
+    seed1 = grid_copy / "vae_ms_seed1"
+    assert load_experiment(seed1 / "config.yaml").trainer.seed == 1
+    weights = [torch.load(grid_copy / f / "checkpoints" / "last.ckpt", weights_only=False,
+                          map_location="cpu")["state_dict"] for f in ("vae_ms", "vae_ms_seed1")]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    for output in ("metrics.json", "analysis.json", "validity.json", "synthesis.json"):
+        assert (seed1 / output).is_file(), output
+    record = json.loads((grid_copy / "reproduce.json").read_text())
+    assert record["seeds"] == 2 and record["folders"] == ["vae_ms", "vae_ms_seed1"]
+    assert "train" in record["seconds"]["vae_ms_seed1"]
+    html = (grid_copy / "report.html").read_text()
+    assert "Spread over training seeds" in html
+    section = html.split("Spread over training seeds")[1]
+    psnr = [json.loads((grid_copy / f / "metrics.json").read_text())["reconstruction"]["psnr"]
+            ["mean"] for f in ("vae_ms", "vae_ms_seed1")]
+    assert f"{sum(psnr) / 2:.2f} &plusmn;" in section  # the mean over the two seeds
+    with pytest.raises(PathanatError, match="--seeds: expected an integer >= 1"):
+        reproduce("ms", "smoke", out=grid_copy, cache=cache, runs=["vae_ms"], seeds=0)

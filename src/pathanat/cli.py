@@ -195,7 +195,8 @@ def _report(args: argparse.Namespace) -> None:
 def _reproduce(args: argparse.Namespace) -> None:
     from pathanat.reproduce import reproduce
 
-    reproduce(args.dataset, args.budget, out=args.out, cache=args.cache, runs=args.runs)
+    reproduce(args.dataset, args.budget, out=args.out, cache=args.cache, runs=args.runs,
+              seeds=args.seeds)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -482,6 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a prepared slice cache to use instead of the phantom (e.g. real data)")
     p.add_argument("--runs", nargs="+", default=None, metavar="NAME",
                    help="only these runs of the grid (config names, e.g. vae_ms nvmpplus_ms)")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="train every run with seeds 0..N-1 (seed s > 0 in OUT/NAME_seedS); the "
+                        "report gives each number's spread over seeds and the claims are decided "
+                        "by unanimity over them (default 1)")
     p.set_defaults(func=_reproduce)
 
     p = _add(

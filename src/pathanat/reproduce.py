@@ -11,6 +11,11 @@ Resumable: a finished run is not trained again (an interrupted one is resumed fr
 checkpoint), and a stage whose output is newer than the run's last checkpoint is not redone. A run
 folder that holds a different model than the grid asks for stops the command rather than being
 mixed in. ``OUT/reproduce.json`` records the budget, the runs, each stage's seconds and the claims.
+
+``seeds=N`` trains every run of the grid with training seeds 0..N-1: seed 0 in ``OUT/<name>``
+(so a one-seed grid grows into more without retraining), seed s in ``OUT/<name>_seed<s>``. The
+report's tables show seed 0 and a section gives each number's mean and spread over seeds; the
+claims are decided over seeds (``evaluation.claims``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 
 from pathanat.config import to_dict
 from pathanat.data.prepare import load_cache
-from pathanat.errors import InputError, PathanatError
+from pathanat.errors import InputError, PathanatError, checked_int
 from pathanat.hardware import native_bf16
 from pathanat.jsonfiles import read_json, write_json
 from pathanat.training.config import ExperimentConfig, load_experiment
@@ -117,9 +122,16 @@ def budget_named(name: str) -> Budget:
     return BUDGETS[name]
 
 
-def run_config(name: str, budget: Budget, out: Path, cache: Path | None) -> ExperimentConfig:
-    """The packaged config ``name`` under the budget, on ``cache`` or on the budget's phantom."""
-    overrides = list(budget.overrides)
+def seed_folder(name: str, seed: int) -> str:
+    """The run folder of grid run ``name`` trained with ``seed``."""
+    return name if seed == 0 else f"{name}_seed{seed}"
+
+
+def run_config(name: str, budget: Budget, out: Path, cache: Path | None,
+               seed: int = 0) -> ExperimentConfig:
+    """The packaged config ``name`` under the budget with training seed ``seed``, on ``cache`` or
+    on the budget's phantom."""
+    overrides = [*budget.overrides, f"trainer.seed={seed}"]
     if cache is None:
         overrides += [f"data.phantom.subjects={budget.subjects}", f"data.data_dir={out}"]
     else:
@@ -246,13 +258,16 @@ def reproduce(
     out: str | os.PathLike | None = None,
     cache: str | os.PathLike | None = None,
     runs: Sequence[str] | None = None,
+    seeds: int = 1,
 ) -> Path:
     """Train, evaluate, analyse, check and draw the grid of ``dataset`` into ``out`` (default
     ``reproduce-<dataset>-<budget>``) and write ``OUT/report.html``; returns ``out``.
 
     ``cache``: a prepared slice cache to use instead of the phantom (e.g. a real cohort).
-    ``runs``: a subset of the grid's config names. Example: ``reproduce("ms", "cpu")``.
+    ``runs``: a subset of the grid's config names. ``seeds``: training seeds per run (module
+    docstring). Example: ``reproduce("ms", "cpu", seeds=3)``.
     """
+    seeds = checked_int(seeds, "--seeds", what="training seeds per run")
     chosen = budget_named(budget)
     names = grid(dataset)
     if runs is not None:
@@ -262,29 +277,34 @@ def reproduce(
         names = [n for n in names if n in runs]
     out = Path(out or f"reproduce-{dataset}-{budget}").absolute()
     cache = None if cache is None else Path(cache).absolute()
-    record = _record(out, dataset, budget, chosen, names)
-    print(f"reproduce {dataset}, budget {budget}: {chosen.about}")
-    for i, name in enumerate(names, 1):
-        run = out / name
-        config = run_config(name, chosen, out, cache)
-        seconds = record["seconds"].setdefault(name, {})
-        _timed(f"[{i}/{len(names)}] {name}: train", seconds, "train",
+    record = _record(out, dataset, budget, chosen, names, seeds)
+    print(f"reproduce {dataset}, budget {budget}, {seeds} seed(s): {chosen.about}")
+    todo = [(seed, name) for seed in range(seeds) for name in names]  # seed by seed: a stopped
+    for i, (seed, name) in enumerate(todo, 1):  # grid has whole grids of its first seeds
+        folder = seed_folder(name, seed)
+        run = out / folder
+        config = run_config(name, chosen, out, cache, seed)
+        seconds = record["seconds"].setdefault(folder, {})
+        label = f"[{i}/{len(todo)}] {folder}"
+        _timed(f"{label}: train", seconds, "train",
                lambda run=run, config=config: train_stage(run, config))
-        run_stages(run, chosen, dataset, f"[{i}/{len(names)}] {name}", seconds)
+        run_stages(run, chosen, dataset, label, seconds)
         _write_record(out, record)
-    record["claims"] = claims_of(out, dataset, names)
-    report = _report(out, names, record["claims"])
+    record["claims"] = claims_of(out, dataset, names, seeds)
+    report = _report(out, names, seeds, record["claims"])
     _write_record(out, record)
     print_claims(record["claims"])
     print(f"report   {report}")
     return out
 
 
-def _record(out: Path, dataset: str, budget: str, chosen: Budget, names: list[str]) -> dict:
+def _record(out: Path, dataset: str, budget: str, chosen: Budget, names: list[str],
+            seeds: int) -> dict:
     path = out / "reproduce.json"
     old = read_json(path, "delete it to start the record afresh") if path.is_file() else {}
     return {"dataset": dataset, "budget": budget, "about": chosen.about,
-            "overrides": list(chosen.overrides), "runs": names,
+            "overrides": list(chosen.overrides), "runs": names, "seeds": seeds,
+            "folders": [seed_folder(n, s) for s in range(seeds) for n in names],
             "seconds": old.get("seconds", {})}
 
 
@@ -303,10 +323,13 @@ def _timed(label: str, seconds: dict, key: str, work: Callable[[], object]) -> N
           flush=True)
 
 
-def _report(out: Path, names: list[str], claims: list[dict]) -> Path:
+def _report(out: Path, names: list[str], seeds: int, claims: list[dict]) -> Path:
     from pathanat.evaluation.report import write_report
 
-    return write_report([out / n for n in names], out / "report.html", claims=claims)
+    replicates = ({n: [out / seed_folder(n, s) for s in range(seeds)] for n in names}
+                  if seeds > 1 else None)
+    return write_report([out / n for n in names], out / "report.html", claims=claims,
+                        replicates=replicates)
 
 
 # ---- the paper's claims, checked on what the grid measured -------------------------------------
@@ -317,17 +340,19 @@ def _read(run: Path, name: str) -> dict | None:
     return read_json(path) if path.is_file() else None
 
 
-def claims_of(out: Path, dataset: str, names: list[str]) -> list[dict]:
+def claims_of(out: Path, dataset: str, names: list[str], seeds: int = 1) -> list[dict]:
     """The paper's claims as checks on the grid's results: each with ``held`` (True, False, or
-    None when the grid lacks what it needs) and the numbers behind it."""
-    from pathanat.evaluation.claims import check_claims
+    None when the grid lacks what it needs) and the numbers behind it, decided over ``seeds``."""
+    from pathanat.evaluation.claims import check_claims_over_seeds
 
-    results = {n: {f: _read(out / n, f) for f in ("metrics.json", "analysis.json",
-                                                   "validity.json")} for n in names}
-    return check_claims(results, dataset)
+    files = ("metrics.json", "analysis.json", "validity.json")
+    by_seed = [{n: {f: _read(out / seed_folder(n, s), f) for f in files} for n in names}
+               for s in range(seeds)]
+    return check_claims_over_seeds(by_seed, dataset)
 
 
 def print_claims(claims: list[dict]) -> None:
+    from pathanat.evaluation.claims import verdict_text
+
     for claim in claims:
-        verdict = {True: "held", False: "did not hold", None: "not checked"}[claim["held"]]
-        print(f"claim    {claim['claim']}: {verdict} -- {claim['evidence']}")
+        print(f"claim    {claim['claim']}: {verdict_text(claim)} -- {claim['evidence']}")

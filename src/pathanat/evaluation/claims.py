@@ -5,12 +5,18 @@ keyed by the run's config name, e.g. ``nvmp_ms`` or ``vae_ms_sup``) and returns
 ``{"claim", "source", "held", "evidence"}``. ``held`` compares point estimates; the evidence gives
 the numbers (with 95% intervals where the metric has them) so a reader can see when a difference is
 within the noise. ``held`` is None when a run or a number the check needs is missing.
+
+Over training seeds (``check_claims_over_seeds``) each claim is checked on each seed's grid, and
+the verdict is unanimity: held when it held in every seed, not held when in none, and "mixed"
+otherwise (``held`` False, ``held_in`` [k, N]). Unanimity is a sign test: a claim that is a coin
+flip is unanimous over N seeds with probability 2^(1-N) (1 in 4 for 3 seeds), so the verdict
+states N beside it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import partial
 
 from pathanat.evaluation.reconstruction import estimate_text
@@ -123,6 +129,42 @@ def validity_claim(results: Results) -> list[dict]:
                    "invalid places (background, CSF, ventricles) than the mean-field VAE",
                    "Fig. 1a", held, "invalid fraction of lesion voxels in prior samples: "
                    + evidence)]
+
+
+def check_claims_over_seeds(by_seed: Sequence[Results], dataset: str) -> list[dict]:
+    """The claims checked on each seed's results (one mapping per seed, keyed by config name as
+    in ``check_claims``) and decided by unanimity (module docstring); a seed whose grid lacks a
+    number leaves the claim unchecked."""
+    if not by_seed:
+        raise ValueError("by_seed: expected the results of one or more seeds")
+    per_seed = [check_claims(results, dataset) for results in by_seed]
+    if len(per_seed) == 1:
+        return per_seed[0]
+    out = []
+    for checks in zip(*per_seed, strict=True):
+        verdicts = [c["held"] for c in checks]
+        held = None
+        if None not in verdicts:
+            held = all(verdicts)
+        out.append({
+            **_claim(checks[0]["claim"], checks[0]["source"], held,
+                     " || ".join(f"seed {i}: {c['evidence']}" for i, c in enumerate(checks))),
+            "held_in": None if held is None else [sum(verdicts), len(verdicts)],
+        })
+    return out
+
+
+def verdict_text(claim: Mapping) -> str:
+    """held / did not hold / mixed, with the seed count when there are several seeds."""
+    held, held_in = claim["held"], claim.get("held_in")
+    if held is None:
+        return "not checked (results missing)"
+    if not held_in:
+        return "held" if held else "did not hold"
+    k, n = held_in
+    if k == n:
+        return f"held in all {n} seeds"
+    return f"did not hold in any of {n} seeds" if k == 0 else f"mixed: held in {k} of {n} seeds"
 
 
 def check_claims(results: Results, dataset: str) -> list[dict]:

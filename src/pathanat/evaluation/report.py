@@ -27,7 +27,7 @@ import math
 import os
 import re
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from pathanat import jsonfiles
 from pathanat.atomic import atomic_file
 from pathanat.config import from_dict
 from pathanat.errors import InputError, PathanatError
+from pathanat.evaluation.claims import verdict_text
 from pathanat.figures import caption_path
 from pathanat.models import HierarchicalVAE, HVAEConfig
 
@@ -995,21 +996,75 @@ def run_figures_section(run: Run) -> str:
 
 def claims_section(claims: Sequence[dict]) -> str:
     """The paper's claims as checked on these runs (``evaluation.claims``), verdict and numbers."""
-    verdicts = {True: "held", False: "did not hold", None: "not checked (results missing)"}
-    rows = [[td(esc(c["source"])), td(esc(c["claim"])), td(esc(verdicts[c["held"]])),
+    rows = [[td(esc(c["source"])), td(esc(c["claim"])), td(esc(verdict_text(c))),
              td(esc(c["evidence"]))] for c in claims]
     caption = ("Each claim compares point estimates across the runs; the numbers behind it are "
                "beside, with 95% intervals where the metric has them, so a difference inside the "
-               "noise is visible.")
+               "noise is visible. Over several training seeds a claim is checked on each seed's "
+               "grid and holds when it holds in every seed (a sign test: a coin-flip claim is "
+               "unanimous over N seeds with probability 2^(1-N)).")
     return "<h2>The paper's claims on these runs</h2>\n" + table(
         ["source", "claim", "verdict", "evidence"], rows, caption)
 
 
-def report_html(runs: Sequence[Run], title: str, claims: Sequence[dict] | None = None) -> str:
+# The numbers shown over training seeds: (header, Run attribute, keys, decimals); "z_P" in keys
+# stands for the run's configured pathology group.
+SEED_COLUMNS = (
+    ("PSNR (dB)", "metrics", ("reconstruction", "psnr", "mean"), 2),
+    ("NLL (bits/dim)", "metrics", ("nll", "bits_per_dim", "mean"), 4),
+    ("FID recon.", "metrics", ("fid", "fid_reconstruction"), 1),
+    ("FID 2nd-stage samples", "metrics", ("fid", "fid_samples_second_stage"), 1),
+    ("KID 2nd-stage samples", "metrics", ("fid", "kid_samples_second_stage", "mean"), 4),
+    ("brain-like T=1", "metrics", ("plausibility", "samples", "1.0", "brain_like", "mean"), 3),
+    ("brain-like 2nd stage", "metrics", ("plausibility", "second_stage", "brain_like", "mean"),
+     3),
+    ("R² of z_P, subject", "analysis", ("table4", "subject", "r2", "z_P"), 3),
+    ("R² of z_P, slice", "analysis", ("table4", "slice", "r2", "z_P"), 3),
+    ("invalid lesion fraction, samples", "validity", ("samples", "invalid_fraction"), 3),
+)
+
+
+def seed_value(run: Run, source: str, keys: Sequence[str]) -> Any:
+    z_p = f"z{run.model('z_p')}"
+    value = dig(getattr(run, source), [z_p if k == "z_P" else k for k in keys])[1]
+    return value.get("mean") if isinstance(value, dict) else value
+
+
+def seeds_section(replicates: Mapping[str, Sequence[Run]]) -> str:
+    """Each grid run's numbers over its training seeds: mean ± standard deviation (n - 1) and
+    the per-seed values, so a reader sees which differences between runs exceed the seeds'."""
+    rows = []
+    for name, runs in replicates.items():
+        cells = [td(esc(name), classes=["name"]), td(str(len(runs)), len(runs))]
+        for _, source, keys, decimals in SEED_COLUMNS:
+            values = [seed_value(r, source, keys) for r in runs]
+            present = np.array([v for v in values if finite(v)], dtype=float)
+            if len(present) == 0:
+                cells.append(td(absent("n/a")))
+                continue
+            spread = float(present.std(ddof=1)) if len(present) > 1 else float("nan")
+            each = ", ".join(number(v, decimals) for v in values)
+            cells.append(td(f'{number(float(present.mean()), decimals)} &plusmn; '
+                            f'{number(spread, decimals)} <span class="ci">{each}</span>',
+                            float(present.mean())))
+        rows.append(cells)
+    caption = (
+        "Each run of the grid trained with several seeds (seed s in NAME_seedS; the tables "
+        "above show seed 0): mean &plusmn; standard deviation over seeds, then each seed's "
+        "value in seed order (n/a where a seed lacks it). A difference between two runs that is "
+        "smaller than their seeds' spread is not an ordering."
+    )
+    header = ["run", "seeds", *(esc(h) for h, *_ in SEED_COLUMNS)]
+    return "<h2>Spread over training seeds</h2>\n" + table(header, rows, caption)
+
+
+def report_html(runs: Sequence[Run], title: str, claims: Sequence[dict] | None = None,
+                replicates: Mapping[str, Sequence[Run]] | None = None) -> str:
     generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sections = [
         overview_section(runs),
         *([claims_section(claims)] if claims else []),
+        *([seeds_section(replicates)] if replicates else []),
         table1_section(runs),
         table4_section(runs),
         sensitivity_section(runs),
@@ -1048,9 +1103,11 @@ def write_report(
     out: str | os.PathLike,
     title: str | None = None,
     claims: Sequence[dict] | None = None,
+    replicates: Mapping[str, Sequence[str | os.PathLike]] | None = None,
 ) -> Path:
     """Write one self-contained HTML report comparing the run folders ``runs`` to ``out``;
-    ``claims`` (from ``evaluation.claims.check_claims``) adds a section of verdicts.
+    ``claims`` (from ``evaluation.claims.check_claims``) adds a section of verdicts;
+    ``replicates`` (name -> the run folders of its training seeds) one of spread over seeds.
 
     Example: ``write_report(["runs/vae_ms", "runs/nvmp_ms"], "runs/report.html")``.
     Returns the path written.
@@ -1065,8 +1122,10 @@ def write_report(
     loaded = [read_run(p, n) for p, n in zip(paths, names, strict=True)]
     if title is None:
         title = "pathanat report: " + ", ".join(names)
+    seeds = {name: [read_run(p, Path(p).name) for p in folders]
+             for name, folders in (replicates or {}).items()}
     with atomic_file(out) as tmp:
-        tmp.write_text(report_html(loaded, title, claims), encoding="utf-8")
+        tmp.write_text(report_html(loaded, title, claims, seeds), encoding="utf-8")
         # the temporary file is private (mkstemp); a report is for sharing: the usual mode
         umask = os.umask(0)
         os.umask(umask)
