@@ -32,6 +32,11 @@ def test_evaluate_run_writes_metrics_json_and_appends_a_csv_row(tiny_run):
     assert written["fid"]["second_stage"].startswith("a Gaussian mixture")
     staged = written["plausibility"]["second_stage"]
     assert 0 <= staged["brain_like"]["mean"] <= 1 and staged["n"] > 0
+    # both kinds of draws get the copy test against the training split (24 slices here)
+    for what in ("samples", "second_stage"):
+        copies = written["novelty"][what]
+        assert copies["draws"] == 12 and copies["held_out"] == 8 and copies["training"] == 24
+        assert copies["distance_ratio"] > 0 and 0 <= copies["near_copies"] <= 1
     moved = written["nll"]["convergence"]  # S = 2 against 8 on the split's 8 slices
     assert moved["iw_samples_4x"] == 8 and moved["slices"] == 8
     assert np.isfinite(moved["move"]) and isinstance(moved["converged"], bool)

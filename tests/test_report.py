@@ -168,6 +168,9 @@ def make_run(folder: Path, kind: str, seed: int, supervised: bool = False) -> di
                 "samples": 2048, "inputs": 40,
                 "floor": {"split": "val", "slices": 36, "fid": 0.011,
                           "kid": interval(0.0004, 0.0001)}},
+        "novelty": {w: {"distance_ratio": float(rng.uniform(0.5, 1)),
+                        "near_copies": float(rng.uniform(0, 0.2))}
+                    for w in ("samples", "second_stage")},
         "plausibility": {
             "real": {"brain_like": interval(1.0 - rng.uniform(0, 0.02), 0.001), "n": 40,
                      "shape_diversity": 0.06},

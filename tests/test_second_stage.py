@@ -30,7 +30,7 @@ def test_one_component_draws_have_the_codes_mean_and_covariance_and_stay_in_thei
     moments, so draws reproduce them, and nothing leaves the codes' span."""
     rng = np.random.default_rng(0)
     codes = 2.0 + rng.normal(size=(400, 3)) @ rng.normal(size=(3, 16))
-    fitted = fit_second_stage(codes, SHAPES, dims=2, components=1)
+    fitted = fit_second_stage(codes, SHAPES, dims=8, components=1)
     assert fitted.directions.shape[0] == 3
     draws = fitted.draw(200_000, generator=torch.Generator().manual_seed(1))
     assert [tuple(d.shape[1:]) for d in draws] == SHAPES
@@ -42,6 +42,23 @@ def test_one_component_draws_have_the_codes_mean_and_covariance_and_stay_in_thei
     assert np.abs((x - codes.mean(0)) @ vt[3:].T).max() < 1e-3
     np.testing.assert_allclose(flat(fitted.draw(2, 0.0)), np.repeat(codes.mean(0)[None], 2, 0),
                                rtol=1e-5)
+
+
+def test_draws_keep_to_the_first_dims_principal_directions():
+    """With dims below the codes' rank, draws follow the codes' moments projected on their
+    first dims principal directions (numpy's SVD as the oracle) and nothing else."""
+    rng = np.random.default_rng(1)
+    codes = rng.normal(size=(400, 4)) * [4.0, 2.0, 1.0, 0.5] @ np.linalg.qr(
+        rng.normal(size=(16, 4)))[0].T
+    x = flat(fit_second_stage(codes, SHAPES, dims=2, components=1).draw(
+        200_000, generator=torch.Generator().manual_seed(2)))
+    centred = codes - codes.mean(0)
+    top = np.linalg.svd(centred, full_matrices=False)[2][:2]
+    projector = top.T @ top
+    np.testing.assert_allclose(x.mean(0), codes.mean(0), atol=0.03)
+    np.testing.assert_allclose(np.cov(x.T), projector @ np.cov(codes.T) @ projector,
+                               atol=0.05 * 16)
+    assert np.abs((x - codes.mean(0)) @ (np.eye(16) - projector)).max() < 1e-3
 
 
 def test_the_mixture_keeps_two_clusters_apart_where_one_gaussian_blends_them():
@@ -77,7 +94,7 @@ def test_a_model_fit_covers_every_group_and_decodes():
     images = np.random.default_rng(0).normal(size=(20, 16, 16)).astype(np.float32)
     fitted = fit_model_second_stage(model, images, batch_size=8)
     assert fitted.shapes == model.group_shapes((16, 16))
-    assert len(fitted.weights) == 1  # 20 codes: one component (at least 20 codes each)
+    assert len(fitted.weights) == 1  # 20 codes: one component (one per 40 codes, at least one)
     out = model.from_residuals(fitted.draw(4), (16, 16))
     assert out.x_mean.shape == (4, 1, 16, 16) and torch.isfinite(out.x_mean).all()
 
@@ -86,15 +103,17 @@ def test_conditioned_on_one_group_the_other_is_drawn_from_the_gaussian_condition
     """One component on full-rank codes is their sample Gaussian: given group 0, group 1 must
     follow the conditional that the Schur complement of the codes' covariance gives."""
     rng = np.random.default_rng(3)
-    codes = 1.0 + rng.normal(size=(500, 3)) @ rng.normal(size=(3, 16)) + 0.3 * rng.normal(
+    codes = 1.0 + rng.normal(size=(500, 3)) @ rng.normal(size=(3, 16)) + rng.normal(
         size=(500, 16))
-    fitted = fit_second_stage(codes, SHAPES, dims=2, components=1)
+    # every direction drawn (dims = 16)
+    fitted = fit_second_stage(codes, SHAPES, dims=16, components=1)
     y = codes[0, :4] + 0.5
     draws = fitted.draw_given([torch.tensor(y.reshape(1, 2, 2)), None], 200_000,
                               generator=torch.Generator().manual_seed(4))
     x = flat(draws)
     np.testing.assert_array_equal(x[:, :4], np.repeat(y[None], len(x), 0).astype(np.float32))
-    m, C = codes.mean(0), np.cov(codes.T)
+    m, C = codes.mean(0), np.cov(codes.T, bias=True)  # EM's covariance: the MLE
+    C += 1e-3 * np.linalg.eigvalsh(np.cov(codes.T)).max() * np.eye(16)  # its stated ridge
     gain = C[4:, :4] @ np.linalg.inv(C[:4, :4])  # the fitted noise is ~0 for full-rank codes
     np.testing.assert_allclose(x[:, 4:].mean(0), m[4:] + gain @ (y - m[:4]), atol=0.02)
     np.testing.assert_allclose(np.cov(x[:, 4:].T), C[4:, 4:] - gain @ C[:4, 4:],
@@ -115,15 +134,18 @@ def test_conditioned_on_a_code_of_one_cluster_the_draws_come_from_that_cluster()
 def test_off_span_noise_is_what_a_new_code_has_outside_the_training_span():
     """Group 0 is an exactly rank-1 signal, group 1 independent noise of variance 0.25 in 400
     values: 36 fitted codes span at most 35 directions, so a held-out code keeps about
-    (1 - 35/404) of its noise off the span and almost nothing of its signal."""
+    (1 - 35/404) of its noise off the span and almost nothing of its signal; off the span of the
+    first 2 directions (the signal's and one of noise) it keeps nearly all its noise."""
     rng = np.random.default_rng(7)
     t = rng.normal(size=(40, 1))
     codes = np.concatenate([5 * t @ rng.normal(size=(1, 4)), 0.5 * rng.normal(size=(40, 400))],
                            1)
-    fitted = fit_second_stage(codes, [(1, 2, 2), (1, 20, 20)], dims=2, components=1)
+    fitted = fit_second_stage(codes, [(1, 2, 2), (1, 20, 20)], dims=64, components=1)
     noise = fitted.noise.numpy()
     assert 0.18 < noise[1] < 0.28  # 0.25 x (1 - 35/404) = 0.228
     assert noise[0] < 0.01 * codes[:, :4].var(0).mean()
+    narrow = fit_second_stage(codes, [(1, 2, 2), (1, 20, 20)], dims=2, components=1).noise
+    assert 0.22 < float(narrow[1]) < 0.29 and float(narrow[0]) < 0.01 * codes[:, :4].var(0).mean()
 
 
 def test_conditioning_on_every_group_or_none_and_bad_known_values():

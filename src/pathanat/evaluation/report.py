@@ -104,6 +104,9 @@ TABLE1 = (
     ("brain-like 2nd stage", ("plausibility", "second_stage", "brain_like"), 3, "max"),
     ("shape diversity 2nd stage", ("plausibility", "second_stage", "shape_diversity"), 3,
      "none"),
+    ("copy ratio samples", ("novelty", "samples", "distance_ratio"), 2, "none"),
+    ("copy ratio 2nd stage", ("novelty", "second_stage", "distance_ratio"), 2, "none"),
+    ("near copies 2nd stage", ("novelty", "second_stage", "near_copies"), 3, "none"),
 )
 DCI_COLUMNS = (
     ("D (groups)", "disentanglement_groups"),
@@ -539,7 +542,11 @@ def table1_section(runs: Sequence[Run]) -> str:
         "shape drawn again and again; nearer the real slices' value is better); 2nd stage: the "
         "same for draws of the second-stage prior, a Gaussian mixture fitted after training to "
         "the training posteriors' residuals of every group and decoded top-down "
-        "(models.second_stage), at the same N as the prior samples."
+        "(models.second_stage), at the same N as the prior samples; copy ratio: the draws' "
+        "median distance to their nearest training reconstruction over that of the test "
+        "reconstructions (1: as new as unseen slices, 0: copies of training slices), near "
+        "copies: the fraction of draws nearer than 5% of the test reconstructions are (0.05 "
+        "for new slices; evaluation.novelty)."
     )
     note = f'<p class="note">Intervals: {esc("; ".join(methods))}.</p>' if methods else ""
     return "<h2>Reconstruction (Table 1)</h2>\n" + table(header, rows, caption) + note
@@ -1018,6 +1025,7 @@ SEED_COLUMNS = (
     ("brain-like T=1", "metrics", ("plausibility", "samples", "1.0", "brain_like", "mean"), 3),
     ("brain-like 2nd stage", "metrics", ("plausibility", "second_stage", "brain_like", "mean"),
      3),
+    ("copy ratio 2nd stage", "metrics", ("novelty", "second_stage", "distance_ratio"), 2),
     ("R² of z_P, subject", "analysis", ("table4", "subject", "r2", "z_P"), 3),
     ("R² of z_P, slice", "analysis", ("table4", "slice", "r2", "z_P"), 3),
     ("invalid lesion fraction, samples", "validity", ("samples", "invalid_fraction"), 3),
