@@ -190,3 +190,40 @@ def test_the_iw_bound_is_called_converged_only_when_4s_samples_barely_move_it():
     loose = convergence(at_s, at_s - 25.0, estimate, 8)
     assert not loose["converged"] and loose["move"] == pytest.approx(25.0)
     assert loose["iw_samples_4x"] == 32 and loose["slices"] == 2
+
+
+def test_the_second_stage_is_fitted_once_per_checkpoint_and_refitted_when_stale(
+        tiny_run, tmp_path, capsys):
+    import os
+    import shutil
+
+    from pathanat.evaluation.evaluate import SECOND_STAGE_FILE, run_cache, run_second_stage
+    from pathanat.models.second_stage import fit_model_second_stage
+    from pathanat.training.run import load_trained
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns(SECOND_STAGE_FILE))
+    model, config = load_trained(run)
+    cache = run_cache(run, config)
+    first = run_second_stage(run, model, cache, seed=3)
+    stored = run / SECOND_STAGE_FILE
+    written = stored.stat().st_mtime_ns
+    again = run_second_stage(run, model, cache, seed=3)  # read back, not fitted
+    assert stored.stat().st_mtime_ns == written
+    direct = fit_model_second_stage(model.float().eval(), cache.split("train").image, seed=3)
+    for prior in (first, again):
+        assert prior.shapes == direct.shapes
+        for name in ("mean", "directions", "weights", "means", "cholesky", "noise"):
+            assert torch.equal(getattr(prior, name), getattr(direct, name)), name
+    # another seed, a newer checkpoint or a damaged file: fitted again
+    run_second_stage(run, model, cache, seed=4)
+    assert stored.stat().st_mtime_ns > written
+    written = stored.stat().st_mtime_ns
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    os.utime(checkpoint, ns=(written + 10**9, written + 10**9))
+    run_second_stage(run, model, cache, seed=4)
+    assert stored.stat().st_mtime_ns > written
+    stored.write_bytes(b"not a torch file")
+    prior = run_second_stage(run, model, cache, seed=3)
+    assert "unreadable" in capsys.readouterr().err
+    assert torch.equal(prior.mean, direct.mean)

@@ -14,7 +14,6 @@ regulariser of Table 3's objective, not part of the bound on log p(x).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -183,7 +182,3 @@ def training_loss(
         coefficients=coefficients,
     )
 
-
-def bits_per_dim(log_px: Tensor, dims: int) -> Tensor:
-    """Convert per-image log-likelihood in nats to bits per dimension (higher NLL = worse)."""
-    return -log_px / (dims * math.log(2.0))

@@ -37,6 +37,7 @@ import datetime
 import functools
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -65,9 +66,17 @@ from pathanat.evaluation.reconstruction import mean_ci, reconstruction_table
 from pathanat.jsonfiles import finite_or_none, write_json
 from pathanat.models import HierarchicalVAE
 from pathanat.models.distributions import Bins, discretized_gaussian_log_probs
-from pathanat.models.second_stage import SecondStagePrior, fit_model_second_stage
+from pathanat.models.second_stage import (
+    CODES_PER_COMPONENT,
+    FIT_SLICES,
+    MIXTURE_DIMS,
+    SecondStagePrior,
+    fit_model_second_stage,
+    from_state,
+    to_state,
+)
 from pathanat.training.config import ExperimentConfig
-from pathanat.training.run import load_trained, phantom_paths
+from pathanat.training.run import LAST, load_trained, phantom_paths
 
 Stage = TypeVar("Stage", bound=Callable[..., Any])
 
@@ -115,6 +124,33 @@ def run_folder(run: str | os.PathLike) -> Path:
     if not (run / "checkpoints" / "last.ckpt").is_file():
         raise PathanatError(f"{run}: not a run folder (no checkpoints/last.ckpt)")
     return run.absolute()
+
+
+SECOND_STAGE_FILE = "second_stage.pt"
+
+
+def run_second_stage(folder: Path, model: HierarchicalVAE, cache: Cache,
+                     seed: int = 0) -> SecondStagePrior:
+    """The run's second-stage prior, fitted once per checkpoint and seed and kept in
+    ``RUN/second_stage.pt`` (evaluate, validity and synthesize share it; the fit is most of a
+    minute at 2048 training slices). A file for another checkpoint, seed or fitting recipe, or
+    one that does not read back, is fitted again."""
+    path = folder / SECOND_STAGE_FILE
+    last = (folder / "checkpoints" / LAST).stat()
+    key = {"checkpoint": [last.st_mtime_ns, last.st_size], "seed": seed,
+           "recipe": [FIT_SLICES, MIXTURE_DIMS, CODES_PER_COMPONENT]}
+    if path.is_file():
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            if stored.get("key") == key:
+                return from_state(stored["prior"])
+        except Exception as err:  # any damage means: fit again
+            print(f"warning: {path}: unreadable ({type(err).__name__}); fitting it again",
+                  file=sys.stderr, flush=True)
+    prior = fit_model_second_stage(model.float().eval(), cache.split("train").image, seed=seed)
+    with atomic_file(path) as tmp:
+        torch.save({"key": key, "prior": to_state(prior)}, tmp)
+    return prior
 
 
 def one_at_a_time(stage: str) -> Callable[[Stage], Stage]:
@@ -533,8 +569,7 @@ def evaluate_run(
     reference = (reference_path(cache.path, split, len(data), precision=inception().precision)
                  if with_fid else None)
     train = cache.split("train").image
-    second_stage = (fit_model_second_stage(model.float().eval(), train, seed=seed)
-                    if with_fid else None)
+    second_stage = run_second_stage(folder, model, cache, seed) if with_fid else None
     pick = np.random.default_rng(seed).permutation(len(train))[:COPY_TEST_SLICES]
     metrics, per_slice = evaluate(model, data, iw_samples, seed, batch_size, with_fid, progress,
                                   reference, brain_references(cache), fid_samples=fid_samples,

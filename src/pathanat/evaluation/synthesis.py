@@ -67,13 +67,14 @@ from pathanat.evaluation.evaluate import (
     prior_samples,
     run_cache,
     run_folder,
+    run_second_stage,
     second_stage_samples,
     split_arrays,
 )
 from pathanat.figures import WINDOW, display, save_figure
 from pathanat.jsonfiles import read_json, write_json
 from pathanat.models import HierarchicalVAE, HVAEConfig
-from pathanat.models.second_stage import SecondStagePrior, fit_model_second_stage
+from pathanat.models.second_stage import SecondStagePrior
 from pathanat.training.run import load_trained
 
 ALL = ("prior", "layers", "style-mix", "conditional", "clusters")
@@ -609,7 +610,7 @@ def synthesize_run(
     data = split_arrays(cache, split)
     chosen = choose_pairs(data, pairs, seed) if set(what) - {"prior", "clusters"} else []
     kind = config.model.kind
-    second_stage = (fit_model_second_stage(model, cache.split("train").image, seed=seed)
+    second_stage = (run_second_stage(folder, model, cache, seed)
                     if set(what) & set(SECOND_STAGE) else None)
     request = Request(model, data, chosen, groups, seed, tuple(temperatures), temperature,
                       samples, draws, per_cluster, second_stage)

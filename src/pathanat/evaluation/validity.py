@@ -48,6 +48,7 @@ from pathanat.evaluation.evaluate import (
     prior_samples,
     run_cache,
     run_folder,
+    run_second_stage,
     second_stage_samples,
     split_arrays,
 )
@@ -69,7 +70,7 @@ from pathanat.evaluation.segmenters import (
 )
 from pathanat.figures import WINDOW, display, save_figure
 from pathanat.jsonfiles import finite_or_none, write_json
-from pathanat.models.second_stage import SecondStagePrior, fit_model_second_stage
+from pathanat.models.second_stage import SecondStagePrior
 from pathanat.training.run import load_trained
 
 INVALID = (BACKGROUND, CSF, VENTRICLES)
@@ -347,7 +348,7 @@ def validity_run(
     result, samples, real = scored_validity(
         model, segmenters, test, n, temperature, seed, DEFAULT_BATCH_SIZE,
         brain_references(cache),
-        fit_model_second_stage(model, cache.split("train").image, seed=seed),
+        run_second_stage(folder, model, cache, seed),
     )
     result = {"run": str(folder), "model": config.model.kind, **result}
     result["seconds"] = {"segmenters": round(segs_seconds, 2), **result["seconds"],

@@ -696,7 +696,7 @@ class HierarchicalVAE(nn.Module):
 
     def _top_down(
         self, batch: int, padded: tuple[int, int], choose: Chooser
-    ) -> tuple[Tensor, Tensor, list[Tensor], list[DiagonalGaussian | None]]:
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
         """Generate top-down; ``choose(l, prior, state)`` returns z_l given the prior and the
         decoder state at that point."""
         L = self.config.levels
@@ -704,17 +704,14 @@ class HierarchicalVAE(nn.Module):
             batch, (padded[0] >> L, padded[1] >> L), self._memory_format()
         )
         zs: list[Tensor] = []
-        priors: list[DiagonalGaussian | None] = []
         for level in range(L + 1):
             if level > 0:
                 h = self.decoder.grow(level, h)
-            prior = self.decoder.prior(level, h)
-            z = choose(level, prior, h)
+            z = choose(level, self.decoder.prior(level, h), h)
             h = self.decoder.absorb(level, h, z)
             zs.append(z)
-            priors.append(prior)
         mean, log_scale = self.decoder.likelihood(h)
-        return mean, log_scale, zs, priors
+        return mean, log_scale, zs
 
     def _seg(self, zs: list[Tensor], size: tuple[int, int]) -> Tensor | None:
         if self.seg_head is None:
@@ -737,7 +734,7 @@ class HierarchicalVAE(nn.Module):
             return z
 
         padded = self.padded_size(size)
-        mean, log_scale, _, _ = self._top_down(features[0].shape[0], padded, choose)
+        mean, log_scale, _ = self._top_down(features[0].shape[0], padded, choose)
         return mean[..., : size[0], : size[1]], log_scale[..., : size[0], : size[1]], groups
 
     def forward(self, x: Tensor) -> HVAEOutput:
@@ -820,7 +817,7 @@ class HierarchicalVAE(nn.Module):
         )
 
     def _generated(self, batch: int, size: tuple[int, int], choose: Chooser) -> Generated:
-        mean, log_scale, zs, _ = self._top_down(batch, self.padded_size(size), choose)
+        mean, log_scale, zs = self._top_down(batch, self.padded_size(size), choose)
         crop = (..., slice(0, size[0]), slice(0, size[1]))
         return Generated(mean[crop], log_scale[crop], zs, self._seg(zs, size))
 

@@ -17,7 +17,7 @@ on the phantom (docs/generation.md, "Seventh round"): a single Gaussian blends s
 double outlines; more components, each over fewer codes, bring the draws nearer the data (FID)
 and nearer the training slices (the copy test of ``evaluation.novelty``), so the count per
 component trades one against the other; drawing the trailing directions too, each an
-independent Gaussian estimated from few codes, added incoherent blotches (FID 144 -> 133 without
+independent Gaussian estimated from few codes, added incoherent blotches (FID 142 -> 133 without
 them at 10 components).
 
 Conditioned on some groups of one slice (``draw_given``: per-layer variation, conditional
@@ -28,7 +28,7 @@ isotropic noise per group, whose variance is what the span misses of held-out tr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -124,6 +124,15 @@ class SecondStagePrior:
         flat = self.mean + w @ self.directions
         flat[:, kept] = given
         return split_groups(flat, self.shapes)
+
+
+def to_state(prior: SecondStagePrior) -> dict:
+    """The prior as plain tensors and lists (``torch.save`` and ``weights_only`` loading)."""
+    return {**asdict(prior), "shapes": [list(s) for s in prior.shapes]}
+
+
+def from_state(state: dict) -> SecondStagePrior:
+    return SecondStagePrior(**{**state, "shapes": [tuple(s) for s in state["shapes"]]})
 
 
 def split_groups(flat: Tensor, shapes: list[tuple[int, int, int]]) -> list[Tensor]:

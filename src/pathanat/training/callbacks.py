@@ -30,7 +30,7 @@ class ReconstructionGrid(pl.Callback):
         grid = getattr(pl_module, "val_grid", None)
         if not trainer.is_global_zero or grid is None or trainer.sanity_checking:
             return
-        x, reconstruction, _ = grid
+        x, reconstruction = grid
         n = len(x)
         titles = [f"val input {i}" for i in range(n)] + [f"reconstruction {i}" for i in range(n)]
         titles[0] = f"step {trainer.global_step}: {titles[0]}"

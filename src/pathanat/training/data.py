@@ -90,10 +90,9 @@ class TrainingDataModule(SliceDataModule):
     checkpoint has been restored.
     """
 
-    def __init__(self, cache, seed: int = 0, val_batch_size: int | None = None, **kwargs) -> None:
+    def __init__(self, cache, seed: int = 0, **kwargs) -> None:
         super().__init__(cache, **kwargs)
         self.seed = seed
-        self.val_batch_size = val_batch_size or self.batch_size
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
@@ -114,7 +113,7 @@ class TrainingDataModule(SliceDataModule):
         self.setup()
         return DataLoader(
             self.datasets["val"],
-            batch_size=self.val_batch_size,
+            batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

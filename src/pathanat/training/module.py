@@ -75,7 +75,7 @@ class HVAEModule(pl.LightningModule):
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self._val: dict[str, list[Tensor]] = {}
-        self.val_grid: tuple[Tensor, Tensor, Tensor | None] | None = None
+        self.val_grid: tuple[Tensor, Tensor] | None = None  # inputs, reconstructions
 
     # ---- optimisation ------------------------------------------------------------------------
 
@@ -211,7 +211,7 @@ class HVAEModule(pl.LightningModule):
         self._val["psnr_brain"].append(inside)
         self._val["elbo_per_dim"].append(terms.elbo.detach().float().cpu() / terms.dims)
         if batch_idx == 0:
-            self.val_grid = (x[:8].float().cpu(), reconstruction[:8].float().cpu(), None)
+            self.val_grid = (x[:8].float().cpu(), reconstruction[:8].float().cpu())
 
     def on_validation_epoch_end(self) -> None:
         values = {k: torch.cat(v) for k, v in self._val.items() if v}
