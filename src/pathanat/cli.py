@@ -468,10 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Run the paper's grid on the phantom cohort: the four kinds (and, for ms, their z_P-"
         "supervised variants) under one budget, then evaluate, analyze, sample validity and "
         "lesion detection (ms), synthesize, one report over all runs, and the paper's claims "
-        "checked. Resumable: a finished run or stage is not redone. Budgets: cpu (about 75 min "
-        "on 2 CPU cores for ms: 67 min measured on one, plus 26-48 s per run of scored "
-        "edits), paper (the paper's settings, for a "
-        "GPU), smoke (minutes; checks the pipeline only).",
+        "checked. Resumable: a finished run or stage is not redone. Budgets: cpu (200 subjects; "
+        "about 2.5 h on 2 CPU cores for ms, estimated from measured stage times), paper (the "
+        "paper's settings, for a GPU), smoke (minutes; checks the pipeline only).",
         "pathanat reproduce --dataset ms --budget cpu --out reproduce-ms",
     )
     p.add_argument("--dataset", choices=["ms", "ad"], required=True)

@@ -78,14 +78,15 @@ def cpu_precision() -> str:
 
 BUDGETS = {
     "cpu": Budget(
-        about="about 75 min on 2 CPU cores for the 8 MS runs (67 min measured end to end on "
-              "an AMD EPYC with bf16 arithmetic, before the counterfactual stage, which took "
-              "26-48 s per run there; 94 min on an AVX2-only EPYC in fp32 with FID on 288 draws "
-              "before): 60 subjects, widths 64..16, 600 steps (KL "
-              "weight reaches 1 at step 400), cosine lr, vae and nvae with fitted unconditional "
-              "priors (the paper's N(0, I) draws no brains), recentred conditional priors (the "
-              "learned ones draw blurred boxes), bf16 where the CPU has it, IW NLL with S=8, FID "
-              "and KID of 1024 draws of the model's prior and 1024 of the second-stage prior",
+        about="about 2.5 h on 2 CPU cores for the 8 MS runs (an estimate from the stage times "
+              "measured per run on an AMD EPYC with bf16 arithmetic: training 2-4 min, evaluate "
+              "8.5-9 min, analyze 5 min, validity, lesion detection and synthesis 2 min; the "
+              "evaluation grows with the 40-subject test split): 200 subjects, widths 64..16, "
+              "600 steps (KL weight reaches 1 at step 400), cosine lr, vae and nvae with fitted "
+              "unconditional priors (the paper's N(0, I) draws no brains), recentred conditional "
+              "priors (the learned ones draw blurred boxes), bf16 where the CPU has it, IW NLL "
+              "with S=8, FID and KID of 1024 draws of the model's prior and 1024 of the "
+              "second-stage prior",
         subjects=GRID_SUBJECTS,
         overrides=(*_SMALL_FAST, f"trainer.precision={cpu_precision()}",
                    "objective.kl_cycle=800", "trainer.max_steps=600",
