@@ -132,9 +132,10 @@ SECOND_STAGE_FILE = "second_stage.pt"
 def run_second_stage(folder: Path, model: HierarchicalVAE, cache: Cache,
                      seed: int = 0) -> SecondStagePrior:
     """The run's second-stage prior, fitted once per checkpoint and seed and kept in
-    ``RUN/second_stage.pt`` (evaluate, validity and synthesize share it; the fit is most of a
-    minute at 2048 training slices). A file for another checkpoint, seed or fitting recipe, or
-    one that does not read back, is fitted again."""
+    ``RUN/second_stage.pt``: evaluate, validity and synthesize share it (fitted in each,
+    synthesize took 122 s on the cpu grid's vae_ms at 2048 training slices, 15-23 s at 864).
+    A file for another checkpoint, seed or fitting recipe, or one that does not read back, is
+    fitted again."""
     path = folder / SECOND_STAGE_FILE
     last = (folder / "checkpoints" / LAST).stat()
     key = {"checkpoint": [last.st_mtime_ns, last.st_size], "seed": seed,
@@ -570,10 +571,11 @@ def evaluate_run(
                  if with_fid else None)
     train = cache.split("train").image
     second_stage = run_second_stage(folder, model, cache, seed) if with_fid else None
-    pick = np.random.default_rng(seed).permutation(len(train))[:COPY_TEST_SLICES]
+    pick = np.sort(np.random.default_rng(seed).permutation(len(train))[:COPY_TEST_SLICES])
     metrics, per_slice = evaluate(model, data, iw_samples, seed, batch_size, with_fid, progress,
                                   reference, brain_references(cache), fid_samples=fid_samples,
-                                  second_stage=second_stage, training=train[np.sort(pick)])
+                                  second_stage=second_stage,
+                                  training=train[pick] if with_fid else None)
     if with_fid:
         metrics["fid"]["floor"] = fid_floor(cache, split, data, seed)
     metrics = {
