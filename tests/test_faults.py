@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -175,6 +176,18 @@ def json_without_timing(path: Path) -> dict:
     return strip(json.loads(path.read_text()))
 
 
+def same_result(a: object, b: object) -> bool:
+    """Equal structure and values, floats to 1e-6 relative: a float32 reduction may round
+    differently in another process (seen once, at 1e-8 relative, in a suite run under load)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_result(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_result(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
+    return a == b
+
+
 @pytest.mark.parametrize("stage", ["evaluate", pytest.param("analyze", marks=pytest.mark.slow)])
 def test_a_stage_killed_anywhere_leaves_nothing_half_written_and_reruns_to_the_same_result(
         own_run, tmp_path, stage):
@@ -192,10 +205,10 @@ def test_a_stage_killed_anywhere_leaves_nothing_half_written_and_reruns_to_the_s
     for delay in sorted(rng.uniform(0.3, whole, 3)):
         killed_at([stage, str(run), *extra], delay, tmp_path)
         if (run / output).exists():  # written whole, or not at all
-            assert json_without_timing(run / output) == reference
+            assert same_result(json_without_timing(run / output), reference)
             (run / output).unlink()
     assert main([stage, str(run), *extra]) == 0
-    assert json_without_timing(run / output) == reference
+    assert same_result(json_without_timing(run / output), reference)
     assert temporaries(run) == []
 
 
