@@ -469,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
         "supervised variants) under one budget, then evaluate, analyze, sample validity and "
         "lesion detection (ms), synthesize, one report over all runs, and the paper's claims "
         "checked. Resumable: a finished run or stage is not redone. Budgets: cpu (200 subjects; "
-        "about 2.5 h on 2 CPU cores for ms, estimated from measured stage times), paper (the "
+        "about 2.5-4 h on 2 CPU cores for ms, estimated from measured stage times), paper (the "
         "paper's settings, for a GPU), smoke (minutes; checks the pipeline only).",
         "pathanat reproduce --dataset ms --budget cpu --out reproduce-ms",
     )

@@ -78,10 +78,11 @@ def cpu_precision() -> str:
 
 BUDGETS = {
     "cpu": Budget(
-        about="about 2.5 h on 2 CPU cores for the 8 MS runs (an estimate from the stage times "
-              "measured per run on an AMD EPYC with bf16 arithmetic: training 2-4 min, evaluate "
-              "8.5-9 min, analyze 5 min, validity, lesion detection and synthesis 2 min; the "
-              "evaluation grows with the 40-subject test split): 200 subjects, widths 64..16, "
+        about="about 2.5-4 h on 2 CPU cores for the 8 MS runs (an estimate from the stage "
+              "times measured per run on an AMD EPYC with bf16 arithmetic: training 2-4 min, "
+              "evaluate 6.5-9 min, analyze 3-5 min, validity, lesion detection and synthesis "
+              "4-10 min; the evaluation grows with the 40-subject test split): 200 subjects, "
+              "widths 64..16, "
               "600 steps (KL weight reaches 1 at step 400), cosine lr, vae and nvae with fitted "
               "unconditional priors (the paper's N(0, I) draws no brains), recentred conditional "
               "priors (the learned ones draw blurred boxes), bf16 where the CPU has it, IW NLL "
