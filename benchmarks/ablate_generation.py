@@ -27,10 +27,11 @@ import torch
 from pathanat import objectives
 from pathanat.data.prepare import load_cache
 from pathanat.evaluation.plausibility import brain_like, brain_references
-from pathanat.evaluation.reconstruction import psnr
+from pathanat.experiment import load_experiment
+from pathanat.metrics import psnr
 from pathanat.models import HierarchicalVAE
-from pathanat.training.config import load_experiment
-from pathanat.training.run import make_phantom_cache, phantom_paths
+from pathanat.runs import phantom_paths
+from pathanat.training.run import make_phantom_cache
 
 warnings.filterwarnings("ignore")
 TEMPERATURES = (0.4, 0.6, 0.8, 1.0)

@@ -28,8 +28,8 @@ from pathanat.data.phantom import generate_cohort
 from pathanat.data.prepare import load_cache, prepare_cohort
 from pathanat.evaluation.analyze import analyze_run
 from pathanat.evaluation.evaluate import DEFAULT_IW_SAMPLES, evaluate_run
+from pathanat.experiment import DataConfig, ExperimentConfig, TrainerConfig
 from pathanat.models import HVAEConfig
-from pathanat.training.config import DataConfig, ExperimentConfig, TrainerConfig
 from pathanat.training.run import train_config
 
 warnings.filterwarnings("ignore")

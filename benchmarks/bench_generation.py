@@ -29,16 +29,11 @@ import torch
 from pathanat.data.prepare import load_cache
 from pathanat.evaluation.evaluate import SAMPLE_TEMPERATURES
 from pathanat.evaluation.plausibility import brain_like, brain_references
-from pathanat.evaluation.reconstruction import psnr
+from pathanat.experiment import load_experiment
+from pathanat.metrics import psnr
 from pathanat.reproduce import BUDGETS, KINDS, run_config
-from pathanat.training.config import load_experiment
-from pathanat.training.run import (
-    load_trained,
-    make_phantom_cache,
-    phantom_paths,
-    resume,
-    train_config,
-)
+from pathanat.runs import load_trained, phantom_paths
+from pathanat.training.run import make_phantom_cache, resume, train_config
 
 warnings.filterwarnings("ignore")
 TARGET = 0.9

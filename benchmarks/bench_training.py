@@ -57,7 +57,7 @@ def measure(kind: str, mode: str, threads: int, warmup: int, steps: int, batch: 
     warnings.filterwarnings("ignore")
 
     from pathanat.config import from_dict
-    from pathanat.training.config import ExperimentConfig
+    from pathanat.experiment import ExperimentConfig
     from pathanat.training.module import HVAEModule
 
     torch.set_num_threads(threads)

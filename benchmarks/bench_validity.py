@@ -22,7 +22,7 @@ import torch
 from pathanat.data.prepare import load_cache
 from pathanat.evaluation.segmenters import STEPS, segment, train_segmenters
 from pathanat.evaluation.validity import sample_validity
-from pathanat.training import load_trained
+from pathanat.runs import load_trained
 
 
 def main() -> None:

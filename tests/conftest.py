@@ -17,8 +17,8 @@ def make_tiny_run(root: Path) -> Path:
     an nvmp model of width 8 trained for 6 steps on it; returns the run folder."""
     from pathanat.data.phantom import generate_cohort
     from pathanat.data.prepare import prepare_cohort
+    from pathanat.experiment import DataConfig, ExperimentConfig, TrainerConfig
     from pathanat.models import HVAEConfig
-    from pathanat.training.config import DataConfig, ExperimentConfig, TrainerConfig
     from pathanat.training.run import train_config
 
     cohort = generate_cohort("ms", 10, root / "cohort", seed=1, slab_mm=16.0, progress=False)

@@ -12,12 +12,12 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
+from pathanat import runs
 from pathanat.data.prepare import load_cache
 from pathanat.errors import PathanatError
 from pathanat.evaluation import counterfactual
 from pathanat.evaluation.counterfactual import counterfactual_run, lesion_detection
-from pathanat.evaluation.evaluate import run_cache
-from pathanat.training.run import load_trained
+from pathanat.runs import load_trained, run_cache
 
 SEGMENTER_STEPS = 400  # as tests/test_segmenters.py: the tiny cache's segmenters are shared
 
@@ -156,7 +156,7 @@ def test_counterfactual_run_refuses_a_cache_without_lesions(tiny_run, tiny_cache
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["arrays"] = ["image", "brain", "dseg"]  # as an AD cache
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    monkeypatch.setattr(counterfactual, "run_cache", lambda folder, config: load_cache(copy))
+    monkeypatch.setattr(runs, "run_cache", lambda folder, config: load_cache(copy))
     with pytest.raises(PathanatError, match="MS-only"):
         counterfactual_run(tiny_run, pathology_groups=[2])
     assert not (tiny_run / counterfactual.COUNTERFACTUAL_JSON).exists()

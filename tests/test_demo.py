@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 import pathanat.demo as demo
-from pathanat.training.config import load_experiment
+from pathanat.experiment import load_experiment
 
 TINY = ["model.width=8", "trainer.max_steps=3", "trainer.val_every=3", "trainer.val_batches=1",
         "trainer.checkpoint_every=3", "trainer.log_every=1", "trainer.progress_bar=false",

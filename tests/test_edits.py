@@ -13,8 +13,8 @@ from sklearn.metrics import r2_score
 
 from pathanat.data.phantom import CSF, GM, VENTRICLES, WM
 from pathanat.evaluation import edits
-from pathanat.evaluation.reconstruction import PSNR_CAP, mean_ci
 from pathanat.evaluation.validity import Scored
+from pathanat.metrics import PSNR_CAP, mean_ci
 
 H = W = 32
 PIXEL_MM2 = 4.0

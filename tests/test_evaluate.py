@@ -54,7 +54,7 @@ def test_evaluate_run_writes_metrics_json_and_appends_a_csv_row(tiny_run):
     nats, bpd = written["nll"]["nats_per_slice"]["mean"], written["nll"]["bits_per_dim"]["mean"]
     assert bpd == pytest.approx(nats / (48 * 48 * np.log(2)))
     # an independent check of the whole-slice PSNR: recompute from the model's reconstruction
-    from pathanat.training.run import load_trained
+    from pathanat.runs import load_trained
 
     model, _ = load_trained(tiny_run)
     test = load_cache(tiny_run.parent / "cache").split("test")
@@ -74,7 +74,7 @@ def test_evaluate_run_writes_metrics_json_and_appends_a_csv_row(tiny_run):
 
 
 def test_same_seed_same_numbers_other_seed_other_nll(tiny_run):
-    from pathanat.training.run import load_trained
+    from pathanat.runs import load_trained
 
     model, _ = load_trained(tiny_run)
     test = load_cache(tiny_run.parent / "cache").split("test")
@@ -165,7 +165,7 @@ def test_binned_nll_is_a_code_length_where_the_continuous_one_goes_below_zero():
 
 
 def test_evaluate_reports_binned_continuous_and_regional_bits(tiny_run):
-    from pathanat.training.run import load_trained
+    from pathanat.runs import load_trained
 
     model, _ = load_trained(tiny_run)
     test = load_cache(tiny_run.parent / "cache").split("test")
@@ -197,33 +197,31 @@ def test_the_second_stage_is_fitted_once_per_checkpoint_and_refitted_when_stale(
     import os
     import shutil
 
-    from pathanat.evaluation.evaluate import SECOND_STAGE_FILE, run_cache, run_second_stage
     from pathanat.models.second_stage import fit_model_second_stage
-    from pathanat.training.run import load_trained
+    from pathanat.runs import SECOND_STAGE_FILE, open_run
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns(SECOND_STAGE_FILE))
-    model, config = load_trained(run)
-    cache = run_cache(run, config)
-    first = run_second_stage(run, model, cache, seed=3)
+    opened = open_run(run)
+    first = opened.second_stage(seed=3)
     stored = run / SECOND_STAGE_FILE
     written = stored.stat().st_mtime_ns
-    again = run_second_stage(run, model, cache, seed=3)  # read back, not fitted
+    again = open_run(run).second_stage(seed=3)  # read back, not fitted
     assert stored.stat().st_mtime_ns == written
-    direct = fit_model_second_stage(model.float().eval(), cache.split("train").image, seed=3)
+    direct = fit_model_second_stage(opened.model, opened.cache.split("train").image, seed=3)
     for prior in (first, again):
         assert prior.shapes == direct.shapes
         for name in ("mean", "directions", "weights", "means", "cholesky", "noise"):
             assert torch.equal(getattr(prior, name), getattr(direct, name)), name
     # another seed, a newer checkpoint or a damaged file: fitted again
-    run_second_stage(run, model, cache, seed=4)
+    opened.second_stage(seed=4)
     assert stored.stat().st_mtime_ns > written
     written = stored.stat().st_mtime_ns
     checkpoint = run / "checkpoints" / "last.ckpt"
     os.utime(checkpoint, ns=(written + 10**9, written + 10**9))
-    run_second_stage(run, model, cache, seed=4)
+    opened.second_stage(seed=4)
     assert stored.stat().st_mtime_ns > written
     stored.write_bytes(b"not a torch file")
-    prior = run_second_stage(run, model, cache, seed=3)
+    prior = opened.second_stage(seed=3)
     assert "unreadable" in capsys.readouterr().err
     assert torch.equal(prior.mean, direct.mean)

@@ -28,7 +28,7 @@ import pytest
 from conftest import make_tiny_run
 from pathanat.cli import main
 from pathanat.errors import ConfigError
-from pathanat.training.config import ExperimentConfig, load_experiment
+from pathanat.experiment import ExperimentConfig, load_experiment
 
 PATHANAT = [sys.executable, "-c", "import sys; from pathanat.cli import main; sys.exit(main())"]
 

@@ -143,9 +143,10 @@ def test_samples_become_brain_like_as_a_tiny_model_trains(tiny_run, tmp_path):
     model trained with the generation recipe (docs/generation.md) for 300 steps draws brains."""
     import torch
 
+    from pathanat.experiment import DataConfig, ExperimentConfig, TrainerConfig
     from pathanat.models import HierarchicalVAE, HVAEConfig
-    from pathanat.training.config import DataConfig, ExperimentConfig, TrainerConfig
-    from pathanat.training.run import load_trained, train_config
+    from pathanat.runs import load_trained
+    from pathanat.training.run import train_config
 
     cache = tiny_run.parent / "cache"
     shape = load_cache(cache).shape

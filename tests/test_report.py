@@ -30,7 +30,7 @@ from pathanat.evaluation.report import (
     read_run,
     write_report,
 )
-from pathanat.training.checkpoint import load_checkpoint
+from pathanat.runs import load_checkpoint
 
 GROUPS = ["z0", "z1", "z2", "z3", "z4"]
 

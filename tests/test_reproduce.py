@@ -11,8 +11,8 @@ from pathanat.cli import main
 from pathanat.data.prepare import load_cache
 from pathanat.errors import PathanatError
 from pathanat.evaluation.segmenters import cohort_segmenters
+from pathanat.experiment import load_experiment
 from pathanat.reproduce import BUDGETS, cpu_precision, grid, reproduce, run_config
-from pathanat.training.config import load_experiment
 
 RUNS = ["vae_ms", "nvmp_ms_sup"]
 SEGMENTER_TEST_STEPS = 400  # as tests/test_segmenters.py

@@ -8,8 +8,7 @@ import torch
 from pathanat.data.prepare import load_cache
 from pathanat.errors import InputError
 from pathanat.evaluation import segmenters as seg
-from pathanat.evaluation.evaluate import run_cache
-from pathanat.training import load_trained
+from pathanat.runs import load_trained, run_cache
 
 # Brief training on the tiny phantom (24 train slices of 48 x 48 at 4 mm): ~20 s on one core.
 TEST_STEPS = 400

@@ -30,13 +30,14 @@ from pathanat.cli import main
 from pathanat.config import to_dict
 from pathanat.data.prepare import load_cache, prepare_cohort
 from pathanat.errors import ConfigError, PathanatError
+from pathanat.experiment import OptimConfig, load_experiment
 from pathanat.models import KINDS, HierarchicalVAE
+from pathanat.runs import config_from_checkpoint, load_checkpoint, load_trained
 from pathanat.training import checkpoint as checkpoint_module
-from pathanat.training.checkpoint import AtomicCheckpointIO, load_checkpoint
-from pathanat.training.config import OptimConfig, load_experiment
+from pathanat.training.checkpoint import AtomicCheckpointIO
 from pathanat.training.data import ITEM, PERMUTATION, STEP, StepBatchSampler, derived_seed
-from pathanat.training.module import active_units, config_from_checkpoint
-from pathanat.training.run import load_trained, resume, train
+from pathanat.training.module import active_units
+from pathanat.training.run import resume, train
 
 # Our checkpoints are meant to hold the state after each step's update.
 

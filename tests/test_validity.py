@@ -7,15 +7,15 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
+from pathanat import runs
 from pathanat.data.phantom import BACKGROUND, CSF, GM, VENTRICLES, WM
 from pathanat.data.prepare import load_cache
 from pathanat.errors import PathanatError
 from pathanat.evaluation import validity
-from pathanat.evaluation.evaluate import run_cache
 from pathanat.evaluation.plausibility import brain_references
 from pathanat.evaluation.segmenters import FOLDER, cohort_segmenters
 from pathanat.figures import caption_path
-from pathanat.training import load_trained
+from pathanat.runs import load_trained, run_cache
 
 TEST_STEPS = 400  # as in test_segmenters.py (either module's segmenters serve both)
 
@@ -247,7 +247,7 @@ def test_validity_run_refuses_a_cache_without_lesions(tiny_run, tiny_cache, tmp_
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["arrays"] = ["image", "brain", "dseg"]  # as an AD cache
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    monkeypatch.setattr(validity, "run_cache", lambda folder, config: load_cache(copy))
+    monkeypatch.setattr(runs, "run_cache", lambda folder, config: load_cache(copy))
     with pytest.raises(PathanatError, match="MS-only"):
         validity.validity_run(tiny_run, n=2, progress=False)
     assert not (tiny_run / validity.VALIDITY_JSON).exists()

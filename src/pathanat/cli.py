@@ -107,7 +107,7 @@ def _analyze(args: argparse.Namespace) -> None:
 
 def _summary(result: dict, prefix: str = "") -> list[str]:
     """One line per number of a nested result: estimates as ``mean [ci_low, ci_high]``."""
-    from pathanat.evaluation.reconstruction import estimate_text  # keeps `pathanat --help` light
+    from pathanat.metrics import estimate_text  # keeps `pathanat --help` light
 
     lines = []
     for key, value in result.items():
@@ -165,7 +165,7 @@ def _counterfactual(args: argparse.Namespace) -> None:
         counterfactual_run,
         summary_lines,
     )
-    from pathanat.evaluation.reconstruction import estimate_text
+    from pathanat.metrics import estimate_text
 
     for run in args.run:
         result = counterfactual_run(run, pathology_groups=args.pathology_groups, seed=args.seed,

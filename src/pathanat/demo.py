@@ -18,10 +18,10 @@ from pathanat.data.phantom import generate_cohort
 from pathanat.data.prepare import load_cache, prepare_cohort
 from pathanat.errors import PathanatError
 from pathanat.evaluation.counterfactual import summary_lines
-from pathanat.evaluation.reconstruction import estimate_text
+from pathanat.experiment import ExperimentConfig, load_experiment
 from pathanat.figures import save_figure, slice_montage
+from pathanat.metrics import estimate_text
 from pathanat.reproduce import Budget, run_stages, train_stage
-from pathanat.training.config import ExperimentConfig, load_experiment
 
 DEMO_BUDGET = Budget(
     about="the demo: one NVMP, 30 subjects, IW NLL with S=8, FID and KID of 512 prior draws "

@@ -21,7 +21,6 @@ claims are decided over seeds (``evaluation.claims``).
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,11 +28,12 @@ from pathlib import Path
 
 from pathanat.config import to_dict
 from pathanat.data.prepare import load_cache
-from pathanat.errors import InputError, PathanatError, checked_int
+from pathanat.errors import PathanatError, checked_int
+from pathanat.experiment import ExperimentConfig, load_experiment
 from pathanat.hardware import native_bf16
 from pathanat.jsonfiles import read_json, write_json
-from pathanat.training.config import ExperimentConfig, load_experiment
-from pathanat.training.run import LAST, resume, train_config
+from pathanat.runs import LAST, is_current
+from pathanat.training.run import resume, train_config
 
 KINDS = ("vae", "nvae", "nvmp", "nvmpplus")  # config-name spelling (nvmp+ is "nvmpplus")
 DATASETS = ("ms", "ad")
@@ -156,7 +156,7 @@ def trained_steps(run: Path) -> int:
     return read_json(summary).get("steps", 0) if summary.is_file() else 0
 
 
-def check_same_model(run: Path, config: ExperimentConfig) -> None:
+def check_grid_settings(run: Path, config: ExperimentConfig) -> None:
     """Stop if ``run`` holds a model other than the one the grid asks for (another budget)."""
     saved = run / "config.yaml"
     if not saved.is_file():
@@ -171,7 +171,7 @@ def check_same_model(run: Path, config: ExperimentConfig) -> None:
 
 
 def train_stage(run: Path, config: ExperimentConfig) -> str:
-    check_same_model(run, config)
+    check_grid_settings(run, config)
     steps = config.trainer.max_steps
     if trained_steps(run) >= steps:
         return "done"
@@ -180,20 +180,6 @@ def train_stage(run: Path, config: ExperimentConfig) -> str:
         return "resumed"
     train_config(config, run, overwrite=True)  # a folder without a checkpoint holds nothing
     return "trained"
-
-
-def is_current(output: Path, run: Path) -> bool:
-    """Whether ``output`` was written after the run's last checkpoint (so it describes it) and
-    still reads back (a damaged one is computed again, with a warning)."""
-    last = run / "checkpoints" / LAST
-    if not (output.is_file() and output.stat().st_mtime >= last.stat().st_mtime):
-        return False
-    try:
-        read_json(output)
-    except InputError as err:
-        print(f"warning: {err}; computing it again", file=sys.stderr, flush=True)
-        return False
-    return True
 
 
 @dataclass(frozen=True)

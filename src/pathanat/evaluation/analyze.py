@@ -52,15 +52,12 @@ from pathanat.evaluation.evaluate import (
     DEFAULT_BATCH_SIZE,
     as_input,
     batches,
-    one_at_a_time,
-    run_cache,
-    run_folder,
     split_arrays,
 )
 from pathanat.evaluation.latents import DCI_ALPHA, LASSO_ALPHA, dci, informativeness_table
 from pathanat.figures import WINDOW, display, save_figure
 from pathanat.jsonfiles import finite_or_none, write_json
-from pathanat.training.run import load_trained
+from pathanat.runs import one_at_a_time, open_run
 
 SENSITIVITY_FACTORS = (0.0, 0.5, 1.5, 2.0, 3.0)
 SENSITIVITY_EXAMPLES = 16
@@ -485,9 +482,8 @@ def analyze_run(
     """
     if split == train_split:
         raise PathanatError(f"split and train_split are both {split!r}; R^2 needs held-out data")
-    folder = run_folder(run)
-    model, config = load_trained(folder)
-    cache = run_cache(folder, config)
+    opened = open_run(run)
+    folder, model, config, cache = opened.folder, opened.model, opened.config, opened.cache
     summary, tables, figure_data = analyze(
         model, split_arrays(cache, train_split), split_arrays(cache, split),
         factors, examples, batch_size, seed, cache.manifest["parameters"]["in_plane_mm"] ** 2,

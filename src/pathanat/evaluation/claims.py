@@ -19,7 +19,7 @@ import math
 from collections.abc import Mapping, Sequence
 from functools import partial
 
-from pathanat.evaluation.reconstruction import estimate_text
+from pathanat.metrics import estimate_text
 
 STRUCTURED = ("nvae", "nvmp", "nvmpplus")
 _estimate = partial(estimate_text, digits=4)

@@ -55,12 +55,8 @@ from pathanat.evaluation.evaluate import (
     DEFAULT_BATCH_SIZE,
     as_input,
     batches,
-    one_at_a_time,
-    run_cache,
-    run_folder,
     split_arrays,
 )
-from pathanat.evaluation.reconstruction import estimate_text
 from pathanat.evaluation.segmenters import STEPS, cohort_segmenters
 from pathanat.evaluation.synthesis import (
     MIX_MODE,
@@ -71,8 +67,9 @@ from pathanat.evaluation.synthesis import (
 from pathanat.evaluation.validity import Scored, reconstructed_slices, segmented
 from pathanat.figures import WINDOW, display, save_figure
 from pathanat.jsonfiles import finite_or_none, write_json
+from pathanat.metrics import estimate_text
 from pathanat.models import HierarchicalVAE
-from pathanat.training.run import load_trained
+from pathanat.runs import one_at_a_time, open_run
 
 COUNTERFACTUAL_JSON = "counterfactual.json"
 FIGURE = "figures/lesion_detection.png"
@@ -381,10 +378,8 @@ def counterfactual_run(run: str | os.PathLike, pathology_groups: Collection[int]
     Example: ``counterfactual_run("runs/nvmp_ms")``."""
     start = time.perf_counter()
     checked_int(pairs, "pairs", minimum=2)
-    folder = run_folder(run)
-    model, config = load_trained(folder)
-    model = model.float().eval()
-    cache: Cache = run_cache(folder, config)
+    opened = open_run(run)
+    folder, model, config, cache = opened.folder, opened.model, opened.config, opened.cache
     if not cache.has_lesion:
         raise PathanatError(
             f"{folder}: counterfactual scores are MS-only; its cache {cache.path} has no "

@@ -46,8 +46,8 @@ from sklearn.preprocessing import StandardScaler
 from pathanat.data.phantom import BACKGROUND, VENTRICLES, WM
 from pathanat.errors import InputError
 from pathanat.evaluation.latents import r2_replicates
-from pathanat.evaluation.reconstruction import psnr, ssim
 from pathanat.evaluation.validity import INVALID, Scored
+from pathanat.metrics import psnr, ssim
 
 BOOTSTRAP = 2000
 CONFIDENCE = 0.95

@@ -37,20 +37,18 @@ import datetime
 import functools
 import math
 import os
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pathanat.atomic import atomic_file, exclusive
-from pathanat.data.prepare import SPLITS, Cache, CacheSplit, load_cache
-from pathanat.errors import InputError, PathanatError, checked_int
+from pathanat.atomic import atomic_file
+from pathanat.data.prepare import SPLITS, Cache, CacheSplit
+from pathanat.errors import InputError, checked_int
 from pathanat.evaluation.fid import (
     FID_WINDOW,
     fid,
@@ -62,23 +60,12 @@ from pathanat.evaluation.fid import (
 )
 from pathanat.evaluation.novelty import copy_test
 from pathanat.evaluation.plausibility import TEST, References, brain_references, plausibility
-from pathanat.evaluation.reconstruction import mean_ci, reconstruction_table
 from pathanat.jsonfiles import finite_or_none, write_json
+from pathanat.metrics import mean_ci, reconstruction_table
 from pathanat.models import HierarchicalVAE
 from pathanat.models.distributions import Bins, discretized_gaussian_log_probs
-from pathanat.models.second_stage import (
-    CODES_PER_COMPONENT,
-    FIT_SLICES,
-    MIXTURE_DIMS,
-    SecondStagePrior,
-    fit_model_second_stage,
-    from_state,
-    to_state,
-)
-from pathanat.training.config import ExperimentConfig
-from pathanat.training.run import LAST, load_trained, phantom_paths
-
-Stage = TypeVar("Stage", bound=Callable[..., Any])
+from pathanat.models.second_stage import SecondStagePrior
+from pathanat.runs import one_at_a_time, open_run
 
 # The cost is linear in S (one top-down pass per sample; the encoder runs once). S = 32 keeps the
 # test split of a 100-subject phantom (480 slices of 96 x 112) to minutes on 2 CPU cores
@@ -106,67 +93,6 @@ NLL_BINS = Bins(*FID_WINDOW, levels=256)
 def inception() -> Any:
     """The FID network, loaded once per process (evaluating several runs reuses it)."""
     return load_inception()
-
-
-def run_cache(run: Path, config: ExperimentConfig) -> Cache:
-    """The slice cache a run was trained on (its config holds the resolved path)."""
-    data = config.data
-    path = data.cache if data.cache is not None else phantom_paths(config, run)[1]
-    if not (Path(path) / "manifest.json").is_file():
-        raise InputError(
-            f"{run / 'config.yaml'}: data cache {path} is missing; it is needed to evaluate"
-        )
-    return load_cache(path)
-
-
-def run_folder(run: str | os.PathLike) -> Path:
-    run = Path(run)
-    if not (run / "checkpoints" / "last.ckpt").is_file():
-        raise PathanatError(f"{run}: not a run folder (no checkpoints/last.ckpt)")
-    return run.absolute()
-
-
-SECOND_STAGE_FILE = "second_stage.pt"
-
-
-def run_second_stage(folder: Path, model: HierarchicalVAE, cache: Cache,
-                     seed: int = 0) -> SecondStagePrior:
-    """The run's second-stage prior, fitted once per checkpoint and seed and kept in
-    ``RUN/second_stage.pt``: evaluate, validity and synthesize share it (fitted in each,
-    synthesize took 122 s on the cpu grid's vae_ms at 2048 training slices, 15-23 s at 864).
-    A file for another checkpoint, seed or fitting recipe, or one that does not read back, is
-    fitted again."""
-    path = folder / SECOND_STAGE_FILE
-    last = (folder / "checkpoints" / LAST).stat()
-    key = {"checkpoint": [last.st_mtime_ns, last.st_size], "seed": seed,
-           "recipe": [FIT_SLICES, MIXTURE_DIMS, CODES_PER_COMPONENT]}
-    if path.is_file():
-        try:
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-            if stored.get("key") == key:
-                return from_state(stored["prior"])
-        except Exception as err:  # any damage means: fit again
-            print(f"warning: {path}: unreadable ({type(err).__name__}); fitting it again",
-                  file=sys.stderr, flush=True)
-    prior = fit_model_second_stage(model.float().eval(), cache.split("train").image, seed=seed)
-    with atomic_file(path) as tmp:
-        torch.save({"key": key, "prior": to_state(prior)}, tmp)
-    return prior
-
-
-def one_at_a_time(stage: str) -> Callable[[Stage], Stage]:
-    """Decorate a stage ``f(run, ...)`` that writes into a run folder: while one call runs on a
-    folder, a second stops with a message (instead of both writing and the last silently
-    winning, or a read-modify-write losing the other's part)."""
-    def decorate(compute: Stage) -> Stage:
-        @functools.wraps(compute)
-        def locked(run: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
-            folder = run_folder(run)
-            with exclusive(folder / f".{stage}.lock",
-                           f"{folder}: another `pathanat {stage}` is running on this run"):
-                return compute(run, *args, **kwargs)
-        return locked  # type: ignore[return-value]
-    return decorate
 
 
 def split_arrays(cache: Cache, split: str) -> CacheSplit:
@@ -563,14 +489,13 @@ def evaluate_run(
     Writes ``RUN/metrics.json`` (replaced) and ``RUN/eval/<split>_slices.csv`` (per slice) and
     appends one row to ``RUN/metrics_eval.csv``. Example: ``evaluate_run("runs/nvae")``.
     """
-    folder = run_folder(run)
-    model, config = load_trained(folder)
-    cache = run_cache(folder, config)
+    opened = open_run(run)
+    folder, model, config, cache = opened.folder, opened.model, opened.config, opened.cache
     data = split_arrays(cache, split)
     reference = (reference_path(cache.path, split, len(data), precision=inception().precision)
                  if with_fid else None)
     train = cache.split("train").image
-    second_stage = run_second_stage(folder, model, cache, seed) if with_fid else None
+    second_stage = opened.second_stage(seed) if with_fid else None
     pick = np.sort(np.random.default_rng(seed).permutation(len(train))[:COPY_TEST_SLICES])
     metrics, per_slice = evaluate(model, data, iw_samples, seed, batch_size, with_fid, progress,
                                   reference, brain_references(cache), fid_samples=fid_samples,

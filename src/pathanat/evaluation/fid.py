@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 from pathanat.atomic import atomic_file
 from pathanat.errors import InputError, PathanatError
-from pathanat.evaluation.reconstruction import as_slices
 from pathanat.hardware import native_bf16
+from pathanat.metrics import as_slices
 
 FEATURES = 2048  # pool3
 FID_WINDOW = (-4.0, 4.0)  # standardised intensities shown as 0..255; lesions and CSF stay inside

@@ -39,7 +39,7 @@ from skimage.filters import threshold_otsu
 from pathanat.data.prepare import Cache
 from pathanat.errors import InputError
 from pathanat.evaluation.fid import FID_WINDOW
-from pathanat.evaluation.reconstruction import as_slices, mean_ci
+from pathanat.metrics import as_slices, mean_ci
 
 BRAIN_LIKE_DICE = 0.9
 # difference of Gaussians (pixels): finer than the blur of a reconstruction, coarser than noise

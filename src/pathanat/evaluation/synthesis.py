@@ -63,11 +63,7 @@ from pathanat.evaluation.evaluate import (
     DEFAULT_BATCH_SIZE,
     as_input,
     batches,
-    one_at_a_time,
     prior_samples,
-    run_cache,
-    run_folder,
-    run_second_stage,
     second_stage_samples,
     split_arrays,
 )
@@ -75,7 +71,7 @@ from pathanat.figures import WINDOW, display, save_figure
 from pathanat.jsonfiles import read_json, write_json
 from pathanat.models import HierarchicalVAE, HVAEConfig
 from pathanat.models.second_stage import SecondStagePrior
-from pathanat.training.run import load_trained
+from pathanat.runs import one_at_a_time, open_run
 
 ALL = ("prior", "layers", "style-mix", "conditional", "clusters")
 NEEDS_PATHOLOGY = ("style-mix", "conditional")
@@ -591,9 +587,8 @@ def synthesize_run(
     Writes ``RUN/figures/synth_<what>.png`` (+ ``.txt`` caption) and merges into
     ``RUN/synthesis.json``. Example: ``synthesize_run("runs/nvmp", ["style-mix"], [2])``.
     """
-    folder = run_folder(run)
-    model, config = load_trained(folder)
-    model = model.float().eval()
+    opened = open_run(run)
+    folder, model, config = opened.folder, opened.model, opened.config
     what = checked_what(what, model)
     check_counts(samples=samples, draws=draws, pairs=pairs, per_cluster=per_cluster)
     check_temperatures(temperatures, "temperatures")
@@ -606,11 +601,11 @@ def synthesize_run(
     path = folder / SYNTHESIS_JSON
     # read before drawing: a broken file stops the command before any work
     old = read_json(path, "delete it to start afresh") if path.is_file() else {}
-    cache = run_cache(folder, config)
+    cache = opened.cache
     data = split_arrays(cache, split)
     chosen = choose_pairs(data, pairs, seed) if set(what) - {"prior", "clusters"} else []
     kind = config.model.kind
-    second_stage = (run_second_stage(folder, model, cache, seed)
+    second_stage = (opened.second_stage(seed)
                     if set(what) & set(SECOND_STAGE) else None)
     request = Request(model, data, chosen, groups, seed, tuple(temperatures), temperature,
                       samples, draws, per_cluster, second_stage)

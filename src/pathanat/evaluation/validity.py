@@ -44,11 +44,7 @@ from pathanat.errors import InputError, PathanatError, checked_int
 from pathanat.evaluation.evaluate import (
     as_input,
     batches,
-    one_at_a_time,
     prior_samples,
-    run_cache,
-    run_folder,
-    run_second_stage,
     second_stage_samples,
     split_arrays,
 )
@@ -71,7 +67,7 @@ from pathanat.evaluation.segmenters import (
 from pathanat.figures import WINDOW, display, save_figure
 from pathanat.jsonfiles import finite_or_none, write_json
 from pathanat.models.second_stage import SecondStagePrior
-from pathanat.training.run import load_trained
+from pathanat.runs import one_at_a_time, open_run
 
 INVALID = (BACKGROUND, CSF, VENTRICLES)
 DEFINITION = (
@@ -331,9 +327,8 @@ def validity_run(
     ``segmenter_steps``; None: their default) and kept in CACHE/segmenters.
     Example: ``validity_run("runs/nvmp")``."""
     start = time.perf_counter()
-    folder = run_folder(run)
-    model, config = load_trained(folder)
-    cache = run_cache(folder, config)
+    opened = open_run(run)
+    folder, model, config, cache = opened.folder, opened.model, opened.config, opened.cache
     if not cache.has_lesion:
         raise PathanatError(
             f"{folder}: sample validity is MS-only; its cache {cache.path} has no lesion masks "
@@ -344,11 +339,10 @@ def validity_run(
     segmenters = cohort_segmenters(cache, steps=steps, progress=progress)
     segs_seconds = time.perf_counter() - segs_start
     test = split_arrays(cache, "test")
-    model = model.float().eval()
     result, samples, real = scored_validity(
         model, segmenters, test, n, temperature, seed, DEFAULT_BATCH_SIZE,
         brain_references(cache),
-        run_second_stage(folder, model, cache, seed),
+        opened.second_stage(seed),
     )
     result = {"run": str(folder), "model": config.model.kind, **result}
     result["seconds"] = {"segmenters": round(segs_seconds, 2), **result["seconds"],

@@ -1,33 +1,7 @@
-"""The training engine: experiment configs, the LightningModule, run folders, resume."""
+"""The training engine: the LightningModule, run folders, resume (configs: ``pathanat.experiment``;
+reading a trained run back: ``pathanat.runs``)."""
 
-from pathanat.training.config import (
-    DataConfig,
-    ExperimentConfig,
-    ObjectiveConfig,
-    OptimConfig,
-    PhantomConfig,
-    TrainerConfig,
-    load_experiment,
-)
 from pathanat.training.module import HVAEModule
-from pathanat.training.run import (
-    load_trained,
-    resume,
-    train,
-    train_config,
-)
+from pathanat.training.run import resume, train, train_config
 
-__all__ = [
-    "DataConfig",
-    "ExperimentConfig",
-    "HVAEModule",
-    "ObjectiveConfig",
-    "OptimConfig",
-    "PhantomConfig",
-    "TrainerConfig",
-    "load_experiment",
-    "load_trained",
-    "resume",
-    "train",
-    "train_config",
-]
+__all__ = ["HVAEModule", "resume", "train", "train_config"]

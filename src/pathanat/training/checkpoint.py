@@ -11,7 +11,6 @@ mapping), so they load without unpickling arbitrary objects.
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from pathanat.atomic import atomic_file
 from pathanat.errors import PathanatError
+from pathanat.runs import load_checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -38,24 +38,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         return load_checkpoint(path, map_location)
 
-
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a checkpoint safely (tensors and plain types only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PathanatError(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:  # torch's message advises weights_only=False: never
-        raise PathanatError(
-            f"{path}: not a pathanat checkpoint (it holds objects other than tensors and plain "
-            "values; refused, since loading those can run code)"
-        ) from err
-    except Exception as err:  # truncated, or not a checkpoint at all: say so, not a trace
-        reason = str(err).split(". ")[0]
-        raise PathanatError(
-            f"{path}: not a readable pathanat checkpoint ({reason}; truncated or damaged?)"
-        ) from err
 
 
 def newest_intact_checkpoint(folder: Path) -> Path | None:

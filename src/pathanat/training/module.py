@@ -21,17 +21,17 @@ import torch
 from torch import Tensor
 
 from pathanat import objectives
-from pathanat.config import from_dict, to_dict
+from pathanat.config import to_dict
 from pathanat.errors import PathanatError
-from pathanat.evaluation.reconstruction import psnr
+from pathanat.experiment import ExperimentConfig
+from pathanat.metrics import psnr
 from pathanat.models import HierarchicalVAE, HVAEOutput
-from pathanat.training.config import ExperimentConfig
+from pathanat.runs import CHECKPOINT_KEY
 from pathanat.training.data import STEP, derived_seed
 
 # A latent unit is active when the variance over the batch of its posterior mean exceeds this
 # (Burda et al. 2016).
 ACTIVE_UNIT_THRESHOLD = 0.01
-CHECKPOINT_KEY = "pathanat"
 
 
 def active_units(out: HVAEOutput) -> Tensor:
@@ -242,15 +242,3 @@ class HVAEModule(pl.LightningModule):
         self.batches_seen = int(state["batches_seen"])
         self.skipped_steps = int(state["skipped_steps"])
         self.consecutive_skips = int(state["consecutive_skips"])
-
-
-def config_from_checkpoint(checkpoint: dict[str, Any]) -> ExperimentConfig:
-    """The experiment config a checkpoint carries."""
-    if CHECKPOINT_KEY not in checkpoint:
-        raise PathanatError("checkpoint: not written by `pathanat train` (no 'pathanat' entry)")
-    config = checkpoint[CHECKPOINT_KEY]["config"]
-    model = config.get("model") or {}
-    if "posterior" not in model:
-        # written before model.posterior existed, when every posterior read the image alone
-        config = {**config, "model": {**model, "posterior": "encoder"}}
-    return from_dict(ExperimentConfig, config)

@@ -41,22 +41,17 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from pathanat.atomic import exclusive
-from pathanat.config import apply_override, from_dict, read_yaml, save_config, to_dict
+from pathanat.config import apply_override, from_dict, save_config, to_dict
 from pathanat.data.prepare import load_cache
 from pathanat.errors import ConfigError, OutputBusyError, OutputExistsError, PathanatError
+from pathanat.experiment import ExperimentConfig, load_experiment
 from pathanat.jsonfiles import write_json
-from pathanat.models import HierarchicalVAE
+from pathanat.runs import LAST, config_from_checkpoint, load_checkpoint, phantom_paths
 from pathanat.training.callbacks import ReconstructionGrid, RunCSVLogger, StepCheckpoint
-from pathanat.training.checkpoint import (
-    AtomicCheckpointIO,
-    load_checkpoint,
-    newest_intact_checkpoint,
-)
-from pathanat.training.config import ExperimentConfig, load_experiment
+from pathanat.training.checkpoint import AtomicCheckpointIO, newest_intact_checkpoint
 from pathanat.training.data import TrainingDataModule
-from pathanat.training.module import HVAEModule, config_from_checkpoint
+from pathanat.training.module import HVAEModule
 
-LAST = "last.ckpt"
 # Our checkpoints are meant to hold the state after the step's update (manual optimisation).
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 # Ranks other than the first wait this long for the first to make a phantom cache.
@@ -174,15 +169,6 @@ def is_first_process() -> bool:
 
 
 # ---- data ---------------------------------------------------------------------------------------
-
-
-def phantom_paths(config: ExperimentConfig, run_dir: Path) -> tuple[Path, Path]:
-    """(cohort, cache) folders of the config's phantom; the names carry what made them."""
-    data, phantom = config.data, config.data.phantom
-    root = Path(data.data_dir) if data.data_dir is not None else run_dir.parent
-    base = root.absolute() / f"phantom-{phantom.kind}-n{phantom.subjects}-seed{phantom.seed}"
-    slices = f"-k{data.slices}" if data.slices is not None else ""
-    return base / "cohort", base / f"cache-{data.shape[0]}x{data.shape[1]}{slices}"
 
 
 def resolve_data(config: ExperimentConfig, run_dir: Path) -> ExperimentConfig:
@@ -350,45 +336,3 @@ def write_summary(trainer: pl.Trainer, module: HVAEModule, run_dir: Path, wall_s
         "checkpoint": str(run_dir / "checkpoints" / LAST),
     }
     write_json(run_dir / "summary.json", summary)
-
-
-# ---- reading a trained model back ---------------------------------------------------------------
-
-
-def load_trained(path: str | os.PathLike) -> tuple[HierarchicalVAE, ExperimentConfig]:
-    """The model (eval mode, CPU, float32) and config of a run folder or a checkpoint file.
-
-    A run folder's config.yaml must describe the model its checkpoint holds: every command that
-    reads a run goes through here, so a checkpoint copied into the wrong folder stops them all.
-    """
-    path = Path(path)
-    folder = path if path.is_dir() else None
-    if folder is not None:
-        path = folder / "checkpoints" / LAST
-    checkpoint = load_checkpoint(path)
-    config = config_from_checkpoint(checkpoint)
-    if folder is not None and (folder / "config.yaml").is_file():
-        check_same_model(folder, config)
-    model = HierarchicalVAE(config.model)
-    state = {
-        key.removeprefix("model."): value
-        for key, value in checkpoint["state_dict"].items()
-        if key.startswith("model.")
-    }
-    model.load_state_dict(state)
-    return model.eval(), config
-
-
-def check_same_model(folder: Path, held: ExperimentConfig) -> None:
-    """Stop when the run folder's config.yaml and its checkpoint disagree about the model (on
-    the keys config.yaml states: one written before a key existed does not state it)."""
-    said = read_yaml(folder / "config.yaml").get("model") or {}
-    has = to_dict(held.model)
-    differ = [key for key in said if key in has and said[key] != has[key]]
-    if differ:
-        shown = "; ".join(f"model.{k}: config.yaml {said[k]!r}, checkpoint {has[k]!r}"
-                          for k in differ)
-        raise PathanatError(
-            f"{folder}: config.yaml and checkpoints/{LAST} describe different models ({shown}); "
-            "was a checkpoint copied in from another run?"
-        )

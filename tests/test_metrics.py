@@ -3,7 +3,7 @@ import pytest
 from skimage.metrics import structural_similarity
 
 from pathanat.errors import InputError
-from pathanat.evaluation.reconstruction import (
+from pathanat.metrics import (
     PSNR_CAP,
     estimate_text,
     mean_ci,
