@@ -9,9 +9,12 @@ from pathanat.evaluation.claims import check_claims, check_claims_over_seeds, ve
 KINDS = ("vae", "nvae", "nvmp", "nvmpplus")
 
 
-def metrics(psnr: float, nll: float) -> dict:
-    return {"reconstruction": {"psnr": {"mean": psnr, "ci_low": psnr - 1, "ci_high": psnr + 1}},
-            "nll": {"nats_per_slice": {"mean": nll, "ci_low": nll - 5, "ci_high": nll + 5}}}
+def metrics(psnr: float, nll: float, half_width: float = 1.0) -> dict:
+    """PSNR +- half_width dB, NLL +- 5 x half_width nats."""
+    w = half_width
+    return {"reconstruction": {"psnr": {"mean": psnr, "ci_low": psnr - w, "ci_high": psnr + w}},
+            "nll": {"nats_per_slice": {"mean": nll, "ci_low": nll - 5 * w,
+                                       "ci_high": nll + 5 * w}}}
 
 
 def analysis(r2: dict[str, float], z_p: int = 2) -> dict:
@@ -124,9 +127,14 @@ def test_over_seeds_a_claim_holds_only_when_every_seed_holds_it():
     claims = check_claims_over_seeds([PAPER_LIKE, not_best, both], "ms")
     assert [c["held"] for c in claims] == [True, False, True, False]
     assert [c["held_in"] for c in claims] == [[3, 3], [1, 3], [3, 3], [2, 3]]
+    # PAPER_LIKE's nvae and vae PSNR intervals overlap, so no seed decides claim 0; not_best's
+    # nvae NLL interval lies below nvmp+'s, deciding claim 1's "did not hold" in seeds 1 and 2;
+    # the propagation gain has no interval
     assert [verdict_text(c) for c in claims] == [
-        "held in all 3 seeds", "mixed: held in 1 of 3 seeds", "held in all 3 seeds",
-        "mixed: held in 2 of 3 seeds"]
+        "held in all 3 seeds; the intervals decide 0 of the 3 verdicts",
+        "mixed: held in 1 of 3 seeds; the intervals decide 2 of the 3 verdicts",
+        "held in all 3 seeds",
+        "mixed: held in 2 of 3 seeds; the intervals decide 0 of the 3 verdicts"]
     assert claims[0]["evidence"].startswith("seed 0: vae: PSNR 24 [23, 25] dB")
     assert "seed 2: " in claims[0]["evidence"]
     # a claim that fails in every seed, and one that a seed cannot check
@@ -134,9 +142,46 @@ def test_over_seeds_a_claim_holds_only_when_every_seed_holds_it():
     worse["nvmp_ms"] = {**worse["nvmp_ms"], "metrics.json": metrics(23.0, 950)}
     partial = {k: v for k, v in PAPER_LIKE.items() if not k.endswith("_sup")}
     claims = check_claims_over_seeds([worse, worse], "ms")
-    assert verdict_text(claims[0]) == "did not hold in any of 2 seeds"
+    assert verdict_text(claims[0]).startswith("did not hold in any of 2 seeds")
     claims = check_claims_over_seeds([PAPER_LIKE, partial], "ms")
     assert claims[2]["held"] is None and claims[2]["held_in"] is None
     assert verdict_text(claims[2]) == "not checked (results missing)"
     # one seed: the plain verdicts, as check_claims
     assert check_claims_over_seeds([PAPER_LIKE], "ms") == check_claims(PAPER_LIKE, "ms")
+
+
+def with_metrics(results: dict, psnr, nll, half_width: float) -> dict:
+    out = dict(results)
+    for i, kind in enumerate(KINDS):
+        out[f"{kind}_ms"] = {**out[f"{kind}_ms"],
+                             "metrics.json": metrics(psnr[i], nll[i], half_width)}
+    return out
+
+
+def test_a_verdict_is_clear_only_when_the_intervals_decide_it():
+    psnr, nll = (24.0, 26.0, 28.0, 30.0), (900, 880, 860, 840)
+    # +-0.5 dB / +-2.5 nats: every pair of intervals apart
+    apart = check_claims(with_metrics(PAPER_LIKE, psnr, nll, 0.5), "ms")
+    assert [c["clear"] for c in apart[:2]] == [True, True]
+    assert verdict_text(apart[0]) == "held (intervals apart)"
+    # +-1.5 dB: neighbours overlap (24 +- 1.5 and 26 +- 1.5), so neither verdict is decided
+    close = check_claims(with_metrics(PAPER_LIKE, psnr, nll, 1.5), "ms")
+    assert [c["held"] for c in close[:2]] == [True, True]
+    assert [c["clear"] for c in close[:2]] == [False, False]
+    assert verdict_text(close[0]) == "held (within the 95% intervals)"
+    # "nvmp+ best" fails with nvae clearly above it on PSNR: clearly not held
+    beaten = check_claims(with_metrics(PAPER_LIKE, (24.0, 34.0, 28.0, 30.0), nll, 0.5), "ms")
+    assert beaten[1]["held"] is False and beaten[1]["clear"] is True
+    assert verdict_text(beaten[1]) == "did not hold (intervals apart)"
+    # lower is better for NLL: nvmp+'s NLL interval clearly above nvae's decides against it
+    worse_nll = check_claims(with_metrics(PAPER_LIKE, psnr, (900, 800, 860, 840), 0.5), "ms")
+    assert worse_nll[1]["held"] is False and worse_nll[1]["clear"] is True
+
+
+def test_the_validity_verdict_reads_the_rates_intervals_and_the_gain_has_none():
+    claims = check_claims(PAPER_LIKE, "ms")  # vae 0.30 [0.15, 0.6] against 0.05..0.10 [.., 0.2]
+    assert claims[3]["held"] is True and claims[3]["clear"] is False
+    far = dict(PAPER_LIKE)
+    far["vae_ms"] = {**far["vae_ms"], "validity.json": validity(0.9)}  # [0.45, 1.8]
+    assert check_claims(far, "ms")[3]["clear"] is True
+    assert claims[2]["clear"] is None and verdict_text(claims[2]) == "held"

@@ -2,15 +2,20 @@
 
 Each check reads the runs' ``metrics.json`` / ``analysis.json`` / ``validity.json`` (as dicts,
 keyed by the run's config name, e.g. ``nvmp_ms`` or ``vae_ms_sup``) and returns
-``{"claim", "source", "held", "evidence"}``. ``held`` compares point estimates; the evidence gives
-the numbers (with 95% intervals where the metric has them) so a reader can see when a difference is
-within the noise. ``held`` is None when a run or a number the check needs is missing.
+``{"claim", "source", "held", "clear", "evidence"}``. ``held`` compares point estimates; the
+evidence gives the numbers (with 95% intervals where the metric has them). ``clear`` says whether
+the intervals decide the verdict too: a comparison is decided when the two intervals do not
+overlap, and a verdict is clear when every comparison it rests on is decided in its favour (held)
+or one is decided against it (did not hold); None where the numbers have no intervals (the
+propagation gain). Non-overlap of two 95% intervals is a conservative test of a difference (it
+implies p < 0.006 for two independent normal estimates), so "within the intervals" is not
+evidence of no difference. ``held`` is None when a run or a number the check needs is missing.
 
 Over training seeds (``check_claims_over_seeds``) each claim is checked on each seed's grid, and
 the verdict is unanimity: held when it held in every seed, not held when in none, and "mixed"
 otherwise (``held`` False, ``held_in`` [k, N]). Unanimity is a sign test: a claim that is a coin
 flip is unanimous over N seeds with probability 2^(1-N) (1 in 4 for 3 seeds), so the verdict
-states N beside it.
+states N beside it, and how many seeds' verdicts were clear (``clear_in``).
 """
 
 from __future__ import annotations
@@ -34,8 +39,30 @@ def _get(tree: dict | None, *keys: str):
     return tree
 
 
-def _claim(claim: str, source: str, held: bool | None, evidence: str) -> dict:
-    return {"claim": claim, "source": source, "held": held, "evidence": evidence}
+def _claim(claim: str, source: str, held: bool | None, evidence: str,
+           clear: bool | None = None) -> dict:
+    return {"claim": claim, "source": source, "held": held, "clear": clear,
+            "evidence": evidence}
+
+
+def _decided(better: dict, worse: dict, higher_is_better: bool = True) -> int:
+    """+1 when ``better``'s interval lies wholly on the better side of ``worse``'s, -1 when wholly
+    on the worse side, 0 when they overlap (or an interval is missing)."""
+    bounds = (better.get("ci_low"), better.get("ci_high"), worse.get("ci_low"),
+              worse.get("ci_high"))
+    if any(b is None or not math.isfinite(b) for b in bounds):
+        return 0
+    b_low, b_high, w_low, w_high = bounds
+    if not higher_is_better:
+        b_low, b_high, w_low, w_high = -b_high, -b_low, -w_high, -w_low
+    return 1 if b_low > w_high else -1 if b_high < w_low else 0
+
+
+def _clear(held: bool | None, decided: list[int]) -> bool | None:
+    """Whether the intervals decide ``held`` (module docstring)."""
+    if held is None:
+        return None
+    return all(d == 1 for d in decided) if held else any(d == -1 for d in decided)
 
 
 def reconstruction_claims(results: Results, dataset: str) -> list[dict]:
@@ -49,15 +76,23 @@ def reconstruction_claims(results: Results, dataset: str) -> list[dict]:
                          for k in kinds)
     complete = all(psnr[k] and nll[k] for k in kinds)
     beat = best = None
+    beat_decided, best_decided = [], []
     if complete:
         p = {k: psnr[k]["mean"] for k in kinds}
         n = {k: nll[k]["mean"] for k in kinds}
         beat = all(p[k] > p["vae"] and n[k] < n["vae"] for k in STRUCTURED)
         best = max(p, key=p.get) == "nvmpplus" and min(n, key=n.get) == "nvmpplus"
+        beat_decided = [d for k in STRUCTURED for d in (
+            _decided(psnr[k], psnr["vae"]), _decided(nll[k], nll["vae"], higher_is_better=False))]
+        best_decided = [d for k in kinds if k != "nvmpplus" for d in (
+            _decided(psnr["nvmpplus"], psnr[k]),
+            _decided(nll["nvmpplus"], nll[k], higher_is_better=False))]
     return [
         _claim("structured priors (nvae, nvmp, nvmp+) reconstruct better than the mean-field VAE "
-               "(higher PSNR and lower NLL)", "Table 1", beat, evidence),
-        _claim("nvmp+ has the best PSNR and NLL of the four kinds", "Table 1", best, evidence),
+               "(higher PSNR and lower NLL)", "Table 1", beat, evidence,
+               _clear(beat, beat_decided)),
+        _claim("nvmp+ has the best PSNR and NLL of the four kinds", "Table 1", best, evidence,
+               _clear(best, best_decided)),
     ]
 
 
@@ -121,14 +156,15 @@ def validity_claim(results: Results) -> list[dict]:
                   for k in rates}
         if any(beside.values()):
             evidence += f"; {what}: " + ", ".join(f"{k} {show(r)}" for k, r in beside.items())
-    held = None
+    held, decided = None, []
     if all(r and r.get("invalid_fraction") is not None for r in rates.values()):
         held = all(rates[k]["invalid_fraction"] < rates["vae"]["invalid_fraction"]
                    for k in STRUCTURED)
+        decided = [_decided(rates[k], rates["vae"], higher_is_better=False) for k in STRUCTURED]
     return [_claim("structured priors place a smaller fraction of sampled lesion voxels in "
                    "invalid places (background, CSF, ventricles) than the mean-field VAE",
                    "Fig. 1a", held, "invalid fraction of lesion voxels in prior samples: "
-                   + evidence)]
+                   + evidence, _clear(held, decided))]
 
 
 def check_claims_over_seeds(by_seed: Sequence[Results], dataset: str) -> list[dict]:
@@ -146,10 +182,13 @@ def check_claims_over_seeds(by_seed: Sequence[Results], dataset: str) -> list[di
         held = None
         if None not in verdicts:
             held = all(verdicts)
+        clear = [c["clear"] for c in checks]
         out.append({
             **_claim(checks[0]["claim"], checks[0]["source"], held,
                      " || ".join(f"seed {i}: {c['evidence']}" for i, c in enumerate(checks))),
             "held_in": None if held is None else [sum(verdicts), len(verdicts)],
+            "clear_in": (None if held is None or None in clear
+                         else [sum(clear), len(clear)]),
         })
     return out
 
@@ -160,11 +199,19 @@ def verdict_text(claim: Mapping) -> str:
     if held is None:
         return "not checked (results missing)"
     if not held_in:
-        return "held" if held else "did not hold"
+        clear = claim.get("clear")
+        margin = ("" if clear is None
+                  else " (intervals apart)" if clear else " (within the 95% intervals)")
+        return ("held" if held else "did not hold") + margin
     k, n = held_in
     if k == n:
-        return f"held in all {n} seeds"
-    return f"did not hold in any of {n} seeds" if k == 0 else f"mixed: held in {k} of {n} seeds"
+        text = f"held in all {n} seeds"
+    elif k == 0:
+        text = f"did not hold in any of {n} seeds"
+    else:
+        text = f"mixed: held in {k} of {n} seeds"
+    clear_in = claim.get("clear_in")
+    return text + (f"; the intervals decide {clear_in[0]} of the {n} verdicts" if clear_in else "")
 
 
 def check_claims(results: Results, dataset: str) -> list[dict]:
