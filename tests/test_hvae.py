@@ -9,6 +9,7 @@ from pathanat import objectives
 from pathanat.config import from_dict
 from pathanat.errors import ConfigError, InputError
 from pathanat.models import KINDS, HierarchicalVAE, HVAEConfig
+from pathanat.models.edit import mix, resample
 
 SMALL = dict(image_size=(48, 56), width=8, cells_per_scale=1, pseudo_inputs=3)
 
@@ -54,7 +55,7 @@ def test_non_multiple_of_16_input_round_trips_to_its_shape(kind):
     assert out.x_mean.shape == out.seg_logits.shape == x.shape
     assert out.groups[0].z.shape[-2:] == (4, 4)  # padded to 64 x 64
     assert model.reconstruct(x).shape == x.shape
-    assert model.resample(x, keep={1}).x_mean.shape == x.shape
+    assert resample(model, x, keep={1}).x_mean.shape == x.shape
 
 
 def test_parameters_differ_only_by_what_a_kind_needs():
@@ -139,16 +140,16 @@ def test_resample_and_mix_keep_what_they_are_told(kind, phantom_slices):
     enc = model.encode(x_a)
     recon = model.reconstruct(x_a)
     for mode in ("value", "residual"):
-        assert torch.allclose(model.resample(x_a, keep=range(5), mode=mode).x_mean, recon)
-        assert torch.allclose(model.mix(x_a, x_b, from_a=range(5), mode=mode).x_mean, recon)
+        assert torch.allclose(resample(model, x_a, keep=range(5), mode=mode).x_mean, recon)
+        assert torch.allclose(mix(model, x_a, x_b, from_a=range(5), mode=mode).x_mean, recon)
         assert torch.allclose(
-            model.mix(x_a, x_b, from_a=[], mode=mode).x_mean, model.reconstruct(x_b)
+            mix(model, x_a, x_b, from_a=[], mode=mode).x_mean, model.reconstruct(x_b)
         )
-    partial = model.resample(x_a, keep={0, 2}, mode="value")
+    partial = resample(model, x_a, keep={0, 2}, mode="value")
     assert torch.equal(partial.z[0], enc.z[0]) and torch.equal(partial.z[2], enc.z[2])
     assert not torch.allclose(partial.z[1], enc.z[1])
     # residual mode: z_0 is resampled, so a kept residual group moves with its new prior
-    moved = model.resample(x_a, keep={3, 4}, mode="residual")
+    moved = resample(model, x_a, keep={3, 4}, mode="residual")
     if kind == "vae":  # fixed N(0, I) priors: the residual is the value
         assert torch.equal(moved.z[3], enc.z[3])
     else:
@@ -160,7 +161,7 @@ def test_residual_mode_keeps_standardised_residual():
     model = small_model("nvae")
     x = torch.randn(2, 1, 48, 56)
     enc = model.encode(x)
-    out = model.resample(x, keep={4}, mode="residual")
+    out = resample(model, x, keep={4}, mode="residual")
     priors = []
 
     def choose(level, prior, state):
@@ -429,7 +430,7 @@ def test_a_fitted_prior_converges_to_the_gaussian_closest_to_the_posteriors(phan
 
 def test_a_non_finite_batch_leaves_a_fitted_prior_as_it_was():
     from pathanat.models.distributions import DiagonalGaussian
-    from pathanat.models.hvae import FittedPrior
+    from pathanat.models.priors import FittedPrior
 
     prior = FittedPrior((2, 3, 4))
     prior.update(DiagonalGaussian(torch.ones(5, 2, 3, 4), torch.zeros(5, 2, 3, 4)))
@@ -478,7 +479,7 @@ def test_a_recentred_prior_converges_to_the_affine_correction_closest_to_the_pos
     from image to image: after many updates, N(mu_x + s_x m, s_x^2 v) has the (m, v) per element
     that minimise the mean KL -- checked as a minimum, by moving either."""
     from pathanat.models.distributions import DiagonalGaussian
-    from pathanat.models.hvae import RecentredPrior
+    from pathanat.models.priors import RecentredPrior
 
     g = torch.Generator().manual_seed(0)
     shape = (6, 2, 3, 4)
@@ -506,7 +507,7 @@ def test_a_recentred_prior_converges_to_the_affine_correction_closest_to_the_pos
 
 def test_a_non_finite_batch_leaves_a_recentred_prior_as_it_was():
     from pathanat.models.distributions import DiagonalGaussian
-    from pathanat.models.hvae import RecentredPrior
+    from pathanat.models.priors import RecentredPrior
 
     prior = RecentredPrior((2, 3, 4))
     learned = DiagonalGaussian(torch.zeros(5, 2, 3, 4), torch.zeros(5, 2, 3, 4))
