@@ -323,7 +323,7 @@ class HierarchicalVAE(nn.Module):
             for level, prior in self.decoder.recentred_priors.items():
                 prior.update(groups[int(level)].delta, groups[int(level)].prior)
         seg = self._seg([g.z for g in groups], size)
-        return HVAEOutput(self.config.kind, mean, log_scale, groups, pseudo, seg)
+        return HVAEOutput(mean, log_scale, groups, pseudo, seg)
 
     # ---- densities ---------------------------------------------------------------------------
 

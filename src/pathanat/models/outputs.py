@@ -34,7 +34,6 @@ class Group:
 class HVAEOutput:
     """One stochastic pass x -> q(z | x) -> p(x | z); cropped to the input's H x W."""
 
-    kind: str
     x_mean: Tensor
     x_log_scale: Tensor
     groups: list[Group]
