@@ -24,12 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pathanat import objectives
 from pathanat.data.prepare import load_cache
 from pathanat.evaluation.plausibility import brain_like, brain_references
 from pathanat.experiment import load_experiment
 from pathanat.metrics import psnr
-from pathanat.models import HierarchicalVAE
+from pathanat.models import HierarchicalVAE, objectives
 from pathanat.runs import phantom_paths
 from pathanat.training.run import make_phantom_cache
 
@@ -96,8 +95,9 @@ def run_row(name: str, cache: Path, steps: int, seed: int = 0) -> dict:
             memory_format=layout)
         out = model(x)
         beta = objectives.kl_weight(step, objective.kl_cycle, objective.kl_start)
-        loss = objectives.training_loss(objectives.elbo_terms(out, x), objectives.group_sizes(out),
-                                        beta, balance=objective.kl_balance)
+        terms = objectives.elbo_terms(out, x, config.model.kind)
+        loss = objectives.training_loss(terms, objectives.group_sizes(out), beta,
+                                        balance=objective.kl_balance)
         lr = optim.learning_rate(step, steps)
         for group in adam.param_groups:
             group["lr"] = lr

@@ -23,8 +23,7 @@ import time
 import torch
 from torch import nn
 
-from pathanat import objectives
-from pathanat.models import KINDS, HierarchicalVAE, HVAEConfig
+from pathanat.models import KINDS, HierarchicalVAE, HVAEConfig, objectives
 
 SIZE = (96, 112)
 
@@ -65,7 +64,7 @@ def measure(kind: str, mode: str, threads: int, steps: int, batch: int, queue: m
     def step() -> None:
         with autocast:
             out = model(x)
-            terms = objectives.elbo_terms(out, x)
+            terms = objectives.elbo_terms(out, x, kind)
             loss = objectives.training_loss(terms, objectives.group_sizes(out), beta=0.5).loss
         loss.backward()
         model.zero_grad(set_to_none=True)

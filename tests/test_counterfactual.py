@@ -17,6 +17,7 @@ from pathanat.data.prepare import load_cache
 from pathanat.errors import PathanatError
 from pathanat.evaluation import counterfactual
 from pathanat.evaluation.counterfactual import counterfactual_run, lesion_detection
+from pathanat.models.edit import mix
 from pathanat.runs import load_trained, run_cache
 
 SEGMENTER_STEPS = 400  # as tests/test_segmenters.py: the tiny cache's segmenters are shared
@@ -60,12 +61,12 @@ def test_the_mix_and_the_redraw_are_the_model_s_own_operations(tiny_run, tiny_ca
     model = load_trained(tiny_run)[0].float().eval()
     test = tiny_cache.split("test")
     a, b = np.asarray(test.image[:3]), np.asarray(test.image[3:6])
-    expected = model.mix(torch.tensor(a)[:, None], torch.tensor(b)[:, None], from_a=[1, 2],
-                         mode="value").x_mean[:, 0].numpy()
+    expected = mix(model, torch.tensor(a)[:, None], torch.tensor(b)[:, None], from_a=[1, 2],
+                   mode="value").x_mean[:, 0].numpy()
     za, zb = (counterfactual.encoded(model, x, batch_size=2) for x in (a, b))
-    mix = counterfactual.decoded(model, counterfactual.swapped(za, zb, [1, 2]), a.shape[1:],
-                                 batch_size=2)
-    np.testing.assert_allclose(mix, expected, atol=1e-5)
+    swapped = counterfactual.decoded(model, counterfactual.swapped(za, zb, [1, 2]), a.shape[1:],
+                                     batch_size=2)
+    np.testing.assert_allclose(swapped, expected, atol=1e-5)
     # every group kept: a redraw at any temperature is the reconstruction
     drawn = counterfactual.redrawn(model, a, [], draws=2, temperature=1.0, batch_size=4)
     assert drawn.shape == (3, 2, *a.shape[1:])
@@ -92,7 +93,7 @@ def test_the_pseudo_healthy_image_keeps_the_anatomy_and_redraws_pathology_at_t0(
             return prior.mu
         return enc.z[level] if level < 2 else prior.mu + prior.sigma * enc.residuals[level]
 
-    by_hand = model._generated(len(x), enc.input_size, choose).x_mean
+    by_hand = model.generate(len(x), enc.input_size, choose).x_mean
     torch.testing.assert_close(counterfactual.pseudo_healthy(model, x, [2]), by_hand)
     torch.testing.assert_close(counterfactual.pseudo_healthy(model, x, []), model.reconstruct(x))
 

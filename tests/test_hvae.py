@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pathanat import objectives
 from pathanat.config import from_dict
 from pathanat.errors import ConfigError, InputError
-from pathanat.models import KINDS, HierarchicalVAE, HVAEConfig
+from pathanat.models import KINDS, HierarchicalVAE, HVAEConfig, objectives
+from pathanat.models.edit import mix, resample
 
 SMALL = dict(image_size=(48, 56), width=8, cells_per_scale=1, pseudo_inputs=3)
 
@@ -54,7 +54,7 @@ def test_non_multiple_of_16_input_round_trips_to_its_shape(kind):
     assert out.x_mean.shape == out.seg_logits.shape == x.shape
     assert out.groups[0].z.shape[-2:] == (4, 4)  # padded to 64 x 64
     assert model.reconstruct(x).shape == x.shape
-    assert model.resample(x, keep={1}).x_mean.shape == x.shape
+    assert resample(model, x, keep={1}).x_mean.shape == x.shape
 
 
 def test_parameters_differ_only_by_what_a_kind_needs():
@@ -80,7 +80,7 @@ def test_only_vamp_kinds_have_pseudo_inputs_and_their_gradient_reaches_them(phan
             continue
         out = model(phantom_slices)
         loss = objectives.training_loss(
-            objectives.elbo_terms(out, phantom_slices), objectives.group_sizes(out), beta=1.0
+            objectives.elbo_terms(out, phantom_slices, kind), objectives.group_sizes(out), beta=1.0
         ).loss
         loss.backward()
         assert model.pseudo_inputs.grad is not None
@@ -107,7 +107,7 @@ def test_vae_posterior_ignores_decoder_weights_and_nvae_does_not(phantom_slices)
 
 def test_extra_kl_only_for_nvmp_plus(phantom_slices):
     for kind in KINDS:
-        terms = objectives.elbo_terms(small_model(kind)(phantom_slices), phantom_slices)
+        terms = objectives.elbo_terms(small_model(kind)(phantom_slices), phantom_slices, kind)
         assert terms.kl.shape == (4, 5) and torch.isfinite(terms.kl).all()
         if kind == "nvmp+":
             assert terms.kl_extra.shape == (4, 4) and torch.isfinite(terms.kl_extra).all()
@@ -139,16 +139,16 @@ def test_resample_and_mix_keep_what_they_are_told(kind, phantom_slices):
     enc = model.encode(x_a)
     recon = model.reconstruct(x_a)
     for mode in ("value", "residual"):
-        assert torch.allclose(model.resample(x_a, keep=range(5), mode=mode).x_mean, recon)
-        assert torch.allclose(model.mix(x_a, x_b, from_a=range(5), mode=mode).x_mean, recon)
+        assert torch.allclose(resample(model, x_a, keep=range(5), mode=mode).x_mean, recon)
+        assert torch.allclose(mix(model, x_a, x_b, from_a=range(5), mode=mode).x_mean, recon)
         assert torch.allclose(
-            model.mix(x_a, x_b, from_a=[], mode=mode).x_mean, model.reconstruct(x_b)
+            mix(model, x_a, x_b, from_a=[], mode=mode).x_mean, model.reconstruct(x_b)
         )
-    partial = model.resample(x_a, keep={0, 2}, mode="value")
+    partial = resample(model, x_a, keep={0, 2}, mode="value")
     assert torch.equal(partial.z[0], enc.z[0]) and torch.equal(partial.z[2], enc.z[2])
     assert not torch.allclose(partial.z[1], enc.z[1])
     # residual mode: z_0 is resampled, so a kept residual group moves with its new prior
-    moved = model.resample(x_a, keep={3, 4}, mode="residual")
+    moved = resample(model, x_a, keep={3, 4}, mode="residual")
     if kind == "vae":  # fixed N(0, I) priors: the residual is the value
         assert torch.equal(moved.z[3], enc.z[3])
     else:
@@ -160,7 +160,7 @@ def test_residual_mode_keeps_standardised_residual():
     model = small_model("nvae")
     x = torch.randn(2, 1, 48, 56)
     enc = model.encode(x)
-    out = model.resample(x, keep={4}, mode="residual")
+    out = resample(model, x, keep={4}, mode="residual")
     priors = []
 
     def choose(level, prior, state):
@@ -215,7 +215,8 @@ def test_losses_stay_finite_for_extreme_inputs(kind):
     model = small_model(kind)
     x = 1e4 * torch.randn(2, 1, 48, 56)
     out = model(x)
-    loss = objectives.training_loss(objectives.elbo_terms(out, x), objectives.group_sizes(out), 1.0)
+    terms = objectives.elbo_terms(out, x, kind)
+    loss = objectives.training_loss(terms, objectives.group_sizes(out), 1.0)
     assert torch.isfinite(loss.loss)
 
 
@@ -223,7 +224,7 @@ def test_bf16_autocast_channels_last_keeps_densities_in_float32(phantom_slices):
     model = small_model("nvmp+").to(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(phantom_slices)
-        terms = objectives.elbo_terms(out, phantom_slices)
+        terms = objectives.elbo_terms(out, phantom_slices, "nvmp+")
     assert out.groups[4].posterior.mu.dtype == torch.float32
     assert terms.kl.dtype == terms.log_px.dtype == torch.float32
     assert out.x_mean.dtype == torch.float32
@@ -246,7 +247,8 @@ def test_iw_nll_is_below_negative_elbo_and_tightens_with_samples(kind, phantom_s
     with torch.no_grad():
         repeats = 100
         out = model(x.repeat(repeats, 1, 1, 1))
-        neg_elbo = -objectives.elbo_terms(out, x.repeat(repeats, 1, 1, 1)).elbo.view(repeats, 2)
+        neg_elbo = -objectives.elbo_terms(out, x.repeat(repeats, 1, 1, 1), kind).elbo.view(
+            repeats, 2)
     neg_elbo_mean, neg_elbo_se = neg_elbo.mean(0), neg_elbo.std(0) / repeats**0.5
     nll = {}
     for samples, runs in ((1, 40), (8, 8), (64, 2)):
@@ -277,7 +279,7 @@ def test_each_kind_overfits_phantom_slices(kind, phantom_slices, capsys):
     losses = []
     for step in range(150):
         out = model(phantom_slices)
-        terms = objectives.elbo_terms(out, phantom_slices)
+        terms = objectives.elbo_terms(out, phantom_slices, kind)
         loss = objectives.training_loss(
             terms, objectives.group_sizes(out), objectives.kl_weight(step)
         ).loss
@@ -389,9 +391,9 @@ def test_a_fitted_prior_starts_as_n01_where_the_kind_has_an_unconditional_prior(
     torch.testing.assert_close(fitted.sample(2).x_mean, a)
     x = phantom_slices[:2]
     torch.manual_seed(1)
-    kl_standard = objectives.elbo_terms(standard(x), x).kl
+    kl_standard = objectives.elbo_terms(standard(x), x, kind).kl
     torch.manual_seed(1)  # a training pass: its KL is against the prior before it is updated
-    kl_fitted = objectives.elbo_terms(fitted(x), x).kl
+    kl_fitted = objectives.elbo_terms(fitted(x), x, kind).kl
     torch.testing.assert_close(kl_fitted, kl_standard)
     assert not small_model("nvmp", unconditional_prior="fitted").decoder.fitted_priors
 
@@ -429,7 +431,7 @@ def test_a_fitted_prior_converges_to_the_gaussian_closest_to_the_posteriors(phan
 
 def test_a_non_finite_batch_leaves_a_fitted_prior_as_it_was():
     from pathanat.models.distributions import DiagonalGaussian
-    from pathanat.models.hvae import FittedPrior
+    from pathanat.models.priors import FittedPrior
 
     prior = FittedPrior((2, 3, 4))
     prior.update(DiagonalGaussian(torch.ones(5, 2, 3, 4), torch.zeros(5, 2, 3, 4)))
@@ -456,9 +458,9 @@ def test_a_recentred_prior_starts_as_the_learned_one_and_never_moves_the_posteri
     x = phantom_slices[:2]
     recentred.eval(), learned.eval()
     torch.manual_seed(1)
-    kl = objectives.elbo_terms(learned(x), x).kl
+    kl = objectives.elbo_terms(learned(x), x, "nvmp").kl
     torch.manual_seed(1)
-    torch.testing.assert_close(objectives.elbo_terms(recentred(x), x).kl, kl)
+    torch.testing.assert_close(objectives.elbo_terms(recentred(x), x, "nvmp").kl, kl)
     before = recentred.encode(x)
     with torch.no_grad():  # move every prior: the posteriors must not follow
         for prior in recentred.decoder.recentred_priors.values():
@@ -478,7 +480,7 @@ def test_a_recentred_prior_converges_to_the_affine_correction_closest_to_the_pos
     from image to image: after many updates, N(mu_x + s_x m, s_x^2 v) has the (m, v) per element
     that minimise the mean KL -- checked as a minimum, by moving either."""
     from pathanat.models.distributions import DiagonalGaussian
-    from pathanat.models.hvae import RecentredPrior
+    from pathanat.models.priors import RecentredPrior
 
     g = torch.Generator().manual_seed(0)
     shape = (6, 2, 3, 4)
@@ -506,7 +508,7 @@ def test_a_recentred_prior_converges_to_the_affine_correction_closest_to_the_pos
 
 def test_a_non_finite_batch_leaves_a_recentred_prior_as_it_was():
     from pathanat.models.distributions import DiagonalGaussian
-    from pathanat.models.hvae import RecentredPrior
+    from pathanat.models.priors import RecentredPrior
 
     prior = RecentredPrior((2, 3, 4))
     learned = DiagonalGaussian(torch.zeros(5, 2, 3, 4), torch.zeros(5, 2, 3, 4))

@@ -15,10 +15,9 @@ MAY_IMPORT = {
     **{part: FOUNDATION for part in FOUNDATION},
     "data": FOUNDATION | {"__init__"},  # (the package version, written into manifests)
     "models": FOUNDATION,
-    "objectives": FOUNDATION | {"models"},
     "experiment": FOUNDATION | {"models"},
     "runs": FOUNDATION | {"data", "models", "experiment"},
-    "training": FOUNDATION | {"data", "models", "objectives", "experiment", "runs"},
+    "training": FOUNDATION | {"data", "models", "experiment", "runs"},
     "evaluation": FOUNDATION | {"data", "models", "experiment", "runs"},
     "reproduce": FOUNDATION | {"data", "models", "experiment", "runs", "training", "evaluation"},
     "demo": FOUNDATION | {"data", "experiment", "runs", "training", "evaluation", "reproduce"},

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pathanat import objectives
-from pathanat.models import HierarchicalVAE, HVAEConfig
+from pathanat.models import HierarchicalVAE, HVAEConfig, objectives
 from pathanat.models.distributions import sum_per_sample
 
 
@@ -72,7 +71,7 @@ def test_training_loss_assembles_terms_per_dimension():
     x = torch.randn(3, 1, 32, 32)
     mask = (torch.rand(3, 1, 32, 32) > 0.9).float()
     out = model(x)
-    terms = objectives.elbo_terms(out, x)
+    terms = objectives.elbo_terms(out, x, "nvmp+")
     sizes = objectives.group_sizes(out)
     assert sizes.tolist() == [2 * 2 * 2, 2 * 4 * 4, 2 * 8 * 8, 2 * 16 * 16, 2 * 32 * 32]
     beta, lam = 0.3, 0.5
@@ -130,7 +129,7 @@ def test_kl_scale_multiplies_the_kl_weight_the_annealing_reaches():
                                        cells_per_scale=1))
     x = torch.randn(2, 1, 16, 16)
     out = model(x)
-    terms, sizes = objectives.elbo_terms(out, x), objectives.group_sizes(out)
+    terms, sizes = objectives.elbo_terms(out, x, "nvae"), objectives.group_sizes(out)
     scaled = objectives.training_loss(terms, sizes, 1.0, kl_scale=3.0).loss
     beta3 = objectives.training_loss(terms, sizes, 3.0, balance=False).loss
     elbo = objectives.training_loss(terms, sizes, 1.0).loss

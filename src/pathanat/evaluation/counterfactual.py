@@ -69,6 +69,7 @@ from pathanat.figures import WINDOW, display, save_figure
 from pathanat.jsonfiles import finite_or_none, write_json
 from pathanat.metrics import estimate_text
 from pathanat.models import HierarchicalVAE
+from pathanat.models.edit import resample
 from pathanat.runs import one_at_a_time, open_run
 
 COUNTERFACTUAL_JSON = "counterfactual.json"
@@ -90,7 +91,7 @@ def pseudo_healthy(model: HierarchicalVAE, x: torch.Tensor, pathology: Collectio
     """(B, 1, H, W) likelihood means of ``x`` with its ``pathology`` groups at their prior mean
     given the groups above them and the other groups at their posterior means (residual mode)."""
     anatomy = set(range(model.config.num_groups)) - set(pathology)
-    return model.resample(x, keep=anatomy, temperature=0.0, mode=MODE).x_mean
+    return resample(model, x, keep=anatomy, temperature=0.0, mode=MODE).x_mean
 
 
 @torch.no_grad()
@@ -194,8 +195,8 @@ def redrawn(model: HierarchicalVAE, images: np.ndarray, pathology: Collection[in
     anatomy = set(range(model.config.num_groups)) - set(pathology)
     x = np.repeat(images, draws, axis=0)
     out = np.concatenate([
-        images_of(model.resample(as_input(x[p]), keep=anatomy, temperature=temperature,
-                                 mode=MIX_MODE))
+        images_of(resample(model, as_input(x[p]), keep=anatomy, temperature=temperature,
+                           mode=MIX_MODE))
         for p in batches(len(x), batch_size)])
     return out.reshape(len(images), draws, *out.shape[1:])
 

@@ -45,11 +45,10 @@ from pathanat.config import from_dict
 from pathanat.errors import InputError, PathanatError
 from pathanat.evaluation.claims import verdict_text
 from pathanat.figures import caption_path
-from pathanat.models import HierarchicalVAE, HVAEConfig
+from pathanat.models import VAMPPRIOR_KINDS, HierarchicalVAE, HVAEConfig
 
 REPORT_HTML = "report.html"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-VAMPPRIOR_KINDS = ("nvmp", "nvmp+")
 
 # Captions for figures that other commands write without a caption file.
 BUILTIN_CAPTIONS = {

@@ -22,7 +22,7 @@ Pathology and anatomy groups. The paper calls the chosen pathological subset z_P
 the latent space" the anatomical subsets z_A (Sec. 3; App. C's post-hoc z_P likewise leaves "the
 rest as z_A"). So the anatomy groups are *all* groups not in z_P, those below it included.
 
-Mode (``HierarchicalVAE.mix`` / ``resample``). Style-mixing "swaps latent features" between
+Mode (``models.edit.mix`` / ``resample``). Style-mixing "swaps latent features" between
 subjects and Fig. 3 "fixes z_A to that of Subject B1" and "fixes z_P^B1": the groups keep their
 posterior-mean *values* ("value" mode). In "residual" mode a group would keep only its deviation
 from its prior and follow the other subject's groups above it, so the lower anatomy groups would
@@ -70,6 +70,7 @@ from pathanat.evaluation.evaluate import (
 from pathanat.figures import WINDOW, display, save_figure
 from pathanat.jsonfiles import read_json, write_json
 from pathanat.models import HierarchicalVAE, HVAEConfig
+from pathanat.models.edit import checked_groups, mix, resample
 from pathanat.models.second_stage import SecondStagePrior
 from pathanat.runs import one_at_a_time, open_run
 
@@ -102,21 +103,14 @@ def group_names(groups: Collection[int]) -> str:
 # ---- which groups are pathology ----------------------------------------------------------------
 
 
-def checked_groups(groups: Collection[int], levels: int) -> list[int]:
-    """``groups`` (the ``--pathology-groups`` flag) sorted and deduplicated, or a PathanatError."""
-    values = list(groups)
-    bad = [g for g in values if isinstance(g, bool) or not isinstance(g, int | np.integer)
-           or not 0 <= g <= levels]
-    if not values or bad:
+def checked_pathology_groups(groups: Collection[int], levels: int) -> list[int]:
+    """``groups`` (the ``--pathology-groups`` flag) sorted and deduplicated: one or more group
+    indices, not all of them (the others are the anatomy groups); else a PathanatError."""
+    chosen = checked_groups(groups, levels, "--pathology-groups")
+    if not chosen or len(chosen) == levels + 1:
         raise PathanatError(
             f"--pathology-groups: expected one or more group indices in 0..{levels} (levels), "
-            f"got {values!r}"
-        )
-    chosen = sorted({int(g) for g in values})
-    if len(chosen) == levels + 1:
-        raise PathanatError(
-            f"--pathology-groups: {chosen} names every group, leaving no anatomy group; "
-            f"give a subset of 0..{levels}"
+            f"leaving at least one anatomy group; got {chosen}"
         )
     return chosen
 
@@ -142,7 +136,7 @@ def resolve_pathology_groups(
     """The pathology groups and where they came from: the flag, else the supervised z_P, else
     the post-hoc z_P in ``analysis`` (RUN/analysis.json)."""
     if flag is not None:
-        return checked_groups(flag, model.levels), "flag"
+        return checked_pathology_groups(flag, model.levels), "flag"
     if model.supervised:
         return [model.z_p], "supervised z_P"
     found = posthoc_group(analysis)
@@ -152,7 +146,7 @@ def resolve_pathology_groups(
             f"{analysis.name} has no post-hoc z_P; run `pathanat analyze {analysis.parent}` "
             f"or pass --pathology-groups"
         )
-    return checked_groups([found], model.levels), "post-hoc z_P (analysis.json)"
+    return checked_pathology_groups([found], model.levels), "post-hoc z_P (analysis.json)"
 
 
 # ---- which slices ------------------------------------------------------------------------------
@@ -237,7 +231,7 @@ def layer_rows(
     rows, latents = [], []
     with seeded(seed):
         for level in range(model.config.num_groups):
-            out = model.resample(x, keep=range(level), temperature=temperature, mode=MIX_MODE)
+            out = resample(model, x, keep=range(level), temperature=temperature, mode=MIX_MODE)
             rows.append(images_of(out))
             latents.append([z.numpy() for z in out.z])
     return Layers(np.asarray(image), np.stack(rows), latents)
@@ -262,8 +256,8 @@ def style_mix(
     groups + a's anatomy groups), each (N, H, W); posterior means by value."""
     xa, xb = as_input(a), as_input(b)
     with torch.no_grad():
-        ab = images_of(model.mix(xa, xb, from_a=pathology, mode=MIX_MODE))
-        ba = images_of(model.mix(xb, xa, from_a=pathology, mode=MIX_MODE))
+        ab = images_of(mix(model, xa, xb, from_a=pathology, mode=MIX_MODE))
+        ba = images_of(mix(model, xb, xa, from_a=pathology, mode=MIX_MODE))
     return ab, ba
 
 
@@ -292,10 +286,10 @@ def conditional(
     anatomy = set(range(model.config.num_groups)) - set(pathology)
     x = as_input(image[None])
     with seeded(seed):
-        drawn = model.resample(x.repeat(draws, 1, 1, 1), keep=anatomy, temperature=temperature,
-                               mode=MIX_MODE)
-        moved = model.mix(x.repeat(len(others), 1, 1, 1), as_input(others), from_a=pathology,
-                          mode=MIX_MODE)
+        drawn = resample(model, x.repeat(draws, 1, 1, 1), keep=anatomy, temperature=temperature,
+                         mode=MIX_MODE)
+        moved = mix(model, x.repeat(len(others), 1, 1, 1), as_input(others), from_a=pathology,
+                    mode=MIX_MODE)
     return Conditional(images_of(drawn), [z.numpy() for z in drawn.z], images_of(moved))
 
 

@@ -1,5 +1,8 @@
-"""The four structured-prior hierarchical VAEs (vae, nvae, nvmp, nvmp+) and their distributions."""
+"""The four structured-prior hierarchical VAEs (vae, nvae, nvmp, nvmp+): the network (hvae.py),
+its config, distributions, priors and heads, the objective of Table 3 (objectives.py), and
+latent edits (edit.py)."""
 
+from pathanat.models.config import KINDS, VAMPPRIOR_KINDS, HVAEConfig
 from pathanat.models.distributions import (
     DiagonalGaussian,
     gaussian_log_likelihood,
@@ -9,18 +12,12 @@ from pathanat.models.distributions import (
     residual_posterior,
 )
 from pathanat.models.heads import SegmentationHead
-from pathanat.models.hvae import (
-    KINDS,
-    Encoding,
-    Generated,
-    Group,
-    HierarchicalVAE,
-    HVAEConfig,
-    HVAEOutput,
-)
+from pathanat.models.hvae import HierarchicalVAE
+from pathanat.models.outputs import Encoding, Generated, Group, HVAEOutput
 
 __all__ = [
     "KINDS",
+    "VAMPPRIOR_KINDS",
     "DiagonalGaussian",
     "Encoding",
     "Generated",

@@ -58,6 +58,11 @@ def upsample(x: Tensor) -> Tensor:
     return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
 
+def width_change(in_width: int, out_width: int) -> nn.Module:
+    """A 1x1 conv between scales of different trunk widths; the identity where they agree."""
+    return nn.Identity() if in_width == out_width else conv1x1(in_width, out_width)
+
+
 def small_init_(conv: nn.Conv2d, scale: float) -> nn.Conv2d:
     """Scale a conv's initial weights and zero its bias; returns the conv.
 

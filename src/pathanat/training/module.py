@@ -20,12 +20,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pathanat import objectives
 from pathanat.config import to_dict
 from pathanat.errors import PathanatError
 from pathanat.experiment import ExperimentConfig
 from pathanat.metrics import psnr
-from pathanat.models import HierarchicalVAE, HVAEOutput
+from pathanat.models import HierarchicalVAE, HVAEOutput, objectives
 from pathanat.runs import CHECKPOINT_KEY
 from pathanat.training.data import STEP, derived_seed
 
@@ -94,7 +93,7 @@ class HVAEModule(pl.LightningModule):
     def _loss(
         self, out: HVAEOutput, x: Tensor, batch: dict, beta: float
     ) -> tuple[objectives.ELBOTerms, objectives.Loss]:
-        terms = objectives.elbo_terms(out, x)
+        terms = objectives.elbo_terms(out, x, self.config.model.kind)
         supervised = self.config.model.supervised
         return terms, objectives.training_loss(
             terms,
@@ -204,7 +203,7 @@ class HVAEModule(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x = self._input(batch)
         out = self.model(x)
-        terms = objectives.elbo_terms(out, x)
+        terms = objectives.elbo_terms(out, x, self.config.model.kind)
         reconstruction = self.model.reconstruct(x)
         whole, inside = batch_psnr(x, reconstruction, batch.get("brain"))
         self._val["psnr"].append(whole)

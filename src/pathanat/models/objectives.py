@@ -26,7 +26,7 @@ from pathanat.models.distributions import (
     residual_kl,
     sum_per_sample,
 )
-from pathanat.models.hvae import HVAEOutput
+from pathanat.models.outputs import HVAEOutput
 
 # Cyclical annealing (Fu et al. 2019): within each cycle the weight rises linearly from its start
 # value to 1 over this fraction of the cycle, then holds at 1 -- the fraction Fu et al. use, which
@@ -65,9 +65,9 @@ def group_kl(out: HVAEOutput) -> Tensor:
     return torch.stack(columns, dim=1)
 
 
-def extra_kl(out: HVAEOutput) -> Tensor | None:
+def extra_kl(out: HVAEOutput, kind: str) -> Tensor | None:
     """nvmp+ only: KL[p(z_l | z_<l) || VampPrior_l] for l = 1..L, shape (B, L); else None."""
-    if out.kind != "nvmp+":
+    if kind != "nvmp+":
         return None
     columns = []
     for level, g in enumerate(out.groups[1:], start=1):
@@ -76,10 +76,10 @@ def extra_kl(out: HVAEOutput) -> Tensor | None:
     return torch.stack(columns, dim=1)
 
 
-def elbo_terms(out: HVAEOutput, x: Tensor) -> ELBOTerms:
-    """The terms of Table 3's objective for the kind of ``out`` (a forward pass on ``x``)."""
+def elbo_terms(out: HVAEOutput, x: Tensor, kind: str) -> ELBOTerms:
+    """The terms of Table 3's objective for a model of ``kind`` (``out``: its pass on ``x``)."""
     log_px = gaussian_log_likelihood(x, out.x_mean, out.x_log_scale)
-    return ELBOTerms(log_px, group_kl(out), extra_kl(out), dims=x[0].numel())
+    return ELBOTerms(log_px, group_kl(out), extra_kl(out, kind), dims=x[0].numel())
 
 
 def group_sizes(out: HVAEOutput) -> Tensor:
