@@ -146,10 +146,11 @@ def test_prepared_grid_is_centred_on_the_brain_and_keeps_the_truth(tmp_path):
     np.testing.assert_array_equal(s["lesion"], np.moveaxis(truth_lesion(w), 2, 0))
     # The 10 mm cube holds 5 x 5 prepared 2 mm voxels in-plane, on all 9 kept 1 mm slices.
     assert s["lesion"].sum() == 5 * 5 * 9
-    # Brain voxels are standardised exactly; mapped back they give the original intensities.
+    # Brain voxels are standardised (statistics of the 1st-99th percentiles, so near 0 and 1 on a
+    # smooth image with no outliers); mapped back they give the original intensities.
     brain = s["brain"] > 0
-    assert s["image"][brain].mean() == pytest.approx(0, abs=1e-5)
-    assert s["image"][brain].std() == pytest.approx(1, abs=1e-5)
+    assert s["image"][brain].mean() == pytest.approx(0, abs=0.02)
+    assert s["image"][brain].std() == pytest.approx(1, abs=0.1)
     original = cache.to_original(s["image"], "sub-0000")
     inner = np.moveaxis(radius(w) < 0.8, 2, 0)
     np.testing.assert_allclose(original[inner], np.moveaxis(truth_image(w), 2, 0)[inner], atol=1.0)
