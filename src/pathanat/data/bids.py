@@ -202,15 +202,17 @@ def choose_mask(image: BidsFile, candidates: list[BidsFile], ranked: Sequence[st
     matches = [m for m in candidates if mask_kind(m) == kind and agrees(m, image)]
     if not matches:
         return None
-    sources = sorted({m.pipeline or "" for m in matches})
-    if len(sources) > 1 and ranked == [None]:
-        raise InputError(
-            f"{image.path}: its {kind} mask is found in "
-            + ", ".join(f"derivatives/{s}" if s else "anat/" for s in sources)
-            + "; choose the pipeline with --derivatives NAME"
-        )
-    first = next(s for s in ranked if any(m.pipeline == s for m in matches))
-    matches = [m for m in matches if m.pipeline == first]
+    if ranked == [None]:  # no pipeline chosen: the masks must come from one place
+        sources = sorted({m.pipeline or "" for m in matches})
+        if len(sources) > 1:
+            raise InputError(
+                f"{image.path}: its {kind} mask is found in "
+                + ", ".join(f"derivatives/{s}" if s else "anat/" for s in sources)
+                + "; choose the pipeline with --derivatives NAME"
+            )
+    else:
+        first = next(s for s in ranked if any(m.pipeline == s for m in matches))
+        matches = [m for m in matches if m.pipeline == first]
     best = max(specificity(m) for m in matches)
     matches = [m for m in matches if specificity(m) == best]
     if len(matches) > 1:

@@ -111,7 +111,7 @@ def prepare_subject(subject: Subject, settings: Settings) -> PreparedSubject:
         raise InputError(f"{where}: the brain mask is empty; expected a brain")
     skull = None
     if estimated:
-        skull = skull_suspected(image.data, brain, np.linalg.norm(image.affine[:3, :3], axis=0))
+        skull = skull_suspected(brain, np.linalg.norm(image.affine[:3, :3], axis=0))
 
     # The world the grid is defined in: the subject's own, or the template's once registered.
     source_affine, aligned = image.affine, None
