@@ -21,30 +21,42 @@ from pathanat.errors import InputError
 AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
 
 
-@pytest.mark.parametrize(("name", "entities", "suffix"), [
-    ("sub-01_FLAIR.nii.gz", {"sub": "01"}, "FLAIR"),
-    ("sub-01_ses-2_acq-3d_run-02_T1w.nii",
-     {"sub": "01", "ses": "2", "acq": "3d", "run": "02"}, "T1w"),
-    ("sub-A1_ses-pre_space-orig_label-lesion_mask.nii.gz",
-     {"sub": "A1", "ses": "pre", "space": "orig", "label": "lesion"}, "mask"),
-    ("sub-01_desc-brain_mask.nii.gz", {"sub": "01", "desc": "brain"}, "mask"),
-])
+@pytest.mark.parametrize(
+    ("name", "entities", "suffix"),
+    [
+        ("sub-01_FLAIR.nii.gz", {"sub": "01"}, "FLAIR"),
+        (
+            "sub-01_ses-2_acq-3d_run-02_T1w.nii",
+            {"sub": "01", "ses": "2", "acq": "3d", "run": "02"},
+            "T1w",
+        ),
+        (
+            "sub-A1_ses-pre_space-orig_label-lesion_mask.nii.gz",
+            {"sub": "A1", "ses": "pre", "space": "orig", "label": "lesion"},
+            "mask",
+        ),
+        ("sub-01_desc-brain_mask.nii.gz", {"sub": "01", "desc": "brain"}, "mask"),
+    ],
+)
 def test_names_are_parsed_into_entities_and_suffix(name, entities, suffix):
     parsed = parse_name(name)
     assert parsed == (entities, suffix)
     assert list(parsed[0]) == list(entities)  # file order kept
 
 
-@pytest.mark.parametrize("name", [
-    "sub-01_FLAIR.json",  # a sidecar, not an image
-    "FLAIR.nii.gz",  # no entities
-    "ses-01_sub-01_T1w.nii.gz",  # sub must come first
-    "sub-01_run-a_T1w.nii.gz",  # run is an index
-    "sub-01_sub-02_T1w.nii.gz",  # an entity twice
-    "sub-01_acq_T1w.nii.gz",  # a key without a label
-    "sub-01_acq-3-d_T1w.nii.gz",  # labels are alphanumeric
-    "sub-01_T1-w.nii.gz",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sub-01_FLAIR.json",  # a sidecar, not an image
+        "FLAIR.nii.gz",  # no entities
+        "ses-01_sub-01_T1w.nii.gz",  # sub must come first
+        "sub-01_run-a_T1w.nii.gz",  # run is an index
+        "sub-01_sub-02_T1w.nii.gz",  # an entity twice
+        "sub-01_acq_T1w.nii.gz",  # a key without a label
+        "sub-01_acq-3-d_T1w.nii.gz",  # labels are alphanumeric
+        "sub-01_T1-w.nii.gz",
+    ],
+)
 def test_names_that_are_not_bids_are_refused(name):
     assert parse_name(name) is None
 
@@ -69,21 +81,27 @@ def session_tree(root: Path) -> Path:
             les = f"derivatives/lesions/{base}_label-lesion_mask.nii.gz"
             touch(root, les.replace("_label", "_space-orig_label") if sub == "03" else les)
             touch(root, f"derivatives/skullstrip/{base}_desc-brain_mask.nii.gz")
-        pd.DataFrame({"session_id": ["ses-1", "ses-2"], "age": [50 + int(sub), "n/a"],
-                      "edss": [2.5, 3.0]}).to_csv(
-            root / f"sub-{sub}" / f"sub-{sub}_sessions.tsv", sep="\t", index=False)
+        pd.DataFrame(
+            {"session_id": ["ses-1", "ses-2"], "age": [50 + int(sub), "n/a"], "edss": [2.5, 3.0]}
+        ).to_csv(root / f"sub-{sub}" / f"sub-{sub}_sessions.tsv", sep="\t", index=False)
     base = "sub-01/ses-1/anat/sub-01_ses-1"
     (root / f"{base}_FLAIR.nii.gz").rename(root / f"{base}_run-1_FLAIR.nii.gz")
     touch(root, f"{base}_run-2_FLAIR.nii.gz")
     les = root / f"derivatives/lesions/{base}_label-lesion_mask.nii.gz"
     les.rename(les.with_name("sub-01_ses-1_run-1_label-lesion_mask.nii.gz"))
     touch(root, f"derivatives/lesions/{base}_run-2_label-lesion_mask.nii.gz")
-    touch(root, "derivatives/lesions/sub-02/ses-1/anat/sub-02_ses-1_space-MNI152_label-lesion_mask"
-                ".nii.gz")  # another grid: never a match
+    touch(
+        root,
+        "derivatives/lesions/sub-02/ses-1/anat/sub-02_ses-1_space-MNI152_label-lesion_mask.nii.gz",
+    )  # another grid: never a match
     (root / "sub-01/ses-1/anat/sub-01_ses-1_run-2_FLAIR.json").write_text("{}")
-    pd.DataFrame({"participant_id": ["sub-01", "sub-02", "sub-03"], "age": ["40", "n/a", "60"],
-                  "sex": ["F", "M", "n/a"]}).to_csv(root / "participants.tsv", sep="\t",
-                                                    index=False)
+    pd.DataFrame(
+        {
+            "participant_id": ["sub-01", "sub-02", "sub-03"],
+            "age": ["40", "n/a", "60"],
+            "sex": ["F", "M", "n/a"],
+        }
+    ).to_csv(root / "participants.tsv", sep="\t", index=False)
     return root
 
 
@@ -91,7 +109,8 @@ def test_sessions_runs_and_derivatives_are_chosen_by_rule(tmp_path):
     root = session_tree(tmp_path / "bids")
     cohort = read_cohort(root, "FLAIR")
     assert [s.id for s in cohort.subjects] == [
-        f"sub-{p}_ses-{s}" for p in ("01", "02", "03") for s in ("1", "2")]
+        f"sub-{p}_ses-{s}" for p in ("01", "02", "03") for s in ("1", "2")
+    ]
     assert cohort.has_sessions and cohort.modality == "FLAIR"
     by_id = {s.id: s for s in cohort.subjects}
     first = by_id["sub-01_ses-1"]
@@ -116,8 +135,11 @@ def test_sessions_runs_and_derivatives_are_chosen_by_rule(tmp_path):
     assert by_id["sub-03_ses-1"].attributes["sex"] is None
     # The other contrast is a choice too. Its sub-01 ses-1 image states no run, so the masks
     # that state run-1 and run-2 are not its own: the session has no lesion mask.
-    with pytest.raises(InputError, match=r"sub-01_ses-1_label-lesion_mask\.nii\.gz: missing; 5 "
-                                         r"of 6 samples .* none for sub-01_ses-1"):
+    with pytest.raises(
+        InputError,
+        match=r"sub-01_ses-1_label-lesion_mask\.nii\.gz: missing; 5 "
+        r"of 6 samples .* none for sub-01_ses-1",
+    ):
         read_cohort(root, "T2w")
 
 
@@ -128,8 +150,11 @@ def test_an_entity_choice_picks_among_acquisitions(tmp_path):
         touch(root, f"sub-{sub}/anat/sub-{sub}_acq-3d_FLAIR.nii.gz")
         touch(root, f"sub-{sub}/anat/sub-{sub}_acq-3d_label-lesion_mask.nii.gz")
         touch(root, f"sub-{sub}/anat/sub-{sub}_acq-2d_label-lesion_mask.nii.gz")
-    with pytest.raises(InputError, match=r"differ in acq \(acq-2d, acq-3d\); choose one with "
-                                         r"--entity acq=LABEL"):
+    with pytest.raises(
+        InputError,
+        match=r"differ in acq \(acq-2d, acq-3d\); choose one with "
+        r"--entity acq=LABEL",
+    ):
         read_cohort(root)
     cohort = read_cohort(root, entities={"acq": "3d"})
     assert not cohort.has_sessions
@@ -153,10 +178,21 @@ def test_a_missing_derivative_is_one_clear_line_naming_the_file(tmp_path, capsys
     message = str(err.value)
     assert message.startswith(f"{expected}: missing;")
     assert "5 of 6 samples have a lesion mask in derivatives/lesions/, none for sub-02_ses-2" in (
-        message)
+        message
+    )
     # The command says it in one line and writes nothing.
-    code = main(["prepare", "--cohort", str(root), "--out", str(tmp_path / "cache"),
-                 "--suffix", "FLAIR", "--quiet"])
+    code = main(
+        [
+            "prepare",
+            "--cohort",
+            str(root),
+            "--out",
+            str(tmp_path / "cache"),
+            "--suffix",
+            "FLAIR",
+            "--quiet",
+        ]
+    )
     err_lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err_lines) == 1 and str(expected) in err_lines[0]
     assert not (tmp_path / "cache").exists()
@@ -165,8 +201,11 @@ def test_a_missing_derivative_is_one_clear_line_naming_the_file(tmp_path, capsys
 def test_a_pipeline_missing_a_brain_mask_is_an_error_but_raw_ones_may_be_partial(tmp_path):
     root = session_tree(tmp_path / "bids")
     remove(root, "derivatives/skullstrip/sub-03/ses-1/anat/sub-03_ses-1_desc-brain_mask.nii.gz")
-    with pytest.raises(InputError, match=r"sub-03_ses-1_desc-brain_mask\.nii\.gz: missing; 5 of 6 "
-                                         r"samples have a brain mask"):
+    with pytest.raises(
+        InputError,
+        match=r"sub-03_ses-1_desc-brain_mask\.nii\.gz: missing; 5 of 6 "
+        r"samples have a brain mask",
+    ):
         read_cohort(root, "FLAIR")
     flat = tmp_path / "flat"
     for sub in ("01", "02", "03"):
@@ -180,24 +219,33 @@ def test_masks_in_two_pipelines_need_a_choice(tmp_path):
     root = session_tree(tmp_path / "bids")
     for p in ("01", "02", "03"):
         for s in ("1", "2"):
-            touch(root, f"derivatives/manual/sub-{p}/ses-{s}/anat/sub-{p}_ses-{s}_label-lesion_mask"
-                        ".nii.gz")
-    with pytest.raises(InputError, match=r"its lesion mask is found in derivatives/lesions, "
-                                         r"derivatives/manual; choose the pipeline with "
-                                         r"--derivatives NAME"):
+            touch(
+                root,
+                f"derivatives/manual/sub-{p}/ses-{s}/anat/sub-{p}_ses-{s}_label-lesion_mask.nii.gz",
+            )
+    with pytest.raises(
+        InputError,
+        match=r"its lesion mask is found in derivatives/lesions, "
+        r"derivatives/manual; choose the pipeline with "
+        r"--derivatives NAME",
+    ):
         read_cohort(root, "FLAIR")
     manual = read_cohort(root, "FLAIR", derivatives=["manual", "skullstrip"])
     assert all("derivatives/manual/" in str(s.mask) for s in manual.subjects)
     assert all("derivatives/skullstrip/" in str(s.brain_mask) for s in manual.subjects)
-    with pytest.raises(InputError, match=r"derivatives/fmriprep: no such pipeline; the dataset "
-                                         r"has lesions, manual, skullstrip"):
+    with pytest.raises(
+        InputError,
+        match=r"derivatives/fmriprep: no such pipeline; the dataset "
+        r"has lesions, manual, skullstrip",
+    ):
         read_cohort(root, "FLAIR", derivatives=["fmriprep"])
 
 
 def test_layout_errors_name_the_file(tmp_path):
     root = session_tree(tmp_path / "bids")
-    with pytest.raises(InputError, match="several modalities \\(FLAIR, T2w\\); choose one with "
-                                         "--suffix"):
+    with pytest.raises(
+        InputError, match="several modalities \\(FLAIR, T2w\\); choose one with --suffix"
+    ):
         read_cohort(root)
     with pytest.raises(InputError, match=r"no PDw images; the dataset has \['FLAIR', 'T2w'\]"):
         read_cohort(root, "PDw")
@@ -216,8 +264,11 @@ def test_a_session_without_the_contrast_is_left_out_with_a_warning(tmp_path):
     remove(root, "sub-03/ses-2/anat/sub-03_ses-2_FLAIR.nii.gz")
     for f in (root / "derivatives").rglob("sub-03_ses-2_*"):
         f.unlink()
-    with pytest.warns(UserWarning, match=r"1 session\(s\) without a FLAIR image left out "
-                                         r"\(sub-03_ses-2\)"):
+    with pytest.warns(
+        UserWarning,
+        match=r"1 session\(s\) without a FLAIR image left out "
+        r"\(sub-03_ses-2\)",
+    ):
         cohort = read_cohort(root, "FLAIR")
     assert "sub-03_ses-2" not in [s.id for s in cohort.subjects]
     assert cohort.without_image == ["sub-03_ses-2"]
@@ -226,10 +277,18 @@ def test_a_session_without_the_contrast_is_left_out_with_a_warning(tmp_path):
 def test_csv_sessions_are_samples_of_one_participant(tmp_path):
     for name in ("a1", "a2", "b1"):
         touch(tmp_path, f"img/{name}_FLAIR.nii.gz")
-    pd.DataFrame({"subject": ["a", "a", "b"], "session": ["1", "2", "n/a"],
-                  "image": ["img/a1_FLAIR.nii.gz", "img/a2_FLAIR.nii.gz", "img/b1_FLAIR.nii.gz"],
-                  "age": [30, 31, 40]}).to_csv(tmp_path / "cohort.csv", index=False)
+    pd.DataFrame(
+        {
+            "subject": ["a", "a", "b"],
+            "session": ["1", "2", "n/a"],
+            "image": ["img/a1_FLAIR.nii.gz", "img/a2_FLAIR.nii.gz", "img/b1_FLAIR.nii.gz"],
+            "age": [30, 31, 40],
+        }
+    ).to_csv(tmp_path / "cohort.csv", index=False)
     cohort = read_cohort(tmp_path / "cohort.csv")
     assert [(s.id, s.participant, s.session) for s in cohort.subjects] == [
-        ("a_1", "a", "1"), ("a_2", "a", "2"), ("b", "b", None)]
+        ("a_1", "a", "1"),
+        ("a_2", "a", "2"),
+        ("b", "b", None),
+    ]
     assert cohort.attributes == ["age"] and cohort.has_sessions

@@ -72,8 +72,9 @@ def head(transform: np.ndarray) -> dict[str, nib.Nifti1Image]:
     to_voxel = np.linalg.solve(affine, to_template)
 
     def sample(data, order):
-        return ndimage.affine_transform(data, to_voxel[:3, :3], to_voxel[:3, 3],
-                                        output_shape=shape, order=order)
+        return ndimage.affine_transform(
+            data, to_voxel[:3, :3], to_voxel[:3, 3], output_shape=shape, order=order
+        )
 
     idx = np.indices(shape).reshape(3, -1)
     world = (to_template[:3, :3] @ idx + to_template[:3, 3:]).reshape(3, *shape)
@@ -100,20 +101,27 @@ def write_cohort(root: Path) -> Path:
     for (sub, ses), transform in SAMPLES.items():
         files = head(transform)
         name = f"sub-{sub}_ses-{ses}" + ("_run-2" if (sub, ses) == ("01", "1") else "")
-        folders = {"FLAIR": "", "desc-brain_mask": "derivatives/skullstrip",
-                   "label-lesion_mask": "derivatives/lesions"}
+        folders = {
+            "FLAIR": "",
+            "desc-brain_mask": "derivatives/skullstrip",
+            "label-lesion_mask": "derivatives/lesions",
+        }
         for suffix, img in files.items():
             folder = root / folders[suffix] / f"sub-{sub}/ses-{ses}/anat"
             folder.mkdir(parents=True, exist_ok=True)
             nib.save(img, folder / f"{name}_{suffix}.nii.gz")
         pd.DataFrame({"session_id": ["ses-1", "ses-2"], "edss": [2.0, 2.5]}).to_csv(
-            root / f"sub-{sub}" / f"sub-{sub}_sessions.tsv", sep="\t", index=False)
+            root / f"sub-{sub}" / f"sub-{sub}_sessions.tsv", sep="\t", index=False
+        )
     # An earlier, failed run: noise. The rule keeps the highest run, so it must not be used.
     noise = np.random.default_rng(0).uniform(0, 100, files["FLAIR"].shape).astype(np.float32)
-    nib.save(nib.Nifti1Image(noise, files["FLAIR"].affine),
-             root / "sub-01/ses-1/anat/sub-01_ses-1_run-1_FLAIR.nii.gz")
+    nib.save(
+        nib.Nifti1Image(noise, files["FLAIR"].affine),
+        root / "sub-01/ses-1/anat/sub-01_ses-1_run-1_FLAIR.nii.gz",
+    )
     pd.DataFrame({"participant_id": ["sub-01", "sub-02", "sub-03"], "age": [31, "n/a", 55]}).to_csv(
-        root / "participants.tsv", sep="\t", index=False)
+        root / "participants.tsv", sep="\t", index=False
+    )
     return root
 
 
@@ -121,8 +129,14 @@ def write_cohort(root: Path) -> Path:
 def caches(tmp_path_factory):
     root = tmp_path_factory.mktemp("register")
     cohort = write_cohort(root / "bids")
-    kw = {"in_plane_mm": 4.0, "slice_mm": 4.0, "n_slices": N_SLICES, "shape": SHAPE,
-          "progress": False, "workers": 2}
+    kw = {
+        "in_plane_mm": 4.0,
+        "slice_mm": 4.0,
+        "n_slices": N_SLICES,
+        "shape": SHAPE,
+        "progress": False,
+        "workers": 2,
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("error", PrepareWarning)  # a good cohort raises no warning
         registered = prepare_cohort(cohort, root / "affine", register="affine", **kw)
@@ -152,8 +166,9 @@ def test_a_turned_head_matches_its_unturned_session_after_affine_registration(ca
     assert r_after > 0.98, r_after
     assert r_before < 0.7, r_before
     # Every registered grid is the same template-space grid: slice k is one brain level.
-    affines = {sid: tuple(map(tuple, registered.affine(sid))) for sid in registered.manifest[
-        "subjects"]}
+    affines = {
+        sid: tuple(map(tuple, registered.affine(sid))) for sid in registered.manifest["subjects"]
+    }
     assert len(set(affines.values())) == 1
     # The lesion, carried by nearest neighbour, lands where the unturned session has it.
     a, b = slices(registered, ref, "lesion") > 0, slices(registered, turned, "lesion") > 0
@@ -198,10 +213,13 @@ def test_sessions_of_a_participant_share_a_split_and_the_tables_carry_both(cache
     assert rows[rows["subject"] == "sub-01_ses-1"]["age"].iloc[0] == 31
     # The run-1 noise was passed over, run-2 used: the session looks like the other one.
     assert registered.manifest["source"]["runs_passed_over"] == {
-        "sub-01_ses-1": ["sub-01_ses-1_run-1_FLAIR.nii.gz"]}
+        "sub-01_ses-1": ["sub-01_ses-1_run-1_FLAIR.nii.gz"]
+    }
     brain = slices(registered, "sub-01_ses-1", "brain") > 0
-    assert correlation(slices(registered, "sub-01_ses-1"), slices(registered, "sub-01_ses-2"),
-                       brain) > 0.95
+    assert (
+        correlation(slices(registered, "sub-01_ses-1"), slices(registered, "sub-01_ses-2"), brain)
+        > 0.95
+    )
     quality = [r["registration"] for r in registered.manifest["subjects"].values()]
     assert all(q["dice"] > 0.95 and q["ncc"] > 0.9 and not q["outlier"] for q in quality)
 
@@ -227,8 +245,10 @@ def with_skull(image: np.ndarray, brain: np.ndarray) -> np.ndarray:
     out[(outside > 9) & (outside <= 15)] = wm
     c = np.array(brain.shape) // 2
     near = outside <= 15
-    for box in (np.s_[c[0] - 2 : c[0] + 2, c[1] - 3 : c[1] + 3, : c[2] - 5],
-                np.s_[c[0] - 7 : c[0] - 5, c[1] + 12 :, c[2] - 10 : c[2] - 8]):
+    for box in (
+        np.s_[c[0] - 2 : c[0] + 2, c[1] - 3 : c[1] + 3, : c[2] - 5],
+        np.s_[c[0] - 7 : c[0] - 5, c[1] + 12 :, c[2] - 10 : c[2] - 8],
+    ):
         out[box] = np.where(near[box], 0.9 * wm, out[box])
     return out
 
@@ -249,10 +269,19 @@ def test_an_estimated_mask_that_holds_the_skull_is_told(tmp_path):
         anat = root / f"sub-{sub}" / "anat"
         anat.mkdir(parents=True)
         nib.save(nib.Nifti1Image(skull, files["FLAIR"].affine), anat / f"sub-{sub}_T1w.nii.gz")
-    kw = {"in_plane_mm": 4.0, "slice_mm": 4.0, "n_slices": 4, "shape": SHAPE, "progress": False,
-          "workers": 1}
-    with pytest.warns(PrepareWarning, match=r"sub-01_T1w\.nii\.gz: the estimated brain mask "
-                                            r"looks like it includes the skull .* 3 sample"):
+    kw = {
+        "in_plane_mm": 4.0,
+        "slice_mm": 4.0,
+        "n_slices": 4,
+        "shape": SHAPE,
+        "progress": False,
+        "workers": 1,
+    }
+    with pytest.warns(
+        PrepareWarning,
+        match=r"sub-01_T1w\.nii\.gz: the estimated brain mask "
+        r"looks like it includes the skull .* 3 sample",
+    ):
         cache = load_cache(prepare_cohort(root, tmp_path / "cache", **kw))
     assert cache.manifest["subjects"]["sub-02"]["skull_suspected"]
     for sub in ("01", "02", "03"):

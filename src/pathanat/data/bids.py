@@ -142,9 +142,7 @@ def agrees(mask: BidsFile, image: BidsFile) -> bool:
     """A mask belongs to an image: same sub and ses, and every source entity it states equal."""
     if (mask.sub, mask.ses) != (image.sub, image.ses):
         return False
-    return all(
-        image.entities.get(k) == v for k, v in mask.entities.items() if k in SOURCE_ENTITIES
-    )
+    return all(image.entities.get(k) == v for k, v in mask.entities.items() if k in SOURCE_ENTITIES)
 
 
 def specificity(mask: BidsFile) -> int:
@@ -195,8 +193,9 @@ def _has(file: BidsFile, fixed: Mapping[str, str]) -> bool:
     return all(file.entities.get(k) == v for k, v in fixed.items())
 
 
-def choose_mask(image: BidsFile, candidates: list[BidsFile], ranked: Sequence[str | None],
-                kind: str) -> BidsFile | None:
+def choose_mask(
+    image: BidsFile, candidates: list[BidsFile], ranked: Sequence[str | None], kind: str
+) -> BidsFile | None:
     """The mask of ``kind`` for ``image``: the most specific match from the first source that
     has one (sources in ``ranked`` order); ties and unranked duplicates are errors."""
     matches = [m for m in candidates if mask_kind(m) == kind and agrees(m, image)]
@@ -269,13 +268,15 @@ def find_sessions(
             continue
         image, others = chosen
         own = [m for m in masks if (m.sub, m.ses) == (sub, ses)]
-        sessions.append(Session(
-            participant=f"sub-{sub}",
-            session=f"ses-{ses}" if ses else None,
-            image=image,
-            masks={k: choose_mask(image, own, ranked, k) for k in MASK_KINDS},
-            passed_over=[f.path.name for f in others],
-        ))
+        sessions.append(
+            Session(
+                participant=f"sub-{sub}",
+                session=f"ses-{ses}" if ses else None,
+                image=image,
+                masks={k: choose_mask(image, own, ranked, k) for k in MASK_KINDS},
+                passed_over=[f.path.name for f in others],
+            )
+        )
     _check_masks_complete(root, sessions)
     return suffix, sessions, without
 
@@ -292,8 +293,12 @@ def _choose_suffix(root: Path, files: list[BidsFile], suffix: str | None) -> str
     if not known:
         raise InputError(
             f"{root}: no images; expected sub-*/[ses-*/]anat/sub-*_{{{','.join(IMAGE_SUFFIXES)}}}"
-            ".nii.gz" + (f" (found suffixes {', '.join(present)}: choose one with --suffix)"
-                         if present else "")
+            ".nii.gz"
+            + (
+                f" (found suffixes {', '.join(present)}: choose one with --suffix)"
+                if present
+                else ""
+            )
         )
     if len(known) > 1:
         raise InputError(

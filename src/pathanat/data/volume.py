@@ -11,8 +11,8 @@ the affine. Voxels outside the source's field of view are 0 (background).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 
