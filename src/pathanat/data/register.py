@@ -12,14 +12,14 @@ The metric samples 20% of the voxels with a fixed seed on one thread, so a rerun
 matrix. ITK's physical space is used with the RAS coordinates as they are (it needs only a
 consistent frame), so no LPS flip enters.
 
-Library choice, measured (``benchmarks/compare_registration.py``; 2 shared cores): the MNI T1
-rotated 10-14 degrees about three axes and shifted 15-22 mm, and an anisotropically scaled copy;
-affine error over the brain 0.08-0.11 mm mean (0.24 mm max) for SimpleITK and 0.08-0.09 mm
-(0.20 max) for dipy 1.12; a FLAIR phantom registered rotated and unrotated agreed to 0.13-0.16 mm
-(SimpleITK) and 0.06-0.35 mm (dipy). So both are accurate far below the 2 mm slice grid; the
-times are in that script's docstring. SimpleITK was chosen because its sampled metric takes a
-seed (dipy's random sampling does not, so reruns differ unless it samples every voxel, which is
-slower) and its images carry the direction cosines of oblique volumes natively.
+Library choice, measured (``benchmarks/compare_registration.py``, at 3 mm, one thread each, on
+2 shared cores): the MNI T1 turned 10-14 degrees about three axes and shifted 15-22 mm (once also
+scaled per axis) was recovered by an affine fit to 0.08 mm mean error over the brain with
+SimpleITK in 2.5-2.9 s, and to 0.18-0.19 mm with dipy 1.12 in 7.9-12.5 s; a FLAIR phantom
+registered turned and unturned agreed to 0.15 mm (SimpleITK, 8.4 s) and 0.40 mm (dipy, 25.8 s).
+Both are accurate far below the 2 mm slice grid. SimpleITK was chosen for its speed at equal
+reproducibility: its sampled metric takes a seed, while dipy's random sampling does not, so dipy
+was measured sampling every voxel (its reproducible setting), which is what makes it slower.
 """
 
 from __future__ import annotations
