@@ -52,8 +52,9 @@ def turned(data, affine, centre, angles, shift, scale=(1, 1, 1), zoom=None, shap
         grid = np.diag([zoom] * 3 + [1.0])
         grid[:3, 3] = centre + shift - zoom * (np.array(shape) - 1) / 2
     to_voxel = np.linalg.inv(affine) @ np.linalg.inv(truth) @ grid
-    out = ndimage.affine_transform(data, to_voxel[:3, :3], to_voxel[:3, 3],
-                                   output_shape=shape or data.shape, order=1)
+    out = ndimage.affine_transform(
+        data, to_voxel[:3, :3], to_voxel[:3, 3], output_shape=shape or data.shape, order=1
+    )
     return out.astype(np.float32), grid, truth
 
 
@@ -74,7 +75,8 @@ def sitk_register(fixed, fixed_affine, moving, moving_affine, kind):
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     f, m = _to_sitk(fixed, fixed_affine), _to_sitk(moving, moving_affine)
     start = sitk.CenteredTransformInitializer(
-        f, m, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS)
+        f, m, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
+    )
     rigid = sitk.Euler3DTransform(_optimise(f, m, start))
     if kind == "rigid":
         return _matrix(rigid)
@@ -93,14 +95,20 @@ def dipy_register(fixed, fixed_affine, moving, moving_affine, kind):
     )
     from dipy.align.transforms import AffineTransform3D, RigidTransform3D, TranslationTransform3D
 
-    reg = AffineRegistration(metric=MutualInformationMetric(32, None), level_iters=[200, 100, 50],
-                             sigmas=[2.0, 1.0, 0.0], factors=[4, 2, 1], verbosity=0)
+    reg = AffineRegistration(
+        metric=MutualInformationMetric(32, None),
+        level_iters=[200, 100, 50],
+        sigmas=[2.0, 1.0, 0.0],
+        factors=[4, 2, 1],
+        verbosity=0,
+    )
     found = transform_centers_of_mass(fixed, fixed_affine, moving, moving_affine).affine
     stages = [TranslationTransform3D(), RigidTransform3D()]
     stages += [AffineTransform3D()] if kind == "affine" else []
     for stage in stages:
-        found = reg.optimize(fixed, moving, stage, None, fixed_affine, moving_affine,
-                             starting_affine=found).affine
+        found = reg.optimize(
+            fixed, moving, stage, None, fixed_affine, moving_affine, starting_affine=found
+        ).affine
     return found  # static (template) world -> moving world, as SimpleITK's
 
 
@@ -134,16 +142,27 @@ def main() -> None:
         ("T1 turned", (12, -5, 8), (15, -12, 10), (1, 1, 1)),
         ("T1 turned + scaled", (-10, 14, -6), (-18, 10, 14), (1.05, 0.97, 1.02)),
     ):
-        data, grid, truth = turned(t1, img.affine, centre, angles, np.array(shift, float), scale,
-                                   zoom=1.5, shape=(130, 150, 130))
+        data, grid, truth = turned(
+            t1,
+            img.affine,
+            centre,
+            angles,
+            np.array(shift, float),
+            scale,
+            zoom=1.5,
+            shape=(130, 150, 130),
+        )
         data *= 1 + 0.1 * noise.normal(size=data.shape) * (data > 0)
         moving, moving_affine = downsample(data, grid, args.mm)
         for library, register in libraries.items():
             for kind in ("rigid", "affine"):
                 start = time.perf_counter()
                 found = register(fixed, fixed_affine, moving, moving_affine, kind)
-                print(f"{name:<40} {library:<10} {kind:<7} {error(found, truth):<24} "
-                      f"{time.perf_counter() - start:>6.1f}", flush=True)
+                print(
+                    f"{name:<40} {library:<10} {kind:<7} {error(found, truth):<24} "
+                    f"{time.perf_counter() - start:>6.1f}",
+                    flush=True,
+                )
 
     from pathanat.data.phantom import make_subject
 
@@ -158,8 +177,11 @@ def main() -> None:
             found_a = register(fixed, fixed_affine, *a, kind)
             found_b = register(fixed, fixed_affine, *b, kind)
             seconds = (time.perf_counter() - start) / 2
-            print(f"{'FLAIR phantom turned vs unturned':<40} {library:<10} {kind:<7} "
-                  f"{error(found_b, truth @ found_a):<24} {seconds:>6.1f}", flush=True)
+            print(
+                f"{'FLAIR phantom turned vs unturned':<40} {library:<10} {kind:<7} "
+                f"{error(found_b, truth @ found_a):<24} {seconds:>6.1f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

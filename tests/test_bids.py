@@ -156,6 +156,10 @@ def test_an_entity_choice_picks_among_acquisitions(tmp_path):
         r"--entity acq=LABEL",
     ):
         read_cohort(root)
+    with pytest.raises(InputError, match=r"no FLAIR image has acq-3D; they have acq-2d, acq-3d"):
+        read_cohort(root, entities={"acq": "3D"})
+    with pytest.raises(InputError, match=r"no FLAIR image has rec-norm; they have none states rec"):
+        read_cohort(root, entities={"rec": "norm"})
     cohort = read_cohort(root, entities={"acq": "3d"})
     assert not cohort.has_sessions
     for s in cohort.subjects:

@@ -238,6 +238,7 @@ def find_sessions(
     fixed = dict(fixed or {})
     raw = anat_files(root)
     suffix = _choose_suffix(root, raw, suffix)
+    _check_fixed(root, [f for f in raw if f.suffix == suffix], suffix, fixed)
     available = pipelines_of(root)
     if pipelines:
         unknown = [p for p in pipelines if p not in available]
@@ -305,6 +306,15 @@ def _choose_suffix(root: Path, files: list[BidsFile], suffix: str | None) -> str
             f"{root}: several modalities ({', '.join(known)}); choose one with --suffix"
         )
     return known[0]
+
+
+def _check_fixed(root: Path, images: list[BidsFile], suffix: str, fixed: Mapping[str, str]) -> None:
+    """Every fixed entity is on some image: a typo must not read as "no images"."""
+    for key, value in fixed.items():
+        if not any(f.entities.get(key) == value for f in images):
+            seen = sorted({f.entities[key] for f in images if key in f.entities})
+            have = ", ".join(f"{key}-{v}" for v in seen) if seen else f"none states {key}"
+            raise InputError(f"{root}: no {suffix} image has {key}-{value}; they have {have}")
 
 
 def _check_masks_complete(root: Path, sessions: list[Session]) -> None:

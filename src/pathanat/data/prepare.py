@@ -144,6 +144,7 @@ def prepare_subject(subject: Subject, settings: Settings) -> PreparedSubject:
             "brain_mask": _str(subject.brain_mask),
             "dseg": _str(subject.dseg),
         },
+        "mask_sources": subject.sources,
         "brain_mask_estimated": estimated,
         "skull_suspected": skull,
         "participant": subject.participant,
