@@ -222,15 +222,21 @@ def test_sessions_of_a_participant_share_a_split_and_the_tables_carry_both(cache
     )
     quality = [r["registration"] for r in registered.manifest["subjects"].values()]
     assert all(q["dice"] > 0.95 and q["ncc"] > 0.9 and not q["outlier"] for q in quality)
+    assert all(q["coverage"] > 0.99 for q in quality)  # whole heads
 
 
 def test_registration_outliers_are_flagged_by_rule():
-    records = {f"s{i}": {"registration": {"dice": 0.95 + 0.005 * (i % 3)}} for i in range(8)}
-    records["bad"] = {"registration": {"dice": 0.90}}  # above MIN_DICE, far below the cohort
+    def reg(dice, mode="affine", coverage=1.0):
+        return {"registration": {"dice": dice, "mode": mode, "coverage": coverage}}
+
+    records = {f"s{i}": reg(0.95 + 0.005 * (i % 3)) for i in range(8)}
+    records["bad"] = reg(0.90)  # above MIN_DICE, far below the cohort
+    records["slab"] = reg(0.97, coverage=0.3)  # an affine fit of a third of a brain
+    records["slab-rigid"] = reg(0.95, mode="rigid", coverage=0.3)
     records["plain"] = {}
-    assert flag_registration_outliers(records) == ["bad"]
+    assert flag_registration_outliers(records) == ["bad", "slab"]
     assert records["s0"]["registration"]["outlier"] is False
-    few = {"a": {"registration": {"dice": 0.96}}, "b": {"registration": {"dice": 0.8}}}
+    few = {"a": reg(0.96), "b": reg(0.8)}
     assert flag_registration_outliers(few) == ["b"]  # too few for a spread: MIN_DICE alone
 
 

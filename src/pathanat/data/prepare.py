@@ -271,7 +271,9 @@ def prepare_cohort(
 def flag_registration_outliers(records: dict[str, dict]) -> list[str]:
     """Mark (``registration.outlier``) and return the samples whose registration looks wrong:
     brain-mask Dice with the template below MIN_DICE, or (5+ samples) more than 3 robust standard
-    deviations (1.4826 x MAD) below the cohort's median Dice."""
+    deviations (1.4826 x MAD, at least 0.005) below the cohort's median Dice; or an affine fit of
+    a head that shows less than MIN_COVERAGE of the template's brain (e.g. a slab), whose scale
+    along the missing extent is unconstrained."""
     dice = {sid: r["registration"]["dice"] for sid, r in records.items() if "registration" in r}
     if not dice:
         return []
@@ -280,9 +282,13 @@ def flag_registration_outliers(records: dict[str, dict]) -> list[str]:
     if len(values) >= 5:
         mad = 1.4826 * np.median(np.abs(values - np.median(values)))
         floor = max(floor, float(np.median(values) - 3 * max(mad, 0.005)))
-    flagged = sorted(sid for sid, d in dice.items() if d < floor)
-    for sid in dice:
-        records[sid]["registration"]["outlier"] = sid in flagged
+    flagged = []
+    for sid, d in sorted(dice.items()):
+        reg = records[sid]["registration"]
+        partial = reg["mode"] == "affine" and reg.get("coverage", 1.0) < registration.MIN_COVERAGE
+        reg["outlier"] = bool(d < floor or partial)
+        if reg["outlier"]:
+            flagged.append(sid)
     return flagged
 
 
@@ -300,11 +306,15 @@ def _warn(source: Cohort, records: dict[str, dict]) -> None:
     outliers = sorted(sid for sid, r in records.items()
                       if r.get("registration", {}).get("outlier"))
     if outliers:
-        shown = ", ".join(f"{sid} (Dice {records[sid]['registration']['dice']:.2f})"
-                          for sid in outliers[:5])
+        shown = ", ".join(
+            f"{sid} (Dice {records[sid]['registration']['dice']:.2f}, "
+            f"{records[sid]['registration']['coverage']:.0%} of the brain in view)"
+            for sid in outliers[:5]
+        )
         warnings.warn(PrepareWarning(
             f"{source.source}: registration to the template looks wrong for {len(outliers)} "
-            f"sample(s): {shown}; check their images and brain masks"
+            f"sample(s): {shown}; check their images and brain masks (an affine fit needs the "
+            "whole brain in view: use --register rigid for slabs)"
         ), stacklevel=2)
 
 
