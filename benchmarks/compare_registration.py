@@ -11,7 +11,8 @@ runs on one thread (SimpleITK: SetGlobalDefaultNumberOfThreads(1); dipy is singl
 and samples deterministically (SimpleITK: 20% of voxels, fixed seed; dipy: every voxel, as its
 random sampling takes no seed).
 
-Measured at 3 mm on the 2 shared cores (other jobs ran; times are per registration):
+Measured at 3 mm on the 2 shared cores (other jobs ran, so times vary by 2-3x from run to run;
+a later run under heavier load gave the same errors with SimpleITK 4-7 s and dipy 24-50 s):
 
     case                                   SimpleITK              dipy 1.12
     T1 turned, rigid                       0.04 mm mean, 1.3 s    0.01 mm,  6.4 s
@@ -96,7 +97,7 @@ def dipy_register(fixed, fixed_affine, moving, moving_affine, kind):
     from dipy.align.transforms import AffineTransform3D, RigidTransform3D, TranslationTransform3D
 
     reg = AffineRegistration(
-        metric=MutualInformationMetric(32, None),
+        metric=MutualInformationMetric(nbins=32, sampling_proportion=None),
         level_iters=[200, 100, 50],
         sigmas=[2.0, 1.0, 0.0],
         factors=[4, 2, 1],
@@ -107,7 +108,13 @@ def dipy_register(fixed, fixed_affine, moving, moving_affine, kind):
     stages += [AffineTransform3D()] if kind == "affine" else []
     for stage in stages:
         found = reg.optimize(
-            fixed, moving, stage, None, fixed_affine, moving_affine, starting_affine=found
+            fixed,
+            moving,
+            stage,
+            None,
+            static_grid2world=fixed_affine,
+            moving_grid2world=moving_affine,
+            starting_affine=found,
         ).affine
     return found  # static (template) world -> moving world, as SimpleITK's
 
