@@ -10,6 +10,17 @@ load average is printed too, because other work on the machine inflates wall tim
 
     python benchmarks/bench_prepare.py --subjects 100 --workers 1 2
     python benchmarks/bench_prepare.py --source synthetic --full --subjects 100
+    python benchmarks/bench_prepare.py --source phantom --full --subjects 100 --register none affine
+
+With --register, each mode is timed in turn (registration to the MNI152 template before slicing:
+pathanat.data.register); the table adds the median and lowest brain-mask Dice with the template
+and the number of samples flagged as outliers. Measured (100 whole-head MS phantoms, 2 workers,
+2 cores shared with other jobs, load 7-8, so wall times are inflated; CPU s/subject is the
+steadier figure):
+
+    subjects register workers   wall s s/subject CPU s/subject peak RSS MB  load Dice med/min
+         100     none       2     49.4     0.494         0.348         795   7.4            -
+         100   affine       2    704.6     7.046         3.561        1418   8.4  0.979/0.972
 """
 
 from __future__ import annotations
@@ -125,22 +136,27 @@ class TreeMonitor(threading.Thread):
             self.stopped.wait(self.period_s)
 
 
-def measure(cohort: Path, out: Path, workers: int) -> dict:
+def measure(cohort: Path, out: Path, workers: int, register: str = "none") -> dict:
     """Run in the child process: prepare and report wall time, CPU time and peak RSS."""
     from pathanat.data.prepare import prepare_cohort
 
     monitor = TreeMonitor()
     monitor.start()
     start = time.perf_counter()
-    prepare_cohort(cohort, out, workers=workers, progress=False, overwrite=True)
+    prepare_cohort(cohort, out, workers=workers, progress=False, overwrite=True,
+                   register=register)
     wall = time.perf_counter() - start
     monitor.stopped.set()
     monitor.join()
     own = resource.getrusage(resource.RUSAGE_SELF)
     own_cpu = own.ru_utime + own.ru_stime
     others = sum(cpu for pid, cpu in monitor.cpu_s.items() if pid != os.getpid())
+    records = json.loads((out / "manifest.json").read_text())["subjects"].values()
+    dice = [r["registration"]["dice"] for r in records if "registration" in r]
     return {"wall_s": wall, "cpu_s": own_cpu + others, "rss_mb": monitor.peak_mb,
-            "load": os.getloadavg()[0]}
+            "load": os.getloadavg()[0],
+            "dice": [float(np.median(dice)), min(dice)] if dice else None,
+            "outliers": sum(r.get("registration", {}).get("outlier", False) for r in records)}
 
 
 def main() -> None:
@@ -150,12 +166,14 @@ def main() -> None:
     parser.add_argument("--source", choices=["phantom", "synthetic"], default="synthetic")
     parser.add_argument("--full", action="store_true", help="whole 197x233x189 volumes")
     parser.add_argument("--work", type=Path, default=None, help="folder kept for the cohorts")
-    parser.add_argument("--measure", nargs=3, metavar=("COHORT", "OUT", "WORKERS"),
+    parser.add_argument("--register", nargs="+", default=["none"],
+                        choices=["none", "rigid", "affine"])
+    parser.add_argument("--measure", nargs=4, metavar=("COHORT", "OUT", "WORKERS", "REGISTER"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        cohort, out, workers = args.measure
-        print(json.dumps(measure(Path(cohort), Path(out), int(workers))))
+        cohort, out, workers, register = args.measure
+        print(json.dumps(measure(Path(cohort), Path(out), int(workers), register)))
         return
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-prepare-"))
@@ -163,18 +181,22 @@ def main() -> None:
     shape = nib.load(next(cohort.glob("sub-*/anat/*_FLAIR.nii.gz"))).shape
     print(f"cohort: {cohort} ({args.source}, {'x'.join(map(str, shape))} at 1 mm), "
           f"{os.cpu_count()} cores")
-    header = (f"{'subjects':>8} {'workers':>7} {'wall s':>8} {'s/subject':>9} "
-              f"{'CPU s/subject':>13} {'peak RSS MB':>11} {'load':>5}")
+    header = (f"{'subjects':>8} {'register':>8} {'workers':>7} {'wall s':>8} {'s/subject':>9} "
+              f"{'CPU s/subject':>13} {'peak RSS MB':>11} {'load':>5} {'Dice med/min':>12} "
+              f"{'outliers':>8}")
     print(header)
     print("-" * len(header))
-    for workers in args.workers:
-        result = subprocess.run(
-            [sys.executable, __file__, "--measure", str(cohort), str(work / "cache"),
-             str(workers)], check=True, capture_output=True, text=True)
-        r = json.loads(result.stdout.strip().splitlines()[-1])
-        print(f"{args.subjects:>8} {workers:>7} {r['wall_s']:>8.1f} "
-              f"{r['wall_s'] / args.subjects:>9.3f} {r['cpu_s'] / args.subjects:>13.3f} "
-              f"{r['rss_mb']:>11.0f} {r['load']:>5.1f}")
+    for register in args.register:
+        for workers in args.workers:
+            result = subprocess.run(
+                [sys.executable, __file__, "--measure", str(cohort), str(work / "cache"),
+                 str(workers), register], check=True, capture_output=True, text=True)
+            r = json.loads(result.stdout.strip().splitlines()[-1])
+            dice = "-" if r["dice"] is None else f"{r['dice'][0]:.3f}/{r['dice'][1]:.3f}"
+            print(f"{args.subjects:>8} {register:>8} {workers:>7} {r['wall_s']:>8.1f} "
+                  f"{r['wall_s'] / args.subjects:>9.3f} {r['cpu_s'] / args.subjects:>13.3f} "
+                  f"{r['rss_mb']:>11.0f} {r['load']:>5.1f} {dice:>12} {r['outliers']:>8}",
+                  flush=True)
     if args.work is None:
         shutil.rmtree(work)
 

@@ -38,22 +38,42 @@ def _phantom(args: argparse.Namespace) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
+    import warnings
+
     from pathanat.data.prepare import prepare_cohort
 
-    out = prepare_cohort(
-        cohort=args.cohort,
-        out=args.out,
-        in_plane_mm=args.in_plane_mm,
-        slice_mm=args.slice_mm,
-        n_slices=args.slices,
-        shape=tuple(args.shape),
-        seed=args.seed,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-        modality=args.modality,
-        workers=args.workers,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        out = prepare_cohort(
+            cohort=args.cohort,
+            out=args.out,
+            in_plane_mm=args.in_plane_mm,
+            slice_mm=args.slice_mm,
+            n_slices=args.slices,
+            shape=tuple(args.shape),
+            seed=args.seed,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+            modality=args.suffix,
+            workers=args.workers,
+            derivatives=args.derivatives,
+            entities=_entities(args.entity),
+            register=args.register,
+        )
+    for w in caught:  # one line each, after the progress bar
+        if issubclass(w.category, UserWarning):
+            print(f"pathanat prepare: warning: {w.message}", file=sys.stderr)
     print(f"slice cache written to {out}")
+
+
+def _entities(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise PathanatError(f"--entity expects KEY=LABEL such as acq=3d; got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -245,13 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "prepare",
         "Turn a cohort of NIfTI volumes into a standardised, split slice cache.",
-        "pathanat prepare --cohort cohorts/ms --out caches/ms",
+        "pathanat prepare --cohort bids/ --out caches/ms --suffix FLAIR --derivatives lesions "
+        "--register affine",
     )
     p.add_argument(
         "--cohort",
         type=Path,
         required=True,
-        help="BIDS-like folder (sub-*/anat/*.nii.gz, participants.tsv) or a CSV manifest",
+        help="BIDS folder (sub-*/[ses-*/]anat/*.nii.gz, participants.tsv, derivatives/) or a CSV "
+        "manifest (README, Data formats)",
     )
     p.add_argument("--out", type=Path, required=True, help="output cache folder")
     p.add_argument("--in-plane-mm", type=float, default=2.0, help="in-plane voxel size (default 2)")
@@ -274,10 +296,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="seed of the subject-level split (default 0)"
     )
     p.add_argument(
+        "--suffix",
         "--modality",
-        choices=["FLAIR", "T2w", "T1w"],
+        dest="suffix",
         default=None,
-        help="which image of a BIDS cohort to use when it holds several",
+        metavar="SUFFIX",
+        help="the image contrast to use, as its BIDS suffix (FLAIR, T2w, T1w, ...), when the "
+        "cohort holds several",
+    )
+    p.add_argument(
+        "--derivatives",
+        nargs="+",
+        metavar="NAME",
+        default=None,
+        help="pipelines under derivatives/ that masks come from, in order of preference "
+        "(default: any; a mask found in two is an error)",
+    )
+    p.add_argument(
+        "--entity",
+        action="append",
+        default=[],
+        metavar="KEY=LABEL",
+        help="an entity the image must have, e.g. acq=3d (repeatable); of several runs left, "
+        "the highest is used",
+    )
+    p.add_argument(
+        "--register",
+        choices=["none", "rigid", "affine"],
+        default="none",
+        help="align each head to the MNI152 template before slicing (default none: the volumes "
+        "are taken as aligned)",
     )
     p.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache")

@@ -3,10 +3,12 @@
 Cache layout (this module writes it and ``load_cache`` reads it; nothing else knows it):
 
     CACHE/manifest.json        how the cache was made: version, parameters, source cohort, and per
-                               subject its source files, original shape/zooms/orientation,
+                               sample its source files, original shape/zooms/orientation,
                                standardisation mean and std, kept slices, prepared-grid affine,
-                               split
-    CACHE/subjects.tsv         subject, split, attributes
+                               split, and (registered) the transform and its quality
+    CACHE/subjects.tsv         subject (the sample), split, [participant, session,] attributes
+    CACHE/transforms/{subject}_from-MNI152NLin2009aSym_to-orig_xfm.txt
+                               registered caches: the 4 x 4 template-world -> subject-world matrix
     CACHE/{split}_image.npy    float32 (N, NX, NY) standardised slices; axes are RAS x, y
     CACHE/{split}_brain.npy    uint8 (N, NX, NY) brain mask
     CACHE/{split}_lesion.npy   uint8 (N, NX, NY) lesion mask, when the cohort has lesion masks
@@ -14,14 +16,20 @@ Cache layout (this module writes it and ``load_cache`` reads it; nothing else kn
     CACHE/{split}_slices.tsv   one row per slice: subject, slice (k of the prepared grid), z_mm
                                (world z of the slice centre), attributes
 
+A sample ("subject" in the tables) is one image: a participant's session, or the participant.
+Samples are split by participant, so every session of a person lies in one split.
+
 Slice k of a subject maps to world coordinates through that subject's affine in the manifest:
-(x, y, z, 1) = affine @ (i, j, k, 1).
+(x, y, z, 1) = affine @ (i, j, k, 1); the world is the subject's own unless the cache was
+registered (``--register``), when it is the template's and ``Cache.subject_affine`` maps the
+slice voxels to the subject's world.
 """
 
 from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import closing
@@ -36,8 +44,10 @@ from tqdm.auto import tqdm
 
 from pathanat import __version__
 from pathanat.atomic import atomic_dir
+from pathanat.data import register as registration
 from pathanat.data.cohort import Cohort, Subject, read_cohort
 from pathanat.data.volume import (
+    STANDARDISE_PERCENTILES,
     binary,
     brain_box,
     check_same_grid,
@@ -45,6 +55,7 @@ from pathanat.data.volume import (
     labels,
     load_volume,
     resample,
+    skull_suspected,
     slice_grid,
     standardisation,
 )
@@ -65,6 +76,7 @@ class Settings:
     slice_mm: float
     n_slices: int
     shape: tuple[int, int]
+    register: str = "none"
 
 
 @dataclass
@@ -97,15 +109,25 @@ def prepare_subject(subject: Subject, settings: Settings) -> PreparedSubject:
     if not brain.any():
         where = subject.image if estimated else subject.brain_mask
         raise InputError(f"{where}: the brain mask is empty; expected a brain")
+    skull = None
+    if estimated:
+        skull = skull_suspected(brain, np.linalg.norm(image.affine[:3, :3], axis=0))
 
-    lo, hi = brain_box(brain, image.affine)
+    # The world the grid is defined in: the subject's own, or the template's once registered.
+    source_affine, aligned = image.affine, None
+    if settings.register != "none":
+        aligned = registration.register(image.data, image.affine, brain, settings.register)
+        source_affine = np.linalg.solve(aligned.matrix, image.affine)
+    lo, hi = brain_box(brain, source_affine)
+    # Registered grids share the template's centre, so slice k is one brain level in everyone.
+    centre = (lo + hi) / 2 if aligned is None else registration.brain_centre()
     grid = slice_grid(
-        (lo + hi) / 2, settings.in_plane_mm, settings.slice_mm, settings.shape, settings.n_slices
+        centre, settings.in_plane_mm, settings.slice_mm, settings.shape, settings.n_slices
     )
     grid_shape = (*settings.shape, settings.n_slices)
 
     def on_grid(data: np.ndarray, order: int) -> np.ndarray:
-        out = resample(data, image.affine, grid, grid_shape, order)
+        out = resample(data, source_affine, grid, grid_shape, order)
         return np.ascontiguousarray(np.moveaxis(out, 2, 0))  # slices first: (n, NX, NY)
 
     values = on_grid(image.data, order=1)
@@ -122,7 +144,12 @@ def prepare_subject(subject: Subject, settings: Settings) -> PreparedSubject:
             "brain_mask": _str(subject.brain_mask),
             "dseg": _str(subject.dseg),
         },
+        "mask_sources": subject.sources,
         "brain_mask_estimated": estimated,
+        "skull_suspected": skull,
+        "participant": subject.participant,
+        "session": subject.session,
+        "entities": subject.entities,
         "original": {
             "shape": list(image.shape),
             "zooms": list(image.zooms),
@@ -135,6 +162,8 @@ def prepare_subject(subject: Subject, settings: Settings) -> PreparedSubject:
         "kept_z_mm": [float(z_mm[0]), float(z_mm[-1])],
         "affine": grid.tolist(),
     }
+    if aligned is not None:
+        record["registration"] = aligned.record()
     return PreparedSubject(
         id=subject.id,
         image=((values - mean) / std).astype(np.float32),
@@ -162,6 +191,10 @@ def split_subjects(ids: Sequence[str], seed: int) -> dict[str, str]:
     return out
 
 
+class PrepareWarning(UserWarning):
+    """Something in a prepared cohort a user should look at; the cache is written regardless."""
+
+
 def prepare_cohort(
     cohort: Path,
     out: Path,
@@ -174,25 +207,40 @@ def prepare_cohort(
     progress: bool = True,
     modality: str | None = None,
     workers: int = 2,
+    derivatives: Sequence[str] | None = None,
+    entities: dict[str, str] | None = None,
+    register: str = "none",
 ) -> Path:
-    """Prepare a cohort (BIDS-like folder or CSV manifest) into a slice cache at ``out``.
+    """Prepare a cohort (BIDS folder or CSV manifest) into a slice cache at ``out``.
 
     ``n_slices`` defaults to 24 for FLAIR/T2w and 16 for T1w (else 24 with lesion masks, 16
-    without); ``modality`` picks the image when a BIDS cohort has several; ``workers`` processes
-    prepare subjects in parallel. Nothing is left at ``out`` unless the whole cache was written.
+    without); ``modality`` is the image suffix to use when a BIDS cohort has several;
+    ``derivatives`` the pipelines masks come from and ``entities`` entities the image must have
+    (pathanat.data.bids); ``register`` (none, rigid, affine) aligns each head to the MNI152
+    template first (pathanat.data.register); ``workers`` processes prepare samples in parallel.
+    Samples are split 60/20/20 by participant. Nothing is left at ``out`` unless the whole cache
+    was written. Estimated brain masks that look like they hold the skull, and registrations
+    whose quality is an outlier, are warned of (PrepareWarning) and recorded in the manifest.
     """
     _check_settings(in_plane_mm, slice_mm, n_slices, shape, workers)
-    source = read_cohort(cohort, modality)
+    if register not in registration.MODES:
+        raise ConfigError(f"register must be one of {', '.join(registration.MODES)}; "
+                          f"got {register!r}")
+    source = read_cohort(cohort, modality, derivatives, entities)
     if n_slices is None:
         default = 24 if source.has_lesion else 16
         n_slices = DEFAULT_SLICES.get(source.modality or "", default)
-    settings = Settings(float(in_plane_mm), float(slice_mm), int(n_slices), tuple(map(int, shape)))
-    if len(source.subjects) < len(SPLITS):
+    settings = Settings(float(in_plane_mm), float(slice_mm), int(n_slices),
+                        tuple(map(int, shape)), register)
+    participants = sorted({s.participant for s in source.subjects})
+    if len(participants) < len(SPLITS):
         raise InputError(
-            f"{source.source}: {len(source.subjects)} subject(s); a train/val/test split needs at "
+            f"{source.source}: {len(participants)} subject(s); a train/val/test split needs at "
             f"least {len(SPLITS)} (one per split)"
         )
-    split_of = split_subjects([s.id for s in source.subjects], seed)
+    # By participant: two sessions of one person in train and test would leak their anatomy.
+    split_of_participant = split_subjects(participants, seed)
+    split_of = {s.id: split_of_participant[s.participant] for s in source.subjects}
     members = {k: [s for s in source.subjects if split_of[s.id] == k] for k in SPLITS}
 
     out = Path(out)
@@ -203,7 +251,7 @@ def prepare_cohort(
         # closing() stops the worker pool as soon as anything here fails, not at garbage collection.
         with closing(_prepared(source.subjects, settings, workers)) as prepared:
             for done in tqdm(prepared, total=len(source.subjects), desc="prepare",
-                             unit="subject", disable=not progress):
+                             unit="sample", disable=not progress):
                 split, start = slot[done.id]
                 for name, array in arrays[split].items():
                     array[start : start + n_slices] = getattr(done, name)
@@ -212,9 +260,62 @@ def prepare_cohort(
             for array in split_arrays.values():
                 array.flush()
         del arrays  # close the memory maps before the folder is renamed
+        flag_registration_outliers(records)
         _write_tables(tmp, source, members, records, settings)
+        _write_transforms(tmp, records)
         _write_manifest(tmp, source, members, records, settings, seed)
+    _warn(source, records)
     return out
+
+
+def flag_registration_outliers(records: dict[str, dict]) -> list[str]:
+    """Mark (``registration.outlier``) and return the samples whose registration looks wrong:
+    brain-mask Dice with the template below MIN_DICE, or (5+ samples) more than 3 robust standard
+    deviations (1.4826 x MAD, at least 0.005) below the cohort's median Dice; or an affine fit of
+    a head that shows less than MIN_COVERAGE of the template's brain (e.g. a slab), whose scale
+    along the missing extent is unconstrained."""
+    dice = {sid: r["registration"]["dice"] for sid, r in records.items() if "registration" in r}
+    if not dice:
+        return []
+    values = np.array(list(dice.values()))
+    floor = registration.MIN_DICE
+    if len(values) >= 5:
+        mad = 1.4826 * np.median(np.abs(values - np.median(values)))
+        floor = max(floor, float(np.median(values) - 3 * max(mad, 0.005)))
+    flagged = []
+    for sid, d in sorted(dice.items()):
+        reg = records[sid]["registration"]
+        partial = reg["mode"] == "affine" and reg.get("coverage", 1.0) < registration.MIN_COVERAGE
+        reg["outlier"] = bool(d < floor or partial)
+        if reg["outlier"]:
+            flagged.append(sid)
+    return flagged
+
+
+def _warn(source: Cohort, records: dict[str, dict]) -> None:
+    """One line per kind of problem, naming the samples (and the manifest records them)."""
+    skull = sorted(sid for sid, r in records.items() if r.get("skull_suspected"))
+    if skull:
+        first = records[skull[0]]
+        warnings.warn(PrepareWarning(
+            f"{first['sources']['image']}: the estimated brain mask looks like it includes the "
+            f"skull ({first['skull_suspected']}); {len(skull)} sample(s) so "
+            f"({', '.join(skull[:5])}): give brain masks (a desc-brain_mask derivative or a "
+            "brain_mask column)"
+        ), stacklevel=2)
+    outliers = sorted(sid for sid, r in records.items()
+                      if r.get("registration", {}).get("outlier"))
+    if outliers:
+        shown = ", ".join(
+            f"{sid} (Dice {records[sid]['registration']['dice']:.2f}, "
+            f"{records[sid]['registration']['coverage']:.0%} of the brain in view)"
+            for sid in outliers[:5]
+        )
+        warnings.warn(PrepareWarning(
+            f"{source.source}: registration to the template looks wrong for {len(outliers)} "
+            f"sample(s): {shown}; check their images and brain masks (an affine fit needs the "
+            "whole brain in view: use --register rigid for slabs)"
+        ), stacklevel=2)
 
 
 def _check_settings(
@@ -281,8 +382,15 @@ def _write_tables(
     records: dict[str, dict],
     settings: Settings,
 ) -> None:
-    rows = [{"subject": s.id, "split": k, **s.attributes} for k in SPLITS for s in members[k]]
-    _to_tsv(pd.DataFrame(rows, columns=["subject", "split", *source.attributes]),
+    # With sessions, the tables say whose session each sample is (the split follows the person).
+    who = ["participant", "session"] if source.has_sessions else []
+
+    def identity(s: Subject) -> dict:
+        return {"participant": s.participant, "session": s.session} if who else {}
+
+    rows = [{"subject": s.id, "split": k, **identity(s), **s.attributes}
+            for k in SPLITS for s in members[k]]
+    _to_tsv(pd.DataFrame(rows, columns=["subject", "split", *who, *source.attributes]),
             folder / "subjects.tsv")
     for split in SPLITS:
         rows = []
@@ -290,9 +398,28 @@ def _write_tables(
             z0, z1 = records[s.id]["kept_z_mm"]
             for k, z in enumerate(np.linspace(z0, z1, settings.n_slices)):
                 rows.append({"subject": s.id, "slice": k, "z_mm": round(float(z), 4),
-                             **s.attributes})
-        columns = ["subject", "slice", "z_mm", *source.attributes]
+                             **identity(s), **s.attributes})
+        columns = ["subject", "slice", "z_mm", *who, *source.attributes]
         _to_tsv(pd.DataFrame(rows, columns=columns), folder / f"{split}_slices.tsv")
+
+
+def transform_name(subject: str) -> str:
+    return f"{subject}_from-{registration.TEMPLATE_NAME}_to-orig_xfm.txt"
+
+
+def _write_transforms(folder: Path, records: dict[str, dict]) -> None:
+    """Per registered sample, its template -> subject matrix as text (numpy.loadtxt reads it)."""
+    registered = {sid: r["registration"] for sid, r in records.items() if "registration" in r}
+    if not registered:
+        return
+    (folder / "transforms").mkdir()
+    for sid, reg in registered.items():
+        np.savetxt(
+            folder / "transforms" / transform_name(sid), np.array(reg["template_to_subject"]),
+            fmt="%.6f",
+            header=f"{reg['mode']} transform of {sid}: maps {reg['template']} world (mm, RAS) to "
+                   "the subject's world (mm, RAS) of its source image",
+        )
 
 
 def _to_tsv(table: pd.DataFrame, path: Path) -> None:
@@ -317,8 +444,13 @@ def _write_manifest(
             "shape": list(settings.shape),
             "seed": seed,
             "split_fractions": dict(zip(SPLITS, SPLIT_FRACTIONS, strict=True)),
-            "standardisation": "per subject, zero mean and unit variance over the brain-mask "
-                               "voxels of the kept slices; original = value * std + mean",
+            "standardisation": "per sample, zero mean and unit variance over the brain-mask "
+                               "voxels of the kept slices between their "
+                               f"{STANDARDISE_PERCENTILES[0]:g}th and "
+                               f"{STANDARDISE_PERCENTILES[1]:g}th percentiles (values are not "
+                               "clipped); original = value * std + mean",
+            "register": settings.register,
+            "split_unit": "participant: every session of a person is in one split",
             "interpolation": "image: linear after Gaussian anti-aliasing where downsampling; "
                              "masks and dseg: nearest neighbour",
         },
@@ -326,11 +458,17 @@ def _write_manifest(
             "path": str(Path(source.source).resolve()),
             "layout": source.layout,
             "modality": source.modality,
+            "sessions": source.has_sessions,
+            "runs_passed_over": source.passed_over,
+            "sessions_without_image": source.without_image,
         },
         "arrays": ["image", "brain"] + ["lesion"] * source.has_lesion + ["dseg"] * source.has_dseg,
         "attributes": source.attributes,
         "numeric_attributes": _numeric(source),
         "splits": {split: [s.id for s in members[split]] for split in SPLITS},
+        "participants": {
+            split: sorted({s.participant for s in members[split]}) for split in SPLITS
+        },
         "subjects": {sid: records[sid] for sid in sorted(records)},
     }
     write_json(folder / "manifest.json", manifest)
@@ -428,6 +566,16 @@ class Cache:
     def affine(self, subject: str) -> np.ndarray:
         """Voxel (i, j, slice) -> world (mm, RAS) affine of ``subject``'s prepared slices."""
         return np.array(self._record(subject)["affine"])
+
+    def transform(self, subject: str) -> np.ndarray | None:
+        """Template world -> subject world (4 x 4) of a registered ``subject``; else None."""
+        reg = self._record(subject).get("registration")
+        return None if reg is None else np.array(reg["template_to_subject"])
+
+    def subject_affine(self, subject: str) -> np.ndarray:
+        """Voxel (i, j, slice) -> the subject's own world (mm, RAS), registered or not."""
+        moved = self.transform(subject)
+        return self.affine(subject) if moved is None else moved @ self.affine(subject)
 
     def to_original(self, values: np.ndarray, subjects: str | Sequence[str]) -> np.ndarray:
         """Standardised values back on the original intensity scale.

@@ -111,7 +111,7 @@ def pathology_of(columns: Sequence[str], where: str) -> str:
 
 def factor_names(slices: pd.DataFrame) -> list[str]:
     """Numeric attribute columns of a slice table, seeds and bookkeeping columns left out."""
-    skip = {"subject", "slice", "z_mm", "split"}
+    skip = {"subject", "slice", "z_mm", "split", "participant", "session"}
     return [
         c for c in slices.columns
         if c not in skip and not c.endswith("_seed") and pd.api.types.is_numeric_dtype(slices[c])
