@@ -206,6 +206,11 @@ def test_sessions_of_a_participant_share_a_split_and_the_tables_carry_both(cache
     parts = registered.manifest["participants"]
     assert sorted(p for k in SPLITS for p in parts[k]) == ["sub-01", "sub-02", "sub-03"]
     assert registered.manifest["parameters"]["split_unit"].startswith("participant")
+    # the intervals' unit is the person: a participant's two sessions are resampled together
+    for k in SPLITS:
+        split = registered.split(k)
+        assert sorted(set(split.participants)) == sorted(parts[k])
+        assert split.slices["subject"].nunique() == 2 * len(parts[k])  # two sessions each
     rows = pd.concat([registered.split(k).slices for k in SPLITS])
     first = rows[rows["subject"] == "sub-02_ses-2"].iloc[0]
     assert first["participant"] == "sub-02" and first["session"] == "ses-2"

@@ -507,6 +507,13 @@ class CacheSplit:
     def __len__(self) -> int:
         return len(self.slices)
 
+    @property
+    def participants(self) -> np.ndarray:
+        """Each slice's participant: the unit a bootstrap resamples, since a person's sessions
+        are correlated (the subject, i.e. the sample, in a cache without sessions)."""
+        column = "participant" if "participant" in self.slices else "subject"
+        return self.slices[column].to_numpy()
+
 
 @dataclass(frozen=True)
 class Cache:

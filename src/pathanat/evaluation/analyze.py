@@ -281,7 +281,7 @@ def analyze(
     tables: dict[str, pd.DataFrame] = {}
 
     # targets per slice and per subject
-    slice_targets, subject_targets, subject_codes = {}, {}, {}
+    slice_targets, subject_targets, subject_codes, sample_participants = {}, {}, {}, {}
     for split in (train, test):
         names = factor_names(split.slices)
         table = split.slices[names].astype(float).reset_index(drop=True)
@@ -293,6 +293,9 @@ def analyze(
         ids, _ = subject_average(np.zeros((len(subjects), 1)), subjects)
         first = split.slices.drop_duplicates("subject").set_index("subject").loc[ids]
         subject_targets[split.name] = first[names].astype(float).reset_index(drop=True)
+        # a sample is a session where the cohort has sessions: its person is the bootstrap unit
+        sample_participants[split.name] = (first["participant"].to_numpy()
+                                           if "participant" in first else None)
         subject_codes[split.name] = [subject_average(c, subjects)[1] for c in codes[split.name]]
 
     # Table 4
@@ -305,12 +308,12 @@ def analyze(
     summary: dict = {"pathology": pathology, "train_split": train.name, "test_split": test.name,
                      "groups": groups, "code_sizes": [c.shape[1] for c in codes[test.name]]}
     table4 = {}
-    slice_subjects = test.slices["subject"].to_numpy()
+    slice_subjects = test.participants
     for unit, target, tr_codes, te_codes, targets, clusters in (
         ("slice", slice_target, codes[train.name], codes[test.name], slice_targets,
          slice_subjects),
         ("subject", subject_target, subject_codes[train.name], subject_codes[test.name],
-         subject_targets, None),
+         subject_targets, sample_participants[test.name]),
     ):
         if target not in targets[train.name]:
             table4[unit] = {"target": target, "skipped": "no such column"}
@@ -327,8 +330,8 @@ def analyze(
                         "skipped": skipped}
     table4["paper_analogue"] = "subject"
     table4["ci_method"] = ("95% percentile bootstrap of the test R2 of the fitted Lasso over test "
-                           "subjects (slice level: each subject's slices drawn together); the "
-                           "test set's sampling error, not the fit's variation over training sets")
+                           "participants (each one's slices and sessions drawn together); the test "
+                           "set's sampling error, not the fit's variation over training sets")
     table4["samples"] = {"slice": [len(images[train.name]), len(images[test.name])],
                          "subject": [len(subject_targets[train.name]),
                                      len(subject_targets[test.name])]}
@@ -337,7 +340,8 @@ def analyze(
     # every factor, both units
     for unit, tr_codes, te_codes, targets, clusters in (
         ("slice", codes[train.name], codes[test.name], slice_targets, slice_subjects),
-        ("subject", subject_codes[train.name], subject_codes[test.name], subject_targets, None),
+        ("subject", subject_codes[train.name], subject_codes[test.name], subject_targets,
+         sample_participants[test.name]),
     ):
         t, skipped = r2_tables(groups, tr_codes, te_codes, targets[train.name],
                                targets[test.name], test_clusters=clusters)

@@ -111,8 +111,7 @@ def score_maps(images: np.ndarray, healthy: np.ndarray, reconstructions: np.ndar
 
 
 def _arrays(data: CacheSplit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return (np.asarray(data.lesion) > 0, np.asarray(data.brain) > 0,
-            data.slices["subject"].to_numpy())
+    return np.asarray(data.lesion) > 0, np.asarray(data.brain) > 0, data.participants
 
 
 def lesion_detection(val_scores: np.ndarray, test_scores: np.ndarray, val: CacheSplit,
@@ -263,7 +262,7 @@ def swap_record(k: Setting, train: CacheSplit, val: CacheSplit, test: CacheSplit
     a, b = (np.array(side) for side in zip(*choose_pairs(test, pairs, k.seed), strict=True))
     image = np.asarray(test.image, dtype=np.float32)
     lesion, dseg = np.asarray(test.lesion) > 0, np.asarray(test.dseg)
-    subjects = test.slices["subject"].to_numpy()
+    subjects = test.participants  # the bootstrap's unit
     size = image.shape[1:]
     za, zb = k.encoded(image[a]), k.encoded(image[b])
     mix = k.segmented(k.decoded(swapped(za, zb, k.pathology), size))
@@ -298,7 +297,7 @@ def conditional_record(k: Setting, test: CacheSplit, sources: np.ndarray) -> dic
     return {"temperature": CONDITIONAL_TEMPERATURE,
             **conditional_scores(scored, np.asarray(test.lesion)[sources] > 0,
                                  np.asarray(test.dseg)[sources],
-                                 test.slices["subject"].to_numpy()[sources], k.pixel_mm2, k.seed)}
+                                 test.participants[sources], k.pixel_mm2, k.seed)}
 
 
 def summary_lines(result: dict) -> list[str]:
@@ -435,7 +434,7 @@ def _records(k: Setting, cache: Cache, val: CacheSplit, test: CacheSplit, pairs:
         sources = swap.a[np.sort(first)]  # the distinct slices a, in the pairs' order
         clock = time.perf_counter()
         records["composition"] = composition_record(k, rebuilt, sources[:COMPOSITION_SLICES],
-                                                    test.slices["subject"].to_numpy())
+                                                    test.participants)
         seconds["composition"] = time.perf_counter() - clock
         clock = time.perf_counter()
         records["conditional"] = conditional_record(k, test, sources[:CONDITIONAL_SOURCES])

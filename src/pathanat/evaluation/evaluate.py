@@ -195,10 +195,9 @@ def sample_plausibility(
     """Brain-like fractions of ``n`` prior samples at each of ``SAMPLE_TEMPERATURES`` and of the
     split's real slices, against the cache's real brains ``references``."""
     size = tuple(data.image.shape[1:])
-    subjects = data.slices["subject"].to_numpy()
     return {
         "test": TEST,
-        "real": plausibility(np.asarray(data.image), references, subjects, seed),
+        "real": plausibility(np.asarray(data.image), references, data.participants, seed),
         "samples": {
             str(t): plausibility(prior_samples(model, n, size, batch_size, t), references)
             for t in SAMPLE_TEMPERATURES
@@ -269,6 +268,7 @@ def evaluate(
     images = np.array(data.image, dtype=np.float32)  # a copy: the cache is memory-mapped
     brain = np.asarray(data.brain).astype(bool)
     subjects = data.slices["subject"].to_numpy()
+    clusters = data.participants  # what the intervals resample: a person's sessions together
     size = images.shape[1:]
     dims = int(np.prod(size)) * model.config.in_channels
     timings = {}
@@ -357,17 +357,17 @@ def evaluate(
             "bins": {"low": NLL_BINS.low, "high": NLL_BINS.high, "levels": NLL_BINS.levels,
                      "edges": "the two edge bins open to -inf / +inf"},
             "dims": dims,
-            "nats_per_slice": summary(per_slice["nll_nats"].to_numpy(), subjects, seed),
-            "bits_per_dim": summary(per_slice["bits_per_dim"].to_numpy(), subjects, seed),
+            "nats_per_slice": summary(per_slice["nll_nats"].to_numpy(), clusters, seed),
+            "bits_per_dim": summary(per_slice["bits_per_dim"].to_numpy(), clusters, seed),
             "continuous": {
                 "what": "the same bound with the continuous Gaussian density p(x | z) the model "
                         "is trained with (same z_s); unbounded, may fall below 0 bits/dim",
-                "nats_per_slice": summary(per_slice["continuous_nll_nats"].to_numpy(), subjects,
+                "nats_per_slice": summary(per_slice["continuous_nll_nats"].to_numpy(), clusters,
                                           seed),
-                "bits_per_dim": summary(per_slice["continuous_bits_per_dim"].to_numpy(), subjects,
+                "bits_per_dim": summary(per_slice["continuous_bits_per_dim"].to_numpy(), clusters,
                                         seed),
             },
-            "regions": region_summaries(per_slice, subjects, seed),
+            "regions": region_summaries(per_slice, clusters, seed),
         },
         "reconstruction": {
             "kind": "likelihood mean given the posterior means of every group (top-down)",
@@ -379,7 +379,7 @@ def evaluate(
     for name in ("psnr", "ssim", "psnr_brain", "ssim_brain"):
         keep = per_slice[name].notna().to_numpy()
         metrics["reconstruction"][name] = summary(
-            per_slice[name].to_numpy()[keep], subjects[keep], seed
+            per_slice[name].to_numpy()[keep], clusters[keep], seed
         )
     if with_fid:
         metrics["fid"] = {
