@@ -76,3 +76,56 @@ def test_a_bug_shows_its_traceback_and_a_user_error_one_line(monkeypatch, capsys
     monkeypatch.setattr(cli, "_demo", bug)
     with pytest.raises(ValueError, match="supervision needs both"):
         main(["demo"])
+
+
+class CalledError(Exception):
+    """Raised by a stand-in for a library function, carrying the keywords it was called with."""
+
+
+@pytest.mark.parametrize(
+    ("argv", "module", "function", "keywords"),
+    [
+        (["phantom", "--kind", "ms", "--subjects", "2", "--out", "c"], "pathanat.data.phantom",
+         "generate_cohort", {"kind", "n_subjects", "out_dir", "overwrite", "progress"}),
+        (["phantom", "--kind", "ms", "--subjects", "2", "--out", "c", "--full"],
+         "pathanat.data.phantom", "generate_cohort",
+         {"kind", "n_subjects", "out_dir", "overwrite", "progress", "slab_mm"}),
+        (["prepare", "--cohort", "c", "--out", "o"], "pathanat.data.prepare", "prepare_cohort",
+         {"cohort", "out", "overwrite", "progress", "entities"}),
+        (["evaluate", "r"], "pathanat.evaluation.evaluate", "evaluate_run",
+         {"with_fid", "progress"}),
+        (["evaluate", "r", "--iw-samples", "100"], "pathanat.evaluation.evaluate", "evaluate_run",
+         {"with_fid", "progress", "iw_samples"}),
+        (["analyze", "r"], "pathanat.evaluation.analyze", "analyze_run", set()),
+        (["synthesize", "r"], "pathanat.evaluation.synthesis", "synthesize_run", set()),
+        (["validity", "r", "--samples", "8"], "pathanat.evaluation.validity", "validity_run",
+         {"n"}),
+        (["counterfactual", "r"], "pathanat.evaluation.counterfactual", "counterfactual_run",
+         set()),
+        (["reproduce", "--dataset", "ms"], "pathanat.reproduce", "reproduce", set()),
+        (["demo"], "pathanat.demo", "run_demo", {"out", "overwrite"}),
+    ],
+)
+def test_an_option_left_out_leaves_the_library_default(argv, module, function, keywords,
+                                                      monkeypatch):
+    """The library owns its defaults: the command passes on only the options it was given."""
+    import importlib
+
+    def stand_in(*args, **kwargs):
+        raise CalledError(kwargs)
+
+    monkeypatch.setattr(importlib.import_module(module), function, stand_in)
+    with pytest.raises(CalledError) as called:
+        main(argv)
+    assert set(called.value.args[0]) == keywords
+
+
+def test_help_quotes_the_library_defaults(capsys):
+    import inspect
+
+    from pathanat.evaluation.evaluate import evaluate_run
+
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    default = inspect.signature(evaluate_run).parameters["iw_samples"].default
+    assert f"S of the IW bound (default {default})" in " ".join(capsys.readouterr().out.split())

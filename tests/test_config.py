@@ -109,3 +109,16 @@ def test_a_packaged_experiment_refuses_a_nan_learning_rate_before_any_run_folder
     with pytest.raises(ConfigError, match=r"optim\.lr: expected a finite number"):
         train("demo", ["optim.lr=.nan"], out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_packaged_configs_resolve_to_their_frozen_snapshot():
+    """Each packaged YAML states only what differs from the schema's defaults; what it resolves to
+    must stay what it was when every default was written out (tests/fixtures, taken before)."""
+    import json
+
+    from pathanat.experiment import load_experiment, packaged_configs
+
+    frozen = json.loads((Path(__file__).parent / "fixtures" / "packaged_configs.json").read_text())
+    assert sorted(packaged_configs()) == sorted(frozen)
+    for name, expected in frozen.items():
+        assert json.loads(json.dumps(to_dict(load_experiment(name)))) == expected, name

@@ -10,7 +10,8 @@ import pathanat
 SOURCE = Path(pathanat.__file__).parent
 
 # each part of the package and the parts it may import (itself always allowed)
-FOUNDATION = {"errors", "atomic", "jsonfiles", "config", "hardware", "figures", "metrics"}
+FOUNDATION = {"errors", "atomic", "jsonfiles", "config", "hardware", "figures", "metrics",
+              "defaults"}
 MAY_IMPORT = {
     **{part: FOUNDATION for part in FOUNDATION},
     "data": FOUNDATION | {"__init__"},  # (the package version, written into manifests)

@@ -1,4 +1,10 @@
-"""The one `pathanat` command. Each sub-command parses its flags here and calls the library."""
+"""The one `pathanat` command. Each sub-command is a pair: a function that adds its parser and
+arguments, and the handler beside it that calls the library.
+
+An option the user leaves out is left out of the call, so the library's default stands; the help
+quotes those defaults from `pathanat.defaults`, which imports nothing, and every handler imports
+its stage when it runs, so `pathanat --help` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from pathanat import __version__
+from pathanat import __version__, defaults
 from pathanat.errors import PathanatError
+
+SPLITS = ("train", "val", "test")
+RUN_HELP = "run folder made by `pathanat train`"
+RUNS_HELP = "run folders made by `pathanat train`"
+PATHOLOGY_GROUPS_HELP = ("latent groups that hold pathology (default: the supervised z_P, else "
+                         "the post-hoc z_P of `pathanat analyze`)")
 
 
 def _add(
@@ -22,19 +34,136 @@ def _add(
     )
 
 
+def _shown(value: object) -> str:
+    """A default as the command line writes it: 2.0 -> 2, (0.6, 0.8) -> 0.6 0.8."""
+    if isinstance(value, (tuple, list)):
+        return " ".join(map(_shown, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _given(args: argparse.Namespace, *names: str) -> dict:
+    """The options among ``names`` given on the command line, as keyword arguments; the others
+    stay out of the call, so the library's defaults stand."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _seed(p: argparse.ArgumentParser, what: str = "seed") -> None:
+    p.add_argument("--seed", type=int, help=f"{what} (default {defaults.SEED})")
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+def _phantom_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = _add(
+        sub,
+        "phantom",
+        "Generate a synthetic MS or AD cohort of NIfTI volumes from real templates.",
+        "pathanat phantom --kind ms --subjects 100 --out cohorts/ms --seed 0",
+    )
+    p.add_argument(
+        "--kind",
+        choices=["ms", "ad"],
+        required=True,
+        help="ms: FLAIR with lesions; ad: T1 with atrophy",
+    )
+    p.add_argument("--subjects", type=int, required=True, help="number of subjects")
+    p.add_argument("--out", type=Path, required=True, help="output cohort folder")
+    _seed(p, "cohort seed")
+    p.add_argument(
+        "--slab-mm",
+        type=float,
+        help="generate only an axial slab this thick around the brain centre "
+        f"(default {_shown(defaults.SLAB_MM)})",
+    )
+    p.add_argument("--full", action="store_true", help="generate whole volumes instead of a slab")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_phantom)
+    return p
+
+
 def _phantom(args: argparse.Namespace) -> None:
     from pathanat.data.phantom import generate_cohort
 
+    slab = {"slab_mm": None} if args.full else _given(args, "slab_mm")
     out = generate_cohort(
         kind=args.kind,
         n_subjects=args.subjects,
         out_dir=args.out,
-        seed=args.seed,
-        slab_mm=None if args.full else args.slab_mm,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        **slab,
+        **_given(args, "seed"),
     )
     print(f"phantom cohort written to {out}")
+
+
+def _prepare_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = _add(
+        sub,
+        "prepare",
+        "Turn a cohort of NIfTI volumes into a standardised, split slice cache.",
+        "pathanat prepare --cohort bids/ --out caches/ms --suffix FLAIR --derivatives lesions "
+        "--register affine",
+    )
+    p.add_argument(
+        "--cohort",
+        type=Path,
+        required=True,
+        help="BIDS folder (sub-*/[ses-*/]anat/*.nii.gz, participants.tsv, derivatives/) or a CSV "
+        "manifest (README, Data formats)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output cache folder")
+    p.add_argument("--in-plane-mm", type=float,
+                   help=f"in-plane voxel size (default {_shown(defaults.IN_PLANE_MM)})")
+    p.add_argument("--slice-mm", type=float,
+                   help=f"slice spacing (default {_shown(defaults.SLICE_MM)})")
+    per_suffix = ", ".join(f"{n} for {suffix}" for suffix, n in defaults.DEFAULT_SLICES.items())
+    p.add_argument("--slices", type=int, dest="n_slices", metavar="SLICES",
+                   help=f"central axial slices kept per subject (default {per_suffix})")
+    p.add_argument("--shape", type=int, nargs=2, metavar=("NX", "NY"),
+                   help=f"in-plane slice shape, multiples of 16 (default {_shown(defaults.SHAPE)})")
+    _seed(p, "seed of the subject-level split")
+    p.add_argument(
+        "--suffix",
+        "--modality",
+        dest="modality",
+        metavar="SUFFIX",
+        help="the image contrast to use, as its BIDS suffix (FLAIR, T2w, T1w, ...), when the "
+        "cohort holds several",
+    )
+    _prepare_source_arguments(p)
+    p.add_argument("--workers", type=int, help=f"parallel processes (default {defaults.WORKERS})")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_prepare)
+    return p
+
+
+def _prepare_source_arguments(p: argparse.ArgumentParser) -> None:
+    """Which image and masks of a subject are used, and how the head is aligned."""
+    p.add_argument(
+        "--derivatives",
+        nargs="+",
+        metavar="NAME",
+        help="pipelines under derivatives/ that masks come from, in order of preference "
+        "(default: any; a mask found in two is an error)",
+    )
+    p.add_argument(
+        "--entity",
+        action="append",
+        default=[],
+        metavar="KEY=LABEL",
+        help="an entity the image must have, e.g. acq=3d (repeatable); of several runs left, "
+        "the highest is used",
+    )
+    p.add_argument(
+        "--register",
+        choices=["none", "rigid", "affine"],
+        help="align each head to the MNI152 template before slicing (default "
+        f"{defaults.REGISTER}: the volumes are taken as aligned)",
+    )
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -42,23 +171,19 @@ def _prepare(args: argparse.Namespace) -> None:
 
     from pathanat.data.prepare import prepare_cohort
 
+    options = _given(args, "in_plane_mm", "slice_mm", "n_slices", "seed", "modality", "workers",
+                     "derivatives", "register")
+    if args.shape is not None:
+        options["shape"] = tuple(args.shape)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         out = prepare_cohort(
             cohort=args.cohort,
             out=args.out,
-            in_plane_mm=args.in_plane_mm,
-            slice_mm=args.slice_mm,
-            n_slices=args.slices,
-            shape=tuple(args.shape),
-            seed=args.seed,
             overwrite=args.overwrite,
             progress=not args.quiet,
-            modality=args.suffix,
-            workers=args.workers,
-            derivatives=args.derivatives,
             entities=_entities(args.entity),
-            register=args.register,
+            **options,
         )
     for w in caught:  # one line each, after the progress bar
         if issubclass(w.category, UserWarning):
@@ -76,6 +201,39 @@ def _entities(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+# ---- training ---------------------------------------------------------------------------------
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = _add(
+        sub,
+        "train",
+        "Train a hierarchical VAE from a YAML config (any key overridable), or resume a run.",
+        "pathanat train configs/nvmp_ms.yaml trainer.max_steps=200 --out runs/nvmp_ms",
+    )
+    p.add_argument(
+        "config",
+        nargs="?",
+        type=Path,
+        help="experiment YAML, or the name of a packaged one (nvmp_ms, vae_ms_sup, ...; configs/)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="KEY=VALUE overrides, e.g. model.kind=nvmp trainer.max_steps=200",
+    )
+    p.add_argument("--out", type=Path, help="run folder (default runs/<config name>)")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN",
+        help="continue RUN from its last checkpoint (only trainer.* keys may be overridden)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.set_defaults(func=_train)
+    return p
+
+
 def _train(args: argparse.Namespace) -> None:
     from pathanat.training.run import resume, train
 
@@ -90,21 +248,77 @@ def _train(args: argparse.Namespace) -> None:
     print(f"run folder: {run} (config.yaml, checkpoints/, metrics.csv, tensorboard/, figures/)")
 
 
+# ---- evaluation stages ------------------------------------------------------------------------
+
+
+def _evaluate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = _add(
+        sub,
+        "evaluate",
+        "Measure a trained run on a split of its cache: importance-weighted NLL (nats/slice and "
+        "bits/dim, S stated), PSNR/SSIM of posterior-mean reconstructions (whole slice and brain "
+        "mask), FID and KID of reconstructions, of prior samples and of draws of the second-"
+        "stage prior (a mixture fitted to the training residuals) vs inputs, brain-like "
+        "fractions of samples, each with a confidence interval. Writes RUN/metrics.json, "
+        "RUN/eval/SPLIT_slices.csv and a row of RUN/metrics_eval.csv.",
+        "pathanat evaluate runs/nvmp_ms --iw-samples 100",
+    )
+    p.add_argument("run", type=Path, help=RUN_HELP)
+    p.add_argument("--split", choices=SPLITS, help=f"split measured (default {defaults.SPLIT})")
+    p.add_argument("--iw-samples", type=int,
+                   help=f"S of the IW bound (default {defaults.DEFAULT_IW_SAMPLES})")
+    _seed(p, "seed of every random draw")
+    p.add_argument("--batch-size", type=int,
+                   help=f"slices per batch (default {defaults.DEFAULT_BATCH_SIZE})")
+    p.add_argument("--no-fid", action="store_true", help="skip FID (the slowest part)")
+    p.add_argument("--fid-samples", type=int, metavar="N",
+                   help="draws of the prior, and of the second stage, for the FID/KID of "
+                        f"samples (default {defaults.FID_SAMPLES}, or the split's slice count if "
+                        "larger)")
+    p.set_defaults(func=_evaluate)
+    return p
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from pathanat.evaluation.evaluate import evaluate_run
 
     metrics = evaluate_run(
         args.run,
-        split=args.split,
-        iw_samples=args.iw_samples,
-        seed=args.seed,
-        batch_size=args.batch_size,
         with_fid=not args.no_fid,
         progress=True,
-        fid_samples=args.fid_samples,
+        **_given(args, "split", "iw_samples", "seed", "batch_size", "fid_samples"),
     )
     print("\n".join(_summary(metrics)))
     print(f"written: {args.run / 'metrics.json'}, {args.run / 'metrics_eval.csv'}")
+
+
+def _analyze_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = _add(
+        sub,
+        "analyze",
+        "Which latent group holds pathology: Lasso R2 per group against lesion volume / atrophy "
+        "severity (paper Table 4, subject and slice level), R2 for every cohort factor, DCI, and "
+        "pathology sensitivity per group (Fig. 6c; the highest ratio is the post-hoc z_P). Writes "
+        "RUN/analysis.json, RUN/analysis/*.csv and the figures latent_r2.png and "
+        "pathology_sensitivity.png in RUN/figures.",
+        "pathanat analyze runs/nvmp_ms",
+    )
+    p.add_argument("run", type=Path, help=RUN_HELP)
+    p.add_argument("--split", choices=SPLITS,
+                   help=f"split the regressors are scored on (default {defaults.SPLIT})")
+    p.add_argument("--train-split", choices=SPLITS,
+                   help=f"split the regressors are fitted on (default {defaults.TRAIN_SPLIT})")
+    p.add_argument("--factors", type=float, nargs="+",
+                   help="latent scale factors of the sensitivity analysis "
+                        f"(default {_shown(defaults.SENSITIVITY_FACTORS)})")
+    p.add_argument("--examples", type=int,
+                   help="test slices (largest lesions) in the sensitivity analysis "
+                        f"(default {defaults.SENSITIVITY_EXAMPLES})")
+    p.add_argument("--batch-size", type=int,
+                   help=f"slices per batch (default {defaults.DEFAULT_BATCH_SIZE})")
+    _seed(p)
+    p.set_defaults(func=_analyze)
+    return p
 
 
 def _analyze(args: argparse.Namespace) -> None:
@@ -112,12 +326,7 @@ def _analyze(args: argparse.Namespace) -> None:
 
     summary = analyze_run(
         args.run,
-        split=args.split,
-        train_split=args.train_split,
-        factors=args.factors,
-        examples=args.examples,
-        batch_size=args.batch_size,
-        seed=args.seed,
+        **_given(args, "split", "train_split", "factors", "examples", "batch_size", "seed"),
     )
     print("\n".join(_summary(summary)))
     print(
@@ -143,285 +352,7 @@ def _summary(result: dict, prefix: str = "") -> list[str]:
     return lines
 
 
-def _synthesize(args: argparse.Namespace) -> None:
-    from pathanat.evaluation.synthesis import synthesize_run
-
-    summary = synthesize_run(
-        args.run,
-        what=args.what,
-        pathology_groups=args.pathology_groups,
-        split=args.split,
-        seed=args.seed,
-        temperatures=args.temperatures,
-        temperature=args.temperature,
-        samples=args.samples,
-        draws=args.draws,
-        pairs=args.pairs,
-        per_cluster=args.per_cluster,
-    )
-    groups = summary["pathology_groups"]
-    if groups is not None:
-        print(f"pathology groups: {groups} ({summary['pathology_source']})")
-    for what, figure in summary["figures"].items():
-        print(f"{what}: {args.run / figure}")
-
-
-def _validity(args: argparse.Namespace) -> None:
-    from pathanat.evaluation.validity import validity_run
-
-    for run in args.run:
-        result = validity_run(run, n=args.samples, temperature=args.temperature, seed=args.seed)
-        rates = {k: result[k]["invalid_fraction"] for k in ("samples", "real", "truth")}
-        shown = ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in rates.items())
-        print(f"{run}: invalid fraction of lesion voxels: {shown}")
-        print(f"written: {run / 'validity.json'}, {run / 'figures' / 'sample_validity.png'}")
-
-
-def _counterfactual(args: argparse.Namespace) -> None:
-    from pathanat.evaluation.counterfactual import (
-        COUNTERFACTUAL_JSON,
-        FIGURE,
-        SWAP_FIGURE,
-        counterfactual_run,
-        summary_lines,
-    )
-    from pathanat.metrics import estimate_text
-
-    for run in args.run:
-        result = counterfactual_run(run, pathology_groups=args.pathology_groups, seed=args.seed,
-                                    pairs=args.pairs)
-        groups = ", ".join(f"z{g}" for g in result["pathology_groups"])
-        print(f"{run}: lesion detection on the test split (pathology groups {groups}, "
-              f"{result['pathology_source']}; threshold chosen on val)")
-        if result["not_scored"]:
-            print(f"  not scored: {result['not_scored']}")
-        for name, row in result["detection"].items():
-            print(f"  {name:24s} AUPRC {estimate_text(row['auprc'], 3)}, "
-                  f"Dice {estimate_text(row['dice'], 3)}, "
-                  f"best Dice {estimate_text(row['best_dice'], 3)} (optimistic), "
-                  f"load r {estimate_text(row['load_correlation'], 3)}")
-        for line in summary_lines(result):
-            print(f"  {line}")
-        print(f"written: {run / COUNTERFACTUAL_JSON}, {run / SWAP_FIGURE}, {run / FIGURE}")
-
-
-def _report(args: argparse.Namespace) -> None:
-    from pathanat.evaluation.report import default_report_path, write_report
-
-    out = write_report(args.run, args.out or default_report_path(args.run), title=args.title)
-    print(f"report written to {out}")
-
-
-def _reproduce(args: argparse.Namespace) -> None:
-    from pathanat.reproduce import reproduce
-
-    reproduce(args.dataset, args.budget, out=args.out, cache=args.cache, runs=args.runs,
-              seeds=args.seeds)
-
-
-def _demo(args: argparse.Namespace) -> None:
-    from pathanat.demo import run_demo
-
-    run_demo(out=args.out, n_subjects=args.subjects, seed=args.seed, overwrite=args.overwrite)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pathanat",
-        description="Pathology-anatomy disentanglement in brain MRI with structured HVAE priors.",
-        epilog="example:\n  pathanat demo --out pathanat-demo",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"pathanat {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = _add(
-        sub,
-        "phantom",
-        "Generate a synthetic MS or AD cohort of NIfTI volumes from real templates.",
-        "pathanat phantom --kind ms --subjects 100 --out cohorts/ms --seed 0",
-    )
-    p.add_argument(
-        "--kind",
-        choices=["ms", "ad"],
-        required=True,
-        help="ms: FLAIR with lesions; ad: T1 with atrophy",
-    )
-    p.add_argument("--subjects", type=int, required=True, help="number of subjects")
-    p.add_argument("--out", type=Path, required=True, help="output cohort folder")
-    p.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
-    p.add_argument(
-        "--slab-mm",
-        type=float,
-        default=48.0,
-        help="generate only an axial slab this thick around the brain centre (default 48)",
-    )
-    p.add_argument("--full", action="store_true", help="generate whole volumes instead of a slab")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_phantom)
-
-    p = _add(
-        sub,
-        "prepare",
-        "Turn a cohort of NIfTI volumes into a standardised, split slice cache.",
-        "pathanat prepare --cohort bids/ --out caches/ms --suffix FLAIR --derivatives lesions "
-        "--register affine",
-    )
-    p.add_argument(
-        "--cohort",
-        type=Path,
-        required=True,
-        help="BIDS folder (sub-*/[ses-*/]anat/*.nii.gz, participants.tsv, derivatives/) or a CSV "
-        "manifest (README, Data formats)",
-    )
-    p.add_argument("--out", type=Path, required=True, help="output cache folder")
-    p.add_argument("--in-plane-mm", type=float, default=2.0, help="in-plane voxel size (default 2)")
-    p.add_argument("--slice-mm", type=float, default=1.0, help="slice spacing (default 1)")
-    p.add_argument(
-        "--slices",
-        type=int,
-        default=None,
-        help="central axial slices kept per subject (default 24 for FLAIR, 16 for T1)",
-    )
-    p.add_argument(
-        "--shape",
-        type=int,
-        nargs=2,
-        default=[96, 112],
-        metavar=("NX", "NY"),
-        help="in-plane slice shape, multiples of 16 (default 96 112)",
-    )
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed of the subject-level split (default 0)"
-    )
-    p.add_argument(
-        "--suffix",
-        "--modality",
-        dest="suffix",
-        default=None,
-        metavar="SUFFIX",
-        help="the image contrast to use, as its BIDS suffix (FLAIR, T2w, T1w, ...), when the "
-        "cohort holds several",
-    )
-    p.add_argument(
-        "--derivatives",
-        nargs="+",
-        metavar="NAME",
-        default=None,
-        help="pipelines under derivatives/ that masks come from, in order of preference "
-        "(default: any; a mask found in two is an error)",
-    )
-    p.add_argument(
-        "--entity",
-        action="append",
-        default=[],
-        metavar="KEY=LABEL",
-        help="an entity the image must have, e.g. acq=3d (repeatable); of several runs left, "
-        "the highest is used",
-    )
-    p.add_argument(
-        "--register",
-        choices=["none", "rigid", "affine"],
-        default="none",
-        help="align each head to the MNI152 template before slicing (default none: the volumes "
-        "are taken as aligned)",
-    )
-    p.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing cache")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_prepare)
-
-    p = _add(
-        sub,
-        "train",
-        "Train a hierarchical VAE from a YAML config (any key overridable), or resume a run.",
-        "pathanat train configs/nvmp_ms.yaml trainer.max_steps=200 --out runs/nvmp_ms",
-    )
-    p.add_argument(
-        "config",
-        nargs="?",
-        type=Path,
-        help="experiment YAML, or the name of a packaged one (nvmp_ms, vae_ms_sup, ...; configs/)",
-    )
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        help="KEY=VALUE overrides, e.g. model.kind=nvmp trainer.max_steps=200",
-    )
-    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<config name>)")
-    p.add_argument(
-        "--resume",
-        type=Path,
-        metavar="RUN",
-        default=None,
-        help="continue RUN from its last checkpoint (only trainer.* keys may be overridden)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    p.set_defaults(func=_train)
-
-    p = _add(
-        sub,
-        "evaluate",
-        "Measure a trained run on a split of its cache: importance-weighted NLL (nats/slice and "
-        "bits/dim, S stated), PSNR/SSIM of posterior-mean reconstructions (whole slice and brain "
-        "mask), FID and KID of reconstructions, of prior samples and of draws of the second-"
-        "stage prior (a mixture fitted to the training residuals) vs inputs, brain-like "
-        "fractions of samples, each with a confidence interval. Writes RUN/metrics.json, "
-        "RUN/eval/SPLIT_slices.csv and a row of RUN/metrics_eval.csv.",
-        "pathanat evaluate runs/nvmp_ms --iw-samples 100",
-    )
-    p.add_argument("run", type=Path, help="run folder made by `pathanat train`")
-    p.add_argument("--split", choices=["train", "val", "test"], default="test")
-    p.add_argument("--iw-samples", type=int, default=32, help="S of the IW bound (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
-    p.add_argument("--batch-size", type=int, default=32, help="slices per batch (default 32)")
-    p.add_argument("--no-fid", action="store_true", help="skip FID (the slowest part)")
-    p.add_argument("--fid-samples", type=int, default=None, metavar="N",
-                   help="draws of the prior, and of the second stage, for the FID/KID of "
-                        "samples (default 2048, or the split's slice count if larger)")
-    p.set_defaults(func=_evaluate)
-
-    p = _add(
-        sub,
-        "analyze",
-        "Which latent group holds pathology: Lasso R2 per group against lesion volume / atrophy "
-        "severity (paper Table 4, subject and slice level), R2 for every cohort factor, DCI, and "
-        "pathology sensitivity per group (Fig. 6c; the highest ratio is the post-hoc z_P). Writes "
-        "RUN/analysis.json, RUN/analysis/*.csv and the figures latent_r2.png and "
-        "pathology_sensitivity.png in RUN/figures.",
-        "pathanat analyze runs/nvmp_ms",
-    )
-    p.add_argument("run", type=Path, help="run folder made by `pathanat train`")
-    p.add_argument(
-        "--split",
-        choices=["train", "val", "test"],
-        default="test",
-        help="split the regressors are scored on (default test)",
-    )
-    p.add_argument(
-        "--train-split",
-        choices=["train", "val", "test"],
-        default="train",
-        help="split the regressors are fitted on (default train)",
-    )
-    p.add_argument(
-        "--factors",
-        type=float,
-        nargs="+",
-        default=[0.0, 0.5, 1.5, 2.0, 3.0],
-        help="latent scale factors of the sensitivity analysis (default 0 0.5 1.5 2 3)",
-    )
-    p.add_argument(
-        "--examples",
-        type=int,
-        default=16,
-        help="test slices (largest lesions) in the sensitivity analysis (default 16)",
-    )
-    p.add_argument("--batch-size", type=int, default=32, help="slices per batch (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.set_defaults(func=_analyze)
-
+def _synthesize_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = _add(
         sub,
         "synthesize",
@@ -432,27 +363,48 @@ def build_parser() -> argparse.ArgumentParser:
         "Writes RUN/figures/synth_WHAT.png with a caption beside each, and RUN/synthesis.json.",
         "pathanat synthesize runs/nvmp_ms --what style-mix conditional --pathology-groups 2",
     )
-    p.add_argument("run", type=Path, help="run folder made by `pathanat train`")
-    p.add_argument("--what", nargs="+", default=None,
+    p.add_argument("run", type=Path, help=RUN_HELP)
+    p.add_argument("--what", nargs="+",
                    choices=["prior", "layers", "style-mix", "conditional", "clusters"],
                    help="figures to draw (default: all the run's kind supports)")
-    p.add_argument("--pathology-groups", nargs="+", type=int, default=None, metavar="L",
-                   help="latent groups that hold pathology (default: the supervised z_P, else "
-                        "the post-hoc z_P of `pathanat analyze`)")
-    p.add_argument("--split", choices=["train", "val", "test"], default="test")
-    p.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0)")
-    p.add_argument("--temperatures", nargs="+", type=float, default=[0.6, 0.8, 1.0],
-                   help="rows of the prior figure (default 0.6 0.8 1.0)")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="of the prior draws in layers and conditional (default 1)")
-    p.add_argument("--samples", type=int, default=8, help="prior samples per row (default 8)")
-    p.add_argument("--draws", type=int, default=6,
-                   help="draws per row of layers and conditional (default 6)")
-    p.add_argument("--pairs", type=int, default=4, help="style-mix pairs (default 4)")
-    p.add_argument("--per-cluster", type=int, default=6,
-                   help="test slices shown per VampPrior component (default 6)")
+    p.add_argument("--pathology-groups", nargs="+", type=int, metavar="L",
+                   help=PATHOLOGY_GROUPS_HELP)
+    p.add_argument("--split", choices=SPLITS, help=f"split drawn from (default {defaults.SPLIT})")
+    _seed(p, "seed of every draw")
+    p.add_argument("--temperatures", nargs="+", type=float,
+                   help=f"rows of the prior figure (default {_shown(defaults.TEMPERATURES)})")
+    p.add_argument("--temperature", type=float,
+                   help="of the prior draws in layers and conditional "
+                        f"(default {_shown(defaults.TEMPERATURE)})")
+    p.add_argument("--samples", type=int,
+                   help=f"prior samples per row (default {defaults.PRIOR_SAMPLES})")
+    p.add_argument("--draws", type=int,
+                   help=f"draws per row of layers and conditional (default {defaults.DRAWS})")
+    p.add_argument("--pairs", type=int,
+                   help=f"style-mix pairs (default {defaults.STYLE_MIX_PAIRS})")
+    p.add_argument("--per-cluster", type=int,
+                   help="test slices shown per VampPrior component "
+                        f"(default {defaults.PER_CLUSTER})")
     p.set_defaults(func=_synthesize)
+    return p
 
+
+def _synthesize(args: argparse.Namespace) -> None:
+    from pathanat.evaluation.synthesis import synthesize_run
+
+    summary = synthesize_run(
+        args.run,
+        **_given(args, "what", "pathology_groups", "split", "seed", "temperatures", "temperature",
+                 "samples", "draws", "pairs", "per_cluster"),
+    )
+    groups = summary["pathology_groups"]
+    if groups is not None:
+        print(f"pathology groups: {groups} ({summary['pathology_source']})")
+    for what, figure in summary["figures"].items():
+        print(f"{what}: {args.run / figure}")
+
+
+def _validity_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = _add(
         sub,
         "validity",
@@ -462,12 +414,28 @@ def build_parser() -> argparse.ArgumentParser:
         "reference rate. Writes RUN/validity.json and RUN/figures/sample_validity.png.",
         "pathanat validity runs/vae_ms runs/nvmp_ms --samples 1024",
     )
-    p.add_argument("run", type=Path, nargs="+", help="run folders made by `pathanat train`")
-    p.add_argument("--samples", type=int, default=1024, help="prior samples (default 1024)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("run", type=Path, nargs="+", help=RUNS_HELP)
+    p.add_argument("--samples", type=int, dest="n", metavar="SAMPLES",
+                   help=f"prior samples (default {defaults.VALIDITY_SAMPLES})")
+    p.add_argument("--temperature", type=float,
+                   help=f"sampling temperature (default {_shown(defaults.TEMPERATURE)})")
+    _seed(p)
     p.set_defaults(func=_validity)
+    return p
 
+
+def _validity(args: argparse.Namespace) -> None:
+    from pathanat.evaluation.validity import validity_run
+
+    for run in args.run:
+        result = validity_run(run, **_given(args, "n", "temperature", "seed"))
+        rates = {k: result[k]["invalid_fraction"] for k in ("samples", "real", "truth")}
+        shown = ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in rates.items())
+        print(f"{run}: invalid fraction of lesion voxels: {shown}")
+        print(f"written: {run / 'validity.json'}, {run / 'figures' / 'sample_validity.png'}")
+
+
+def _counterfactual_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = _add(
         sub,
         "counterfactual",
@@ -486,15 +454,44 @@ def build_parser() -> argparse.ArgumentParser:
         "lesion_detection.png.",
         "pathanat counterfactual runs/nvmp_ms_sup",
     )
-    p.add_argument("run", type=Path, nargs="+", help="run folders made by `pathanat train`")
-    p.add_argument("--pathology-groups", nargs="+", type=int, default=None, metavar="L",
-                   help="latent groups that hold pathology (default: the supervised z_P, else "
-                        "the post-hoc z_P of `pathanat analyze`)")
-    p.add_argument("--pairs", type=int, default=200, help="test pairs swapped (default 200)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the pairs, the draws and the bootstrap (default 0)")
+    p.add_argument("run", type=Path, nargs="+", help=RUNS_HELP)
+    p.add_argument("--pathology-groups", nargs="+", type=int, metavar="L",
+                   help=PATHOLOGY_GROUPS_HELP)
+    p.add_argument("--pairs", type=int,
+                   help=f"test pairs swapped (default {defaults.COUNTERFACTUAL_PAIRS})")
+    _seed(p, "seed of the pairs, the draws and the bootstrap")
     p.set_defaults(func=_counterfactual)
+    return p
 
+
+def _counterfactual(args: argparse.Namespace) -> None:
+    from pathanat.evaluation.counterfactual import (
+        COUNTERFACTUAL_JSON,
+        FIGURE,
+        SWAP_FIGURE,
+        counterfactual_run,
+        summary_lines,
+    )
+    from pathanat.metrics import estimate_text
+
+    for run in args.run:
+        result = counterfactual_run(run, **_given(args, "pathology_groups", "seed", "pairs"))
+        groups = ", ".join(f"z{g}" for g in result["pathology_groups"])
+        print(f"{run}: lesion detection on the test split (pathology groups {groups}, "
+              f"{result['pathology_source']}; threshold chosen on val)")
+        if result["not_scored"]:
+            print(f"  not scored: {result['not_scored']}")
+        for name, row in result["detection"].items():
+            print(f"  {name:24s} AUPRC {estimate_text(row['auprc'], 3)}, "
+                  f"Dice {estimate_text(row['dice'], 3)}, "
+                  f"best Dice {estimate_text(row['best_dice'], 3)} (optimistic), "
+                  f"load r {estimate_text(row['load_correlation'], 3)}")
+        for line in summary_lines(result):
+            print(f"  {line}")
+        print(f"written: {run / COUNTERFACTUAL_JSON}, {run / SWAP_FIGURE}, {run / FIGURE}")
+
+
+def _report_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = _add(
         sub,
         "report",
@@ -503,13 +500,26 @@ def build_parser() -> argparse.ArgumentParser:
         "curves and every figure with its caption; what a run lacks names the command to run.",
         "pathanat report runs/vae_ms runs/nvmp_ms --out runs/report.html",
     )
-    p.add_argument("run", type=Path, nargs="+", help="run folders made by `pathanat train`")
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("run", type=Path, nargs="+", help=RUNS_HELP)
+    p.add_argument("--out", type=Path,
                    help="HTML file (default RUN/report.html for one run, else report.html in "
                         "the runs' common folder)")
-    p.add_argument("--title", default=None, help="page title (default: the run names)")
+    p.add_argument("--title", help="page title (default: the run names)")
     p.set_defaults(func=_report)
+    return p
 
+
+def _report(args: argparse.Namespace) -> None:
+    from pathanat.evaluation.report import default_report_path, write_report
+
+    out = write_report(args.run, args.out or default_report_path(args.run), title=args.title)
+    print(f"report written to {out}")
+
+
+# ---- the whole pipeline -----------------------------------------------------------------------
+
+
+def _reproduce_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = _add(
         sub,
         "reproduce",
@@ -522,20 +532,28 @@ def build_parser() -> argparse.ArgumentParser:
         "pathanat reproduce --dataset ms --budget cpu --out reproduce-ms",
     )
     p.add_argument("--dataset", choices=["ms", "ad"], required=True)
-    p.add_argument("--budget", choices=["cpu", "paper", "smoke"], default="cpu",
-                   help="compute per run (default cpu)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="grid folder (default reproduce-DATASET-BUDGET)")
-    p.add_argument("--cache", type=Path, default=None,
+    p.add_argument("--budget", choices=["cpu", "paper", "smoke"],
+                   help=f"compute per run (default {defaults.BUDGET})")
+    p.add_argument("--out", type=Path, help="grid folder (default reproduce-DATASET-BUDGET)")
+    p.add_argument("--cache", type=Path,
                    help="a prepared slice cache to use instead of the phantom (e.g. real data)")
-    p.add_argument("--runs", nargs="+", default=None, metavar="NAME",
+    p.add_argument("--runs", nargs="+", metavar="NAME",
                    help="only these runs of the grid (config names, e.g. vae_ms nvmpplus_ms)")
-    p.add_argument("--seeds", type=int, default=1, metavar="N",
+    p.add_argument("--seeds", type=int, metavar="N",
                    help="train every run with seeds 0..N-1 (seed s > 0 in OUT/NAME_seedS); the "
                         "report gives each number's spread over seeds and the claims are decided "
-                        "by unanimity over them (default 1)")
+                        f"by unanimity over them (default {defaults.SEEDS})")
     p.set_defaults(func=_reproduce)
+    return p
 
+
+def _reproduce(args: argparse.Namespace) -> None:
+    from pathanat.reproduce import reproduce
+
+    reproduce(args.dataset, **_given(args, "budget", "out", "cache", "runs", "seeds"))
+
+
+def _demo_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = _add(
         sub,
         "demo",
@@ -545,10 +563,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", type=Path, default=Path("pathanat-demo"), help="run folder (default pathanat-demo)"
     )
-    p.add_argument("--subjects", type=int, default=30, help="phantom subjects (default 30)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--subjects", type=int, dest="n_subjects", metavar="SUBJECTS",
+                   help=f"phantom subjects (default {defaults.DEMO_SUBJECTS})")
+    _seed(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo folder")
     p.set_defaults(func=_demo)
+    return p
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from pathanat.demo import run_demo
+
+    run_demo(out=args.out, overwrite=args.overwrite, **_given(args, "n_subjects", "seed"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pathanat",
+        description="Pathology-anatomy disentanglement in brain MRI with structured HVAE priors.",
+        epilog="example:\n  pathanat demo --out pathanat-demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"pathanat {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_parser in (
+        _phantom_parser, _prepare_parser, _train_parser, _evaluate_parser, _analyze_parser,
+        _synthesize_parser, _validity_parser, _counterfactual_parser, _report_parser,
+        _reproduce_parser, _demo_parser,
+    ):
+        add_parser(sub)
     return parser
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from pathanat.data.phantom import generate_cohort
 from pathanat.data.prepare import load_cache, prepare_cohort
+from pathanat.defaults import DEMO_SUBJECTS, SEED
 from pathanat.errors import PathanatError
 from pathanat.evaluation.counterfactual import summary_lines
 from pathanat.experiment import ExperimentConfig, load_experiment
@@ -38,7 +39,9 @@ def demo_config(cache: Path) -> ExperimentConfig:
     return load_experiment("demo", [f"data.cache={cache}", "data.phantom=null"])
 
 
-def run_demo(out: Path, n_subjects: int = 30, seed: int = 0, overwrite: bool = False) -> Path:
+def run_demo(
+    out: Path, n_subjects: int = DEMO_SUBJECTS, seed: int = SEED, overwrite: bool = False
+) -> Path:
     """Run the demo into folder ``out``; returns the report's path."""
     out = Path(out).absolute()
     cohort, cache, run = out / "cohort", out / "cache", out / "run"

@@ -59,9 +59,9 @@ class ObjectiveConfig:
     is used when ``model.supervised``. A run no longer than ``kl_cycle`` sees one rise and no
     restart, which is what the short budgets use."""
 
-    kl_cycle: int = 10_000
-    kl_start: float = 2e-7
-    kl_balance: bool = True
+    kl_cycle: int = 10_000  # cyclical linear KL annealing, a 10 000-iteration cycle ...
+    kl_start: float = 2e-7  # ... starting from 2e-7
+    kl_balance: bool = True  # NVAE's KL balancing while the KL weight is below 1
     # the KL weight the rise ends at, as a multiple of the ELBO's (a beta-VAE's beta; 1: the ELBO)
     kl_scale: float = 1.0
     supervision_weight: float = 1.0
@@ -106,13 +106,13 @@ class TrainerConfig:
     ``max_consecutive_skips`` non-finite steps in a row stop the run.
     """
 
-    max_steps: int = 100_000
+    max_steps: int = 100_000  # ten KL annealing cycles
     seed: int = 0
     accelerator: str = "auto"
     devices: int | str = 1
     num_nodes: int = 1
     strategy: str = "auto"
-    precision: Precision = "32"
+    precision: Precision = "32"  # or "bf16-mixed"
     channels_last: bool | None = None
     log_every: int = 50
     val_every: int = 1000

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from pathanat.config import to_dict
 from pathanat.data.prepare import load_cache
+from pathanat.defaults import BUDGET, SEEDS
 from pathanat.errors import PathanatError, checked_int
 from pathanat.experiment import ExperimentConfig, load_experiment
 from pathanat.hardware import native_bf16
@@ -247,11 +248,11 @@ def run_stages(run: Path, budget: Budget, dataset: str, label: str, seconds: dic
 
 def reproduce(
     dataset: str,
-    budget: str = "cpu",
+    budget: str = BUDGET,
     out: str | os.PathLike | None = None,
     cache: str | os.PathLike | None = None,
     runs: Sequence[str] | None = None,
-    seeds: int = 1,
+    seeds: int = SEEDS,
 ) -> Path:
     """Train, evaluate, analyse, check and draw the grid of ``dataset`` into ``out`` (default
     ``reproduce-<dataset>-<budget>``) and write ``OUT/report.html``; returns ``out``.

@@ -31,6 +31,7 @@ from scipy import sparse
 import pathanat
 from pathanat.atomic import atomic_dir
 from pathanat.data.templates import DERIVATIONS, Template, load_template
+from pathanat.defaults import SEED, SLAB_MM, WORKERS
 from pathanat.errors import PathanatError
 from pathanat.jsonfiles import write_json
 
@@ -395,7 +396,7 @@ def region_volumes(labels: np.ndarray) -> dict[str, float]:
 
 
 def render_subject(
-    kind: str, factors: dict, slab_mm: float | None = 48.0, template: Template | None = None
+    kind: str, factors: dict, slab_mm: float | None = SLAB_MM, template: Template | None = None
 ) -> PhantomSubject:
     """Build a subject's volumes from its factors alone (deterministic)."""
     check_kind(kind)
@@ -444,7 +445,7 @@ def render_subject(
 
 
 def make_subject(
-    kind: str, index: int, cohort_seed: int, slab_mm: float | None = 48.0
+    kind: str, index: int, cohort_seed: int, slab_mm: float | None = SLAB_MM
 ) -> PhantomSubject:
     """Subject ``index`` of the cohort with seed ``cohort_seed`` (whatever the cohort's size)."""
     return render_subject(kind, draw_factors(kind, index, cohort_seed), slab_mm)
@@ -606,11 +607,11 @@ def generate_cohort(
     kind: str,
     n_subjects: int,
     out_dir: Path,
-    seed: int = 0,
-    slab_mm: float | None = 48.0,
+    seed: int = SEED,
+    slab_mm: float | None = SLAB_MM,
     overwrite: bool = False,
     progress: bool = True,
-    workers: int = 2,
+    workers: int = WORKERS,
 ) -> Path:
     """Write a phantom cohort (BIDS-like, see contract) to ``out_dir`` and return its path.
 

@@ -59,6 +59,15 @@ from pathanat.data.volume import (
     slice_grid,
     standardisation,
 )
+from pathanat.defaults import (
+    DEFAULT_SLICES,
+    IN_PLANE_MM,
+    REGISTER,
+    SEED,
+    SHAPE,
+    SLICE_MM,
+    WORKERS,
+)
 from pathanat.errors import ConfigError, InputError
 from pathanat.jsonfiles import read_json, write_json
 
@@ -66,7 +75,6 @@ CACHE_FORMAT = 1
 REPREPARE = "prepare the cache again (`pathanat prepare ... --overwrite`)"
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
-DEFAULT_SLICES = {"FLAIR": 24, "T2w": 24, "T1w": 16}  # the paper's MS and AD settings
 SHAPE_MULTIPLE = 16  # 2^L for L = 4 downsamplings of the hierarchical VAE
 
 
@@ -76,7 +84,7 @@ class Settings:
     slice_mm: float
     n_slices: int
     shape: tuple[int, int]
-    register: str = "none"
+    register: str = REGISTER
 
 
 @dataclass
@@ -198,18 +206,18 @@ class PrepareWarning(UserWarning):
 def prepare_cohort(
     cohort: Path,
     out: Path,
-    in_plane_mm: float = 2.0,
-    slice_mm: float = 1.0,
+    in_plane_mm: float = IN_PLANE_MM,
+    slice_mm: float = SLICE_MM,
     n_slices: int | None = None,
-    shape: tuple[int, int] = (96, 112),
-    seed: int = 0,
+    shape: tuple[int, int] = SHAPE,
+    seed: int = SEED,
     overwrite: bool = False,
     progress: bool = True,
     modality: str | None = None,
-    workers: int = 2,
+    workers: int = WORKERS,
     derivatives: Sequence[str] | None = None,
     entities: dict[str, str] | None = None,
-    register: str = "none",
+    register: str = REGISTER,
 ) -> Path:
     """Prepare a cohort (BIDS folder or CSV manifest) into a slice cache at ``out``.
 

@@ -47,9 +47,16 @@ from sklearn.exceptions import ConvergenceWarning
 from pathanat.atomic import atomic_dir
 from pathanat.data.phantom import COLUMN_DOCS, CSF, GM, HIPPOCAMPUS, VENTRICLES, WM
 from pathanat.data.prepare import CacheSplit
+from pathanat.defaults import (
+    DEFAULT_BATCH_SIZE,
+    SEED,
+    SENSITIVITY_EXAMPLES,
+    SENSITIVITY_FACTORS,
+    SPLIT,
+    TRAIN_SPLIT,
+)
 from pathanat.errors import InputError, PathanatError, checked_int
 from pathanat.evaluation.evaluate import (
-    DEFAULT_BATCH_SIZE,
     as_input,
     batches,
     split_arrays,
@@ -59,8 +66,6 @@ from pathanat.figures import WINDOW, display, save_figure
 from pathanat.jsonfiles import finite_or_none, write_json
 from pathanat.runs import one_at_a_time, open_run
 
-SENSITIVITY_FACTORS = (0.0, 0.5, 1.5, 2.0, 3.0)
-SENSITIVITY_EXAMPLES = 16
 FACTOR_ALPHA = DCI_ALPHA  # Lasso alpha on standardised targets (above chance correlation)
 LESION_VOLUME = "lesion_volume_mm3"
 ATROPHY = "atrophy_severity"
@@ -471,12 +476,12 @@ def sensitivity_figure(data: dict) -> plt.Figure:
 @one_at_a_time("analyze")
 def analyze_run(
     run: str | os.PathLike,
-    split: str = "test",
-    train_split: str = "train",
+    split: str = SPLIT,
+    train_split: str = TRAIN_SPLIT,
     factors: Sequence[float] = SENSITIVITY_FACTORS,
     examples: int = SENSITIVITY_EXAMPLES,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    seed: int = 0,
+    seed: int = SEED,
 ) -> dict:
     """Analyse the run folder ``run``: Lasso fitted on ``train_split``, scored on ``split``.
 

@@ -36,6 +36,7 @@ import torch
 
 from pathanat.data.phantom import ANATOMY_RANGES, CONTRAST_RANGES, SCANNER_RANGES, VENTRICLES
 from pathanat.data.prepare import Cache, CacheSplit
+from pathanat.defaults import COUNTERFACTUAL_PAIRS, DEFAULT_BATCH_SIZE, SEED
 from pathanat.errors import PathanatError, checked_int
 from pathanat.evaluation.analyze import ANALYSIS_JSON, encoded
 from pathanat.evaluation.detection import (
@@ -52,7 +53,6 @@ from pathanat.evaluation.edits import (
     swap_scores,
 )
 from pathanat.evaluation.evaluate import (
-    DEFAULT_BATCH_SIZE,
     as_input,
     batches,
     split_arrays,
@@ -77,7 +77,6 @@ FIGURE = "figures/lesion_detection.png"
 FIGURE_SLICES = 4
 SWAP_FIGURE = "figures/counterfactual_swap.png"
 SWAP_FIGURE_PAIRS = 4
-PAIRS = 200
 COMPOSITION_SLICES = 32
 CONDITIONAL_SOURCES = 32
 CONDITIONAL_DRAWS = 8
@@ -369,8 +368,8 @@ def swap_figure(test: CacheSplit, swap: Swap, kind: str) -> Any:
 
 @one_at_a_time("counterfactual")
 def counterfactual_run(run: str | os.PathLike, pathology_groups: Collection[int] | None = None,
-                       seed: int = 0, pairs: int = PAIRS, segmenter_steps: int | None = None,
-                       progress: bool = True) -> dict:
+                       seed: int = SEED, pairs: int = COUNTERFACTUAL_PAIRS,
+                       segmenter_steps: int | None = None, progress: bool = True) -> dict:
     """Swap, composition, conditional and lesion-detection records of an MS run: writes
     RUN/counterfactual.json, RUN/figures/counterfactual_swap.png and lesion_detection.png (+
     captions) and returns the result. The cohort's segmenters are trained on first use (for

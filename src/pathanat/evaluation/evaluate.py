@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from pathanat.atomic import atomic_file
 from pathanat.data.prepare import SPLITS, Cache, CacheSplit
+from pathanat.defaults import DEFAULT_BATCH_SIZE, DEFAULT_IW_SAMPLES, FID_SAMPLES, SEED, SPLIT
 from pathanat.errors import InputError, checked_int
 from pathanat.evaluation.fid import (
     FID_WINDOW,
@@ -67,11 +68,6 @@ from pathanat.models.distributions import Bins, discretized_gaussian_log_probs
 from pathanat.models.second_stage import SecondStagePrior
 from pathanat.runs import one_at_a_time, open_run
 
-# The cost is linear in S (one top-down pass per sample; the encoder runs once). S = 32 keeps the
-# test split of a 100-subject phantom (480 slices of 96 x 112) to minutes on 2 CPU cores
-# (benchmarks/bench_evaluate.py); pass S = 100 or more for final numbers, as tables state S.
-DEFAULT_IW_SAMPLES = 32
-DEFAULT_BATCH_SIZE = 32
 IW_CHUNK = 256  # (slice, sample) pairs per top-down pass: bounds memory whatever S is
 CONVERGENCE_SLICES = 32  # the slices on which the bound at S is compared with the bound at 4S
 CONFIDENCE = 0.95
@@ -80,9 +76,6 @@ METRICS_CSV = "metrics_eval.csv"
 # prior-sampling temperatures at which plausibility is measured (the synthesis figures' too)
 SAMPLE_TEMPERATURES = (0.6, 0.8, 1.0)
 PLAUSIBILITY_SAMPLES = 256  # draws per temperature: cheap, and a 95% Wilson interval of +-6%
-# prior draws for the FID/KID of samples (at least as many as the split has slices): FID falls as
-# N grows, so N is stated beside it; a few hundred leave it far above its large-N value
-FID_SAMPLES = 2048
 COPY_TEST_SLICES = 1024  # training slices (a fixed-seed subset) the draws' copy test compares to
 # The NLL's discretisation: 256 levels over the FID window (bin width 1/32 of a standardised
 # unit, finer than any reconstruction error here), the edge bins open, so every slice is binned.
@@ -476,9 +469,9 @@ def append_csv(path: Path, row: dict) -> None:
 @one_at_a_time("evaluate")
 def evaluate_run(
     run: str | os.PathLike,
-    split: str = "test",
+    split: str = SPLIT,
     iw_samples: int = DEFAULT_IW_SAMPLES,
-    seed: int = 0,
+    seed: int = SEED,
     batch_size: int = DEFAULT_BATCH_SIZE,
     with_fid: bool = True,
     progress: bool = True,

@@ -57,10 +57,20 @@ import torch
 from tqdm import tqdm
 
 from pathanat.data.prepare import CacheSplit
+from pathanat.defaults import (
+    DEFAULT_BATCH_SIZE,
+    DRAWS,
+    PER_CLUSTER,
+    PRIOR_SAMPLES,
+    SEED,
+    SPLIT,
+    STYLE_MIX_PAIRS,
+    TEMPERATURE,
+    TEMPERATURES,
+)
 from pathanat.errors import PathanatError, checked_int
 from pathanat.evaluation.analyze import ANALYSIS_JSON, ATROPHY
 from pathanat.evaluation.evaluate import (
-    DEFAULT_BATCH_SIZE,
     as_input,
     batches,
     prior_samples,
@@ -80,7 +90,6 @@ VAMP_ONLY = ("clusters",)
 SECOND_STAGE = ("prior", "layers", "conditional")  # figures with rows of the second stage
 MIX_MODE = "value"  # see the module docstring
 SYNTHESIS_JSON = "synthesis.json"
-TEMPERATURES = (0.6, 0.8, 1.0)
 
 
 def figure_path(what: str) -> str:
@@ -562,14 +571,14 @@ def synthesize_run(
     run: str | os.PathLike,
     what: Sequence[str] | None = None,
     pathology_groups: Collection[int] | None = None,
-    split: str = "test",
-    seed: int = 0,
+    split: str = SPLIT,
+    seed: int = SEED,
     temperatures: Sequence[float] = TEMPERATURES,
-    temperature: float = 1.0,
-    samples: int = 8,
-    draws: int = 6,
-    pairs: int = 4,
-    per_cluster: int = 6,
+    temperature: float = TEMPERATURE,
+    samples: int = PRIOR_SAMPLES,
+    draws: int = DRAWS,
+    pairs: int = STYLE_MIX_PAIRS,
+    per_cluster: int = PER_CLUSTER,
     progress: bool = True,
 ) -> dict:
     """Draw the synthesis figures ``what`` (default: all the run's kind supports) of the run

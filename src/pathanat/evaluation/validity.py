@@ -40,6 +40,7 @@ from matplotlib.colors import ListedColormap
 
 from pathanat.data.phantom import BACKGROUND, CSF, VENTRICLES
 from pathanat.data.prepare import CacheSplit
+from pathanat.defaults import DEFAULT_BATCH_SIZE, SEED, TEMPERATURE, VALIDITY_SAMPLES
 from pathanat.errors import InputError, PathanatError, checked_int
 from pathanat.evaluation.evaluate import (
     as_input,
@@ -74,11 +75,6 @@ DEFINITION = (
     f"a voxel is lesion-like when the lesion segmenter's probability exceeds {LESION_THRESHOLD}; "
     "it is invalid when the tissue segmenter labels it background, CSF or ventricles"
 )
-# 1024 samples: a width-16 model at 96 x 112 draws and segments 256 in ~3.5 s on one loaded core
-# (benchmarks/bench_validity.py), so a run takes well under a minute once the segmenters exist;
-# the 95% interval over 256 noisy samples was already under +-1 point.
-DEFAULT_SAMPLES = 1024
-DEFAULT_BATCH_SIZE = 32
 BOOTSTRAP = 2000
 CONFIDENCE = 0.95
 VALIDITY_JSON = "validity.json"
@@ -247,7 +243,7 @@ def sample_validity(
     model: Any,
     segmenters: Segmenters,
     test: CacheSplit,
-    n: int = DEFAULT_SAMPLES,
+    n: int = VALIDITY_SAMPLES,
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -316,9 +312,9 @@ def validity_figure(result: dict, samples: Scored, real: Scored, kind: str) -> A
 @one_at_a_time("validity")
 def validity_run(
     run: str | os.PathLike,
-    n: int = DEFAULT_SAMPLES,
-    temperature: float = 1.0,
-    seed: int = 0,
+    n: int = VALIDITY_SAMPLES,
+    temperature: float = TEMPERATURE,
+    seed: int = SEED,
     progress: bool = True,
     segmenter_steps: int | None = None,
 ) -> dict:

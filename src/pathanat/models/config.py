@@ -45,9 +45,10 @@ class HVAEConfig:
     # per scale, top-down (z_0's scale first); None: ``width`` / ``cells_per_scale`` at every scale
     widths: tuple[int, ...] | None = None
     cells: tuple[int, ...] | None = None
-    pseudo_inputs: int = 8
+    pseudo_inputs: int = 8  # used by nvmp / nvmp+ only
     z_p: int = 2
     supervised: bool = False
+    # "joint": the deltas read the decoder state too (NVAE's bidirectional inference)
     posterior: Posterior = "joint"
     # the prior of the groups whose prior depends on nothing (every group of vae, z_0 of nvae):
     # "standard" N(0, I) as in the paper, or "fitted" N(m, s^2) per element, fitted to the
