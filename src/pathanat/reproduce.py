@@ -33,10 +33,11 @@ from pathanat.errors import PathanatError, checked_int
 from pathanat.experiment import ExperimentConfig, load_experiment
 from pathanat.hardware import native_bf16
 from pathanat.jsonfiles import read_json, write_json
+from pathanat.models.config import KIND_NAMES
 from pathanat.runs import LAST, is_current
 from pathanat.training.run import resume, train_config
 
-KINDS = ("vae", "nvae", "nvmp", "nvmpplus")  # config-name spelling (nvmp+ is "nvmpplus")
+KINDS = tuple(KIND_NAMES.values())  # as config names spell them (nvmp+ is "nvmpplus")
 DATASETS = ("ms", "ad")
 
 

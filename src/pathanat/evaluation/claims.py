@@ -25,8 +25,10 @@ from collections.abc import Mapping, Sequence
 from functools import partial
 
 from pathanat.metrics import estimate_text
+from pathanat.models.config import KIND_NAMES
 
-STRUCTURED = ("nvae", "nvmp", "nvmpplus")
+VAE, NVMP_PLUS = KIND_NAMES["vae"], KIND_NAMES["nvmp+"]
+STRUCTURED = tuple(name for name in KIND_NAMES.values() if name != VAE)  # as configs spell them
 _estimate = partial(estimate_text, digits=4)
 Results = Mapping[str, Mapping[str, dict | None]]
 
@@ -67,7 +69,7 @@ def _clear(held: bool | None, decided: list[int]) -> bool | None:
 
 def reconstruction_claims(results: Results, dataset: str) -> list[dict]:
     """Table 1: structured priors beat the mean-field VAE; NVMP+ is the best of the four."""
-    kinds = ("vae", *STRUCTURED)
+    kinds = (VAE, *STRUCTURED)
     psnr = {k: _get(results.get(f"{k}_{dataset}", {}).get("metrics.json"),
                     "reconstruction", "psnr") for k in kinds}
     nll = {k: _get(results.get(f"{k}_{dataset}", {}).get("metrics.json"),
@@ -80,13 +82,13 @@ def reconstruction_claims(results: Results, dataset: str) -> list[dict]:
     if complete:
         p = {k: psnr[k]["mean"] for k in kinds}
         n = {k: nll[k]["mean"] for k in kinds}
-        beat = all(p[k] > p["vae"] and n[k] < n["vae"] for k in STRUCTURED)
-        best = max(p, key=p.get) == "nvmpplus" and min(n, key=n.get) == "nvmpplus"
+        beat = all(p[k] > p[VAE] and n[k] < n[VAE] for k in STRUCTURED)
+        best = max(p, key=p.get) == NVMP_PLUS and min(n, key=n.get) == NVMP_PLUS
         beat_decided = [d for k in STRUCTURED for d in (
-            _decided(psnr[k], psnr["vae"]), _decided(nll[k], nll["vae"], higher_is_better=False))]
-        best_decided = [d for k in kinds if k != "nvmpplus" for d in (
-            _decided(psnr["nvmpplus"], psnr[k]),
-            _decided(nll["nvmpplus"], nll[k], higher_is_better=False))]
+            _decided(psnr[k], psnr[VAE]), _decided(nll[k], nll[VAE], higher_is_better=False))]
+        best_decided = [d for k in kinds if k != NVMP_PLUS for d in (
+            _decided(psnr[NVMP_PLUS], psnr[k]),
+            _decided(nll[NVMP_PLUS], nll[k], higher_is_better=False))]
     return [
         _claim("structured priors (nvae, nvmp, nvmp+) reconstruct better than the mean-field VAE "
                "(higher PSNR and lower NLL)", "Table 1", beat, evidence,
@@ -112,7 +114,7 @@ def propagation_claim(results: Results) -> list[dict]:
     """Table 4: with z_P supervised, the autoregressive kinds' z_A gain lesion information; the
     VAE's does not. Gain = mean z_A R2 (supervised) - mean z_A R2 (unsupervised)."""
     gains: dict[str, dict[str, float | None]] = {}
-    for kind in ("vae", *STRUCTURED):
+    for kind in (VAE, *STRUCTURED):
         gains[kind] = {}
         for unit in ("slice", "subject"):
             sup = _mean_anatomy_r2(results.get(f"{kind}_ms_sup", {}).get("analysis.json"), unit)
@@ -126,7 +128,7 @@ def propagation_claim(results: Results) -> list[dict]:
     slice_gain = {k: g["slice"] for k, g in gains.items()}
     held = None
     if all(v is not None for v in slice_gain.values()):
-        held = all(slice_gain[k] > 0 and slice_gain[k] > slice_gain["vae"] for k in STRUCTURED)
+        held = all(slice_gain[k] > 0 and slice_gain[k] > slice_gain[VAE] for k in STRUCTURED)
     return [_claim(
         "supervising z_P propagates lesion information to the unsupervised groups z_A in the "
         "autoregressive kinds (gain in mean z_A Lasso R2, slice level, > 0 and > the VAE's)",
@@ -137,7 +139,7 @@ def propagation_claim(results: Results) -> list[dict]:
 def validity_claim(results: Results) -> list[dict]:
     """Fig. 1a: structured priors put fewer sampled lesions in invalid places than the VAE."""
     rates = {k: _get(results.get(f"{k}_ms", {}).get("validity.json"), "samples")
-             for k in ("vae", *STRUCTURED)}
+             for k in (VAE, *STRUCTURED)}
     real = _get(results.get("vae_ms", {}).get("validity.json"), "real", "invalid_fraction")
 
     def show(r: dict | None) -> str:
@@ -158,9 +160,9 @@ def validity_claim(results: Results) -> list[dict]:
             evidence += f"; {what}: " + ", ".join(f"{k} {show(r)}" for k, r in beside.items())
     held, decided = None, []
     if all(r and r.get("invalid_fraction") is not None for r in rates.values()):
-        held = all(rates[k]["invalid_fraction"] < rates["vae"]["invalid_fraction"]
+        held = all(rates[k]["invalid_fraction"] < rates[VAE]["invalid_fraction"]
                    for k in STRUCTURED)
-        decided = [_decided(rates[k], rates["vae"], higher_is_better=False) for k in STRUCTURED]
+        decided = [_decided(rates[k], rates[VAE], higher_is_better=False) for k in STRUCTURED]
     return [_claim("structured priors place a smaller fraction of sampled lesion voxels in "
                    "invalid places (background, CSF, ventricles) than the mean-field VAE",
                    "Fig. 1a", held, "invalid fraction of lesion voxels in prior samples: "

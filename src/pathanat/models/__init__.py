@@ -2,7 +2,7 @@
 its config, distributions, priors and heads, the objective of Table 3 (objectives.py), and
 latent edits (edit.py)."""
 
-from pathanat.models.config import KINDS, VAMPPRIOR_KINDS, HVAEConfig
+from pathanat.models.config import KIND_NAMES, KINDS, VAMPPRIOR_KINDS, HVAEConfig
 from pathanat.models.distributions import (
     DiagonalGaussian,
     gaussian_log_likelihood,
@@ -17,6 +17,7 @@ from pathanat.models.outputs import Encoding, Generated, Group, HVAEOutput
 
 __all__ = [
     "KINDS",
+    "KIND_NAMES",
     "VAMPPRIOR_KINDS",
     "DiagonalGaussian",
     "Encoding",

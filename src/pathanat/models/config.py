@@ -10,6 +10,8 @@ from pathanat.errors import ConfigError, checked_int
 
 Kind = Literal["vae", "nvae", "nvmp", "nvmp+"]
 KINDS: tuple[str, ...] = ("vae", "nvae", "nvmp", "nvmp+")
+# each kind as config files and run folders spell it ("+" is no file-name character there)
+KIND_NAMES: dict[str, str] = {kind: kind.replace("+", "plus") for kind in KINDS}
 # the kinds whose p(z_0) is a VampPrior over trainable pseudo-inputs
 VAMPPRIOR_KINDS: tuple[str, ...] = ("nvmp", "nvmp+")
 Posterior = Literal["encoder", "joint"]

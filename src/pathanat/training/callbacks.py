@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from pathanat.atomic import atomic_file
-from pathanat.figures import save_figure, slice_montage
+from pathanat.figures import WINDOW, save_figure, slice_montage
 
 
 class ReconstructionGrid(pl.Callback):
@@ -43,7 +43,8 @@ class ReconstructionGrid(pl.Callback):
                 )
         save_figure(fig, self.path, caption=(
             f"Validation slices (top) and their posterior-mean reconstructions (bottom) at step "
-            f"{trainer.global_step}; standardised intensities, window -2.5 to 3.5."))
+            f"{trainer.global_step}; standardised intensities, window {WINDOW[0]:g} to "
+            f"{WINDOW[1]:g}."))
 
 
 class StepCheckpoint(ModelCheckpoint):
