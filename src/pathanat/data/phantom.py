@@ -32,7 +32,7 @@ import pathanat
 from pathanat.atomic import atomic_dir
 from pathanat.data.templates import DERIVATIONS, Template, load_template
 from pathanat.defaults import SEED, SLAB_MM, WORKERS
-from pathanat.errors import PathanatError
+from pathanat.errors import PathanatError, checked_int
 from pathanat.jsonfiles import write_json
 
 GENERATOR_VERSION = "1.0"
@@ -622,8 +622,7 @@ def generate_cohort(
     from tqdm import tqdm
 
     check_arguments(kind, n_subjects, seed, slab_mm)
-    if not (isinstance(workers, int) and workers >= 1):
-        raise PathanatError(f"workers: expected an integer >= 1, got {workers!r}")
+    checked_int(workers, "workers")
     out_dir = Path(out_dir)
     template = load_template()
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
