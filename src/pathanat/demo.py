@@ -118,6 +118,27 @@ def _summarise(
         + ")"
     )
     print(f"run      {run}  (config, checkpoints, metrics, analysis, figures)")
+    _print_test(metrics)
+    plausible = metrics.get("plausibility")
+    _print_fid(metrics, plausible)
+    if plausible:
+        _print_samples(plausible)
+    posthoc = (analysis.get("sensitivity") or {}).get("z_p_posthoc")
+    print(f"latents  post-hoc z_P (pathology sensitivity): {posthoc}")
+    print(f"validity invalid lesion voxels: prior samples {_counted(validity)}, real test "
+          f"slices {_fraction(validity['real'])}"
+          + (f", their reconstructions {_fraction(validity['reconstructions'])}"
+             if validity.get("reconstructions") else ""))
+    if validity.get("second_stage"):
+        print(f"         second-stage prior samples {_counted(validity['second_stage'])}")
+    _print_lesions(detection)
+    print(f"report   {report}")
+    print()
+    print(f"A {steps}-step model on {counts.get('train', 0)} training subjects: look at the "
+          "report; `pathanat reproduce --dataset ms` trains and compares the paper's grid.")
+
+
+def _print_test(metrics: dict) -> None:
     nll, recon = metrics["nll"], metrics["reconstruction"]
     print(f"test     NLL {estimate_text(nll['bits_per_dim'], 3)} bits/dim of the binned "
           f"slices (S={nll['iw_samples']}), PSNR {estimate_text(recon['psnr'], 3)} dB, "
@@ -128,48 +149,48 @@ def _summarise(
         print(f"         IW bound from S={moved['iw_samples']} to {moved['iw_samples_4x']} on "
               f"{moved['slices']} slices: {moved['move']:.1f} nats/slice lower (half-interval "
               f"{moved['ci_half_width']:.1f}): {verdict}")
+
+
+def _print_fid(metrics: dict, plausible: dict | None) -> None:
     fid = metrics.get("fid") or {}
-    plausible = metrics.get("plausibility")
-    if fid:
-        floor = fid.get("floor") or {}
-        print(f"FID      reconstructions {fid['fid_reconstruction']:.1f}, prior samples "
-              f"{fid['fid_samples']:.1f} (vs the {fid.get('inputs', '?')} test inputs; "
-              f"{fid['samples']} prior draws; KID "
-              f"{estimate_text(fid.get('kid_reconstruction'), 3)} and "
-              f"{estimate_text(fid.get('kid_samples'), 3)})")
-        if fid.get("fid_samples_second_stage") is not None:
-            staged = (plausible or {}).get("second_stage") or {}
-            print(f"         second-stage prior (fitted to the training residuals): "
-                  f"FID {fid['fid_samples_second_stage']:.1f}, KID "
-                  f"{estimate_text(fid.get('kid_samples_second_stage'), 3)}"
-                  + (f", brain-like {estimate_text(staged['brain_like'], 2)}, shape diversity "
-                     f"{staged['shape_diversity']:.3f}" if staged else ""))
-        copies = (metrics.get("novelty") or {}).get("second_stage")
-        if copies:
-            print(f"         copy test of the second stage's draws: nearest-training distance "
-                  f"{copies['distance_ratio']:.2f}x the test slices' (1: new, 0: copies), "
-                  f"{copies['near_copies']:.1%} near copies (5% for new slices)")
-        if floor:
-            print(f"         floor, real {floor['split']} slices vs the test inputs: FID "
-                  f"{floor['fid']:.1f}, KID {estimate_text(floor['kid'], 3)}")
-    if plausible:
-        drawn = ", ".join(f"T={t} {estimate_text(e['brain_like'], 2)}"
-                          for t, e in plausible["samples"].items())
-        print(f"samples  brain-like: {drawn} (n = {next(iter(plausible['samples'].values()))['n']} "
-              f"each); real test slices {estimate_text(plausible['real']['brain_like'], 2)}")
-        hottest = plausible["samples"][max(plausible["samples"], key=float)]
-        if hottest.get("shape_diversity") is not None:
-            print(f"         shape diversity (mean pairwise 1 - Dice of outlines): samples "
-                  f"{hottest['shape_diversity']:.3f} at the highest T, real test slices "
-                  f"{plausible['real']['shape_diversity']:.3f}")
-    posthoc = (analysis.get("sensitivity") or {}).get("z_p_posthoc")
-    print(f"latents  post-hoc z_P (pathology sensitivity): {posthoc}")
-    print(f"validity invalid lesion voxels: prior samples {_counted(validity)}, real test "
-          f"slices {_fraction(validity['real'])}"
-          + (f", their reconstructions {_fraction(validity['reconstructions'])}"
-             if validity.get("reconstructions") else ""))
-    if validity.get("second_stage"):
-        print(f"         second-stage prior samples {_counted(validity['second_stage'])}")
+    if not fid:
+        return
+    floor = fid.get("floor") or {}
+    print(f"FID      reconstructions {fid['fid_reconstruction']:.1f}, prior samples "
+          f"{fid['fid_samples']:.1f} (vs the {fid.get('inputs', '?')} test inputs; "
+          f"{fid['samples']} prior draws; KID "
+          f"{estimate_text(fid.get('kid_reconstruction'), 3)} and "
+          f"{estimate_text(fid.get('kid_samples'), 3)})")
+    if fid.get("fid_samples_second_stage") is not None:
+        staged = (plausible or {}).get("second_stage") or {}
+        print(f"         second-stage prior (fitted to the training residuals): "
+              f"FID {fid['fid_samples_second_stage']:.1f}, KID "
+              f"{estimate_text(fid.get('kid_samples_second_stage'), 3)}"
+              + (f", brain-like {estimate_text(staged['brain_like'], 2)}, shape diversity "
+                 f"{staged['shape_diversity']:.3f}" if staged else ""))
+    copies = (metrics.get("novelty") or {}).get("second_stage")
+    if copies:
+        print(f"         copy test of the second stage's draws: nearest-training distance "
+              f"{copies['distance_ratio']:.2f}x the test slices' (1: new, 0: copies), "
+              f"{copies['near_copies']:.1%} near copies (5% for new slices)")
+    if floor:
+        print(f"         floor, real {floor['split']} slices vs the test inputs: FID "
+              f"{floor['fid']:.1f}, KID {estimate_text(floor['kid'], 3)}")
+
+
+def _print_samples(plausible: dict) -> None:
+    drawn = ", ".join(f"T={t} {estimate_text(e['brain_like'], 2)}"
+                      for t, e in plausible["samples"].items())
+    print(f"samples  brain-like: {drawn} (n = {next(iter(plausible['samples'].values()))['n']} "
+          f"each); real test slices {estimate_text(plausible['real']['brain_like'], 2)}")
+    hottest = plausible["samples"][max(plausible["samples"], key=float)]
+    if hottest.get("shape_diversity") is not None:
+        print(f"         shape diversity (mean pairwise 1 - Dice of outlines): samples "
+              f"{hottest['shape_diversity']:.3f} at the highest T, real test slices "
+              f"{plausible['real']['shape_diversity']:.3f}")
+
+
+def _print_lesions(detection: dict) -> None:
     groups = ", ".join(f"z{g}" for g in detection["pathology_groups"])
     print(f"lesions  detection on test slices (AUPRC, threshold-free; Dice at the val-chosen "
           f"threshold), pathology groups {groups}:")
@@ -180,10 +201,6 @@ def _summarise(
               f"Dice {estimate_text(row['dice'], 3)}")
     for i, line in enumerate(summary_lines(detection)):
         print(f"{'edits' if i == 0 else '':9s}{line.strip()}")
-    print(f"report   {report}")
-    print()
-    print(f"A {steps}-step model on {counts.get('train', 0)} training subjects: look at the "
-          "report; `pathanat reproduce --dataset ms` trains and compares the paper's grid.")
 
 
 def _counted(drawn: dict) -> str:
