@@ -177,6 +177,12 @@ def check_experiment(config: ExperimentConfig) -> None:
     for key, value in nonnegative.items():
         if value < 0:
             raise ConfigError(f"{key}: expected a value >= 0, got {value!r}")
+    _check_ranges(config)
+
+
+def _check_ranges(config: ExperimentConfig) -> None:
+    """The checks of ``check_experiment`` on values bounded by more than 0."""
+    data = config.data
     if not config.objective.kl_scale > 0:
         raise ConfigError(
             f"objective.kl_scale: expected a value > 0, got {config.objective.kl_scale!r}"

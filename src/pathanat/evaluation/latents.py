@@ -296,25 +296,8 @@ def dci(
     """
     if method not in ("lasso", "forest"):
         raise InputError(f"method must be 'lasso' or 'forest', got {method!r}")
-    ctr, cte = as_features("train_codes", train_codes), as_features("test_codes", test_codes)
-    ftr, fte = (
-        as_features("train_factors", train_factors),
-        as_features("test_factors", test_factors),
-    )
-    if len(ftr) != len(ctr) or len(fte) != len(cte):
-        raise InputError(
-            f"codes and factors differ in samples: train {len(ctr)} vs {len(ftr)}, "
-            f"test {len(cte)} vs {len(fte)}"
-        )
-    if cte.shape[1] != ctr.shape[1] or fte.shape[1] != ftr.shape[1]:
-        raise InputError("train and test differ in their number of codes or factors")
-    if np.ptp(ftr, axis=0).min() == 0:
-        raise InputError("a factor is constant on the train split; it cannot be predicted")
-    names = (
-        list(factor_names) if factor_names is not None else [f"f{j}" for j in range(ftr.shape[1])]
-    )
-    if len(names) != ftr.shape[1]:
-        raise InputError(f"factor_names has {len(names)} names for {ftr.shape[1]} factors")
+    ctr, cte, ftr, fte, names = _dci_inputs(train_codes, train_factors, test_codes,
+                                            test_factors, factor_names)
     ctr, cte = standardise(ctr, cte)
     ftr, fte = standardise(ftr, fte)
     if method == "lasso":
@@ -340,3 +323,31 @@ def dci(
         group_names, grouped = group_importance(importance, labels)
         group_scores = dci_scores(grouped)
     return DCIResult(names, dci_scores(importance), group_scores, group_names, r2, mse)
+
+
+def _dci_inputs(
+    train_codes: np.ndarray, train_factors: np.ndarray, test_codes: np.ndarray,
+    test_factors: np.ndarray, factor_names: Sequence[str] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """``dci``'s arrays checked (as 2-D features, matching in samples and columns, no factor
+    constant) and the factors' names."""
+    ctr, cte = as_features("train_codes", train_codes), as_features("test_codes", test_codes)
+    ftr, fte = (
+        as_features("train_factors", train_factors),
+        as_features("test_factors", test_factors),
+    )
+    if len(ftr) != len(ctr) or len(fte) != len(cte):
+        raise InputError(
+            f"codes and factors differ in samples: train {len(ctr)} vs {len(ftr)}, "
+            f"test {len(cte)} vs {len(fte)}"
+        )
+    if cte.shape[1] != ctr.shape[1] or fte.shape[1] != ftr.shape[1]:
+        raise InputError("train and test differ in their number of codes or factors")
+    if np.ptp(ftr, axis=0).min() == 0:
+        raise InputError("a factor is constant on the train split; it cannot be predicted")
+    names = (
+        list(factor_names) if factor_names is not None else [f"f{j}" for j in range(ftr.shape[1])]
+    )
+    if len(names) != ftr.shape[1]:
+        raise InputError(f"factor_names has {len(names)} names for {ftr.shape[1]} factors")
+    return ctr, cte, ftr, fte, names
