@@ -272,19 +272,13 @@ def analyze(
     """All analyses of ``model`` (anything with ``encode(x).z`` and ``decode(z, size).x_mean``)
     fitted on ``train`` and scored on ``test``. Returns a summary, tables by name, and what the
     figures need. ``pixel_mm2`` is the area of one pixel (the slice lesion area's unit)."""
-    if not (math.isfinite(pixel_mm2) and pixel_mm2 > 0):
-        raise PathanatError(f"pixel_mm2: expected a positive area, got {pixel_mm2!r}")
-    if not factors or any(not math.isfinite(f) for f in factors):
-        raise PathanatError(f"factors: expected finite scale factors, got {list(factors)}")
-    checked_int(examples, "examples")
+    _check_analyze_arguments(pixel_mm2, factors, examples)
     pathology = pathology_of(list(train.slices.columns), f"split {train.name}")
     images = {s.name: np.array(s.image, dtype=np.float32) for s in (train, test)}
     clock = time.perf_counter()
-    seconds = {}
     codes = {name: latent_codes(model, im, batch_size) for name, im in images.items()}
-    seconds["encode"] = time.perf_counter() - clock
+    seconds = {"encode": time.perf_counter() - clock}
     groups = [f"z{i}" for i in range(len(codes[train.name]))]
-    tables: dict[str, pd.DataFrame] = {}
 
     # targets per slice and per subject (a subject's codes averaged over its slices)
     slice_targets, subject_targets, subject_codes, sample_participants = {}, {}, {}, {}
@@ -306,7 +300,7 @@ def analyze(
     }
     lasso_summary, lasso_tables = lasso_section(groups, units, pathology)
     summary.update(lasso_summary)
-    tables.update(lasso_tables)
+    tables = dict(lasso_tables)
     seconds["lasso"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -320,11 +314,19 @@ def analyze(
     summary["sensitivity"], sens_tables, figure_data = sensitivity_section(
         model, test, images[test.name], pathology, factors, examples)
     tables.update(sens_tables)
-    figure_data["groups"] = groups
     seconds["sensitivity"] = time.perf_counter() - clock
     summary["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
-    figure_data["r2"] = {u: tables[f"r2_factors_{u}"] for u in ("slice", "subject")}
+    figure_data.update(groups=groups,
+                       r2={u: tables[f"r2_factors_{u}"] for u in ("slice", "subject")})
     return summary, tables, figure_data
+
+
+def _check_analyze_arguments(pixel_mm2: float, factors: Sequence[float], examples: int) -> None:
+    if not (math.isfinite(pixel_mm2) and pixel_mm2 > 0):
+        raise PathanatError(f"pixel_mm2: expected a positive area, got {pixel_mm2!r}")
+    if not factors or any(not math.isfinite(f) for f in factors):
+        raise PathanatError(f"factors: expected finite scale factors, got {list(factors)}")
+    checked_int(examples, "examples")
 
 
 @dataclass

@@ -604,12 +604,10 @@ def synthesize_run(
     path = folder / SYNTHESIS_JSON
     # read before drawing: a broken file stops the command before any work
     old = read_json(path, "delete it to start afresh") if path.is_file() else {}
-    cache = opened.cache
-    data = split_arrays(cache, split)
+    data = split_arrays(opened.cache, split)
     chosen = choose_pairs(data, pairs, seed) if set(what) - {"prior", "clusters"} else []
     kind = config.model.kind
-    second_stage = (opened.second_stage(seed)
-                    if set(what) & set(SECOND_STAGE) else None)
+    second_stage = opened.second_stage(seed) if set(what) & set(SECOND_STAGE) else None
     request = Request(model, data, chosen, groups, seed, tuple(temperatures), temperature,
                       samples, draws, per_cluster, second_stage)
     settings: dict[str, dict] = {}
