@@ -716,36 +716,39 @@ def edit_rows(runs: Sequence[Run], width: int, cells: Callable[[dict], list[str]
     return rows
 
 
+def swap_cells(found: dict) -> list[str]:
+    """A run's cells of the scored swap (its counterfactual record ``found``)."""
+    swap = found["swap"]
+    effect, anatomy = swap["effectiveness"], swap["anatomy"]
+    factors = anatomy.get("factors") or {}
+    return [
+        td(esc(swap["pairs"]), swap["pairs"]),
+        estimate_cell(effect["area_correlation"], 3),
+        estimate_cell(effect["reference_a_reconstruction"]["area_correlation"], 3),
+        estimate_cell(effect["lesion_dice_where_allowed"], 3),
+        estimate_cell(swap["minimality"], 3),
+        estimate_cell(anatomy["tissue_dice"]["WM"], 3),
+        estimate_cell(anatomy["reference_b_reconstruction"]["WM"], 3),
+        estimate_cell((factors.get("mix") or {}).get("mean_r2_held"), 3),
+        estimate_cell((factors.get("b") or {}).get("mean_r2_held"), 3),
+    ]
+
+def soundness_cells(found: dict) -> list[str]:
+    """A run's cells of the edits' soundness."""
+    swap, conditional = found["swap"], found["conditional"]
+    once, tenfold = found["composition"]["1"], found["composition"]["10"]
+    return [
+        estimate_cell(swap["reversibility"]["psnr"], 1),
+        estimate_cell(once["psnr"], 1), estimate_cell(tenfold["psnr"], 1),
+        estimate_cell(tenfold["lesion_area_drift_mm2"], 0),
+        estimate_cell(conditional["lesion_area_spread_mm2"], 1),
+        estimate_cell(conditional["lesion_in_valid_tissue"], 3),
+        estimate_cell(conditional["tissue_dice"]["WM"], 3),
+    ]
+
+
 def swap_section(runs: Sequence[Run]) -> str:
     """The scored pathology swap and the edits' soundness, one row per run."""
-    def swap_cells(found: dict) -> list[str]:
-        swap = found["swap"]
-        effect, anatomy = swap["effectiveness"], swap["anatomy"]
-        factors = anatomy.get("factors") or {}
-        return [
-            td(esc(swap["pairs"]), swap["pairs"]),
-            estimate_cell(effect["area_correlation"], 3),
-            estimate_cell(effect["reference_a_reconstruction"]["area_correlation"], 3),
-            estimate_cell(effect["lesion_dice_where_allowed"], 3),
-            estimate_cell(swap["minimality"], 3),
-            estimate_cell(anatomy["tissue_dice"]["WM"], 3),
-            estimate_cell(anatomy["reference_b_reconstruction"]["WM"], 3),
-            estimate_cell((factors.get("mix") or {}).get("mean_r2_held"), 3),
-            estimate_cell((factors.get("b") or {}).get("mean_r2_held"), 3),
-        ]
-
-    def soundness_cells(found: dict) -> list[str]:
-        swap, conditional = found["swap"], found["conditional"]
-        once, tenfold = found["composition"]["1"], found["composition"]["10"]
-        return [
-            estimate_cell(swap["reversibility"]["psnr"], 1),
-            estimate_cell(once["psnr"], 1), estimate_cell(tenfold["psnr"], 1),
-            estimate_cell(tenfold["lesion_area_drift_mm2"], 0),
-            estimate_cell(conditional["lesion_area_spread_mm2"], 1),
-            estimate_cell(conditional["lesion_in_valid_tissue"], 3),
-            estimate_cell(conditional["tissue_dice"]["WM"], 3),
-        ]
-
     swap_table = table(
         ["run", "kind", "pathology groups", "pairs", "lesion area r", "(a's reconstruction)",
          "Dice where b allows", "minimality", "WM Dice", "(b's reconstruction)",
@@ -783,6 +786,20 @@ def validity_not_applicable(run: Run) -> bool:
     return dig(run.analysis, ("pathology",))[1] == "ad"
 
 
+def validity_rate_row(run: Run, v: dict, best: bool) -> list[str]:
+    """One run's row of the invalid-lesion rates."""
+    samples = v.get("samples") or {}
+    return [
+        name_cell(run), td(esc(v.get("model", run.model("kind", "?")))),
+        rate_cell(samples, best), td(esc(samples.get("n")), samples.get("n")),
+        estimate_cell(v.get("brain_like"), 3),
+        rate_cell(dig(v, ("second_stage", "samples"))[1]),
+        rate_cell(v.get("reconstructions")), rate_cell(v.get("real")),
+        rate_cell(v.get("truth")),
+        td(esc(f"{v.get('temperature')}")),
+    ]
+
+
 def validity_section(runs: Sequence[Run]) -> str:
     sample_rates = [dig(r.validity, ("samples", "invalid_fraction"))[1] for r in runs]
     best = best_rows(sample_rates, "min")
@@ -803,16 +820,7 @@ def validity_section(runs: Sequence[Run]) -> str:
             label_rows.append([name_cell(run), td(text, colspan=1 + len(labels))])
             continue
         definitions.add(str(v.get("definition")))
-        samples = v.get("samples") or {}
-        rate_rows.append([
-            name_cell(run), td(esc(v.get("model", run.model("kind", "?")))),
-            rate_cell(samples, i in best), td(esc(samples.get("n")), samples.get("n")),
-            estimate_cell(v.get("brain_like"), 3),
-            rate_cell(dig(v, ("second_stage", "samples"))[1]),
-            rate_cell(v.get("reconstructions")), rate_cell(v.get("real")),
-            rate_cell(v.get("truth")),
-            td(esc(f"{v.get('temperature')}")),
-        ])
+        rate_rows.append(validity_rate_row(run, v, i in best))
         seg = v.get("segmenters") or {}
         dice = seg.get("tissue_dice") or {}
         seg_rows.append([name_cell(run)] + [
