@@ -166,17 +166,7 @@ def scored_validity(
 ) -> tuple[dict, Scored, Scored]:
     """``sample_validity``'s result and the segmented samples and real slices behind it.
     ``second_stage``: its ``n`` draws are scored the same way, under "second_stage"."""
-    checked_int(n, "n", what="prior samples")
-    if not (isinstance(temperature, int | float) and math.isfinite(temperature)
-            and temperature > 0):
-        raise PathanatError(f"temperature: expected a positive number, got {temperature!r}")
-    checked_int(batch_size, "batch_size")
-    if test.lesion is None or test.dseg is None:
-        raise InputError(
-            f"split {test.name!r}: sample validity needs ground-truth lesion masks and dseg "
-            "labels (an MS phantom cache); this split has "
-            + ("no lesion masks" if test.lesion is None else "no dseg")
-        )
+    _check_validity_arguments(n, temperature, batch_size, test)
     seconds = {}
     start = time.perf_counter()
     # fork_rng: the seed fixes the draws without changing the caller's RNG state
@@ -184,13 +174,7 @@ def scored_validity(
         torch.manual_seed(seed)
         images = prior_samples(model, n, None, batch_size, float(temperature))
     seconds["sampling"] = time.perf_counter() - start
-    if images.shape[1:] != test.image.shape[1:]:
-        raise PathanatError(
-            f"the model draws {images.shape[1]} x {images.shape[2]} samples; the test split's "
-            f"slices are {test.image.shape[1]} x {test.image.shape[2]}"
-        )
-    if not np.isfinite(images).all():
-        raise PathanatError("the model drew samples with NaN or infinite values")
+    _check_draws(images, test)
 
     start = time.perf_counter()
     samples = segmented(segmenters, images, batch_size)
@@ -201,19 +185,13 @@ def scored_validity(
     seconds["segmentation"] = time.perf_counter() - start
     reconstructed = validity_rates(rebuilt.lesion, rebuilt.tissue, seed)
 
-    accuracy = segmenters.accuracy
     everything = validity_rates(samples.lesion, samples.tissue, seed)
     counted, shape = brain_like_rates(samples, references, seed)
     staged = None
     if second_stage is not None:
         start = time.perf_counter()
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            drawn = second_stage_samples(model, second_stage, n, tuple(test.image.shape[1:]),
-                                         batch_size)
-        rates, drawn_shape = brain_like_rates(segmented(segmenters, drawn, batch_size),
-                                              references, seed)
-        staged = {"samples": rates, "brain_like": drawn_shape}
+        staged = second_stage_validity(model, second_stage, segmenters, n, test, batch_size,
+                                       references, seed)
         seconds["second_stage"] = time.perf_counter() - start
     result = {
         "split": test.name,
@@ -228,16 +206,62 @@ def scored_validity(
         "real": validity_rates(real.lesion, real.tissue, seed),
         "reconstructions": reconstructed,
         "truth": validity_rates(np.asarray(test.lesion, dtype=bool), np.asarray(test.dseg), seed),
-        "segmenters": {
-            "file": None if segmenters.path is None else str(segmenters.path),
-            "split": accuracy.get("split"),
-            **{key: accuracy.get(key) for key in
-               ("tissue_dice", "lesion_dice", "lesion_precision", "lesion_recall")},
-        },
+        "segmenters": segmenter_summary(segmenters),
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
     return finite_or_none(result), samples, real
 
+
+
+def _check_validity_arguments(n: int, temperature: float, batch_size: int,
+                              test: CacheSplit) -> None:
+    checked_int(n, "n", what="prior samples")
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature)
+            and temperature > 0):
+        raise PathanatError(f"temperature: expected a positive number, got {temperature!r}")
+    checked_int(batch_size, "batch_size")
+    if test.lesion is None or test.dseg is None:
+        raise InputError(
+            f"split {test.name!r}: sample validity needs ground-truth lesion masks and dseg "
+            "labels (an MS phantom cache); this split has "
+            + ("no lesion masks" if test.lesion is None else "no dseg")
+        )
+
+
+def _check_draws(images: np.ndarray, test: CacheSplit) -> None:
+    if images.shape[1:] != test.image.shape[1:]:
+        raise PathanatError(
+            f"the model draws {images.shape[1]} x {images.shape[2]} samples; the test split's "
+            f"slices are {test.image.shape[1]} x {test.image.shape[2]}"
+        )
+    if not np.isfinite(images).all():
+        raise PathanatError("the model drew samples with NaN or infinite values")
+
+
+def second_stage_validity(
+    model: Any, second_stage: SecondStagePrior, segmenters: Segmenters, n: int,
+    test: CacheSplit, batch_size: int, references: References | None, seed: int,
+) -> dict:
+    """Invalid-lesion rates of ``n`` second-stage draws (brain-like ones), and their shape."""
+    # fork_rng: the seed fixes the draws without changing the caller's RNG state
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        drawn = second_stage_samples(model, second_stage, n, tuple(test.image.shape[1:]),
+                                     batch_size)
+    rates, drawn_shape = brain_like_rates(segmented(segmenters, drawn, batch_size),
+                                          references, seed)
+    return {"samples": rates, "brain_like": drawn_shape}
+
+
+def segmenter_summary(segmenters: Segmenters) -> dict:
+    """Where the segmenters are kept and how accurate they are."""
+    accuracy = segmenters.accuracy
+    return {
+        "file": None if segmenters.path is None else str(segmenters.path),
+        "split": accuracy.get("split"),
+        **{key: accuracy.get(key) for key in
+           ("tissue_dice", "lesion_dice", "lesion_precision", "lesion_recall")},
+    }
 
 def sample_validity(
     model: Any,
