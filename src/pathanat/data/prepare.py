@@ -48,6 +48,7 @@ from pathanat.data import register as registration
 from pathanat.data.cohort import Cohort, Subject, read_cohort
 from pathanat.data.volume import (
     STANDARDISE_PERCENTILES,
+    Volume,
     binary,
     brain_box,
     check_same_grid,
@@ -102,16 +103,7 @@ class PreparedSubject:
 def prepare_subject(subject: Subject, settings: Settings) -> PreparedSubject:
     """Load, check, resample and standardise one subject's image and masks."""
     image = load_volume(subject.image, "image")
-    masks = {}
-    for name, path, what in (
-        ("lesion", subject.mask, "lesion mask"),
-        ("brain", subject.brain_mask, "brain mask"),
-        ("dseg", subject.dseg, "dseg"),
-    ):
-        if path is not None:
-            volume = load_volume(path, what)
-            check_same_grid(image, volume, what)
-            masks[name] = labels(volume) if name == "dseg" else binary(volume)
+    masks = subject_masks(subject, image)
     estimated = "brain" not in masks
     brain = estimate_brain_mask(image.data) if estimated else masks["brain"]
     if not brain.any():
@@ -146,23 +138,7 @@ def prepare_subject(subject: Subject, settings: Settings) -> PreparedSubject:
         raise InputError(f"{subject.image}: cannot standardise ({err})") from err
     z_mm = grid[2, 3] + grid[2, 2] * np.arange(settings.n_slices)
     record = {
-        "sources": {
-            "image": str(subject.image),
-            "mask": _str(subject.mask),
-            "brain_mask": _str(subject.brain_mask),
-            "dseg": _str(subject.dseg),
-        },
-        "mask_sources": subject.sources,
-        "brain_mask_estimated": estimated,
-        "skull_suspected": skull,
-        "participant": subject.participant,
-        "session": subject.session,
-        "entities": subject.entities,
-        "original": {
-            "shape": list(image.shape),
-            "zooms": list(image.zooms),
-            "orientation": image.orientation,
-        },
+        **_provenance(subject, image, estimated, skull),
         "mean": mean,
         "std": std,
         # The kept slices lie inside [min z, max z] of this box unless the brain is too short.
@@ -180,6 +156,44 @@ def prepare_subject(subject: Subject, settings: Settings) -> PreparedSubject:
         dseg=on_grid(masks["dseg"], order=0) if "dseg" in masks else None,
         record=record,
     )
+
+
+def subject_masks(subject: Subject, image: Volume) -> dict[str, np.ndarray]:
+    """The subject's given masks (lesion, brain, dseg), each checked to share the image's grid."""
+    masks = {}
+    for name, path, what in (
+        ("lesion", subject.mask, "lesion mask"),
+        ("brain", subject.brain_mask, "brain mask"),
+        ("dseg", subject.dseg, "dseg"),
+    ):
+        if path is not None:
+            volume = load_volume(path, what)
+            check_same_grid(image, volume, what)
+            masks[name] = labels(volume) if name == "dseg" else binary(volume)
+    return masks
+
+
+def _provenance(subject: Subject, image: Volume, estimated: bool, skull: object) -> dict:
+    """Where a subject's record came from: its files, its entities and its original grid."""
+    return {
+        "sources": {
+            "image": str(subject.image),
+            "mask": _str(subject.mask),
+            "brain_mask": _str(subject.brain_mask),
+            "dseg": _str(subject.dseg),
+        },
+        "mask_sources": subject.sources,
+        "brain_mask_estimated": estimated,
+        "skull_suspected": skull,
+        "participant": subject.participant,
+        "session": subject.session,
+        "entities": subject.entities,
+        "original": {
+            "shape": list(image.shape),
+            "zooms": list(image.zooms),
+            "orientation": image.orientation,
+        },
+    }
 
 
 def split_subjects(ids: Sequence[str], seed: int) -> dict[str, str]:
