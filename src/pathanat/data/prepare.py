@@ -249,21 +249,10 @@ def prepare_cohort(
         raise ConfigError(f"register must be one of {', '.join(registration.MODES)}; "
                           f"got {register!r}")
     source = read_cohort(cohort, modality, derivatives, entities)
-    if n_slices is None:
-        default = 24 if source.has_lesion else 16
-        n_slices = DEFAULT_SLICES.get(source.modality or "", default)
+    n_slices = default_slices(source) if n_slices is None else n_slices
     settings = Settings(float(in_plane_mm), float(slice_mm), int(n_slices),
                         tuple(map(int, shape)), register)
-    participants = sorted({s.participant for s in source.subjects})
-    if len(participants) < len(SPLITS):
-        raise InputError(
-            f"{source.source}: {len(participants)} subject(s); a train/val/test split needs at "
-            f"least {len(SPLITS)} (one per split)"
-        )
-    # By participant: two sessions of one person in train and test would leak their anatomy.
-    split_of_participant = split_subjects(participants, seed)
-    split_of = {s.id: split_of_participant[s.participant] for s in source.subjects}
-    members = {k: [s for s in source.subjects if split_of[s.id] == k] for k in SPLITS}
+    members = split_members(source, seed)
 
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -288,6 +277,25 @@ def prepare_cohort(
         _write_manifest(tmp, source, members, records, settings, seed)
     _warn(source, records)
     return out
+
+
+def default_slices(source: Cohort) -> int:
+    """Slices per sample by contrast (``DEFAULT_SLICES``), else 24 with lesion masks, 16 without."""
+    return DEFAULT_SLICES.get(source.modality or "", 24 if source.has_lesion else 16)
+
+
+def split_members(source: Cohort, seed: int) -> dict[str, list[Subject]]:
+    """Each split's samples, the split drawn by participant: two sessions of one person in train
+    and test would leak their anatomy."""
+    participants = sorted({s.participant for s in source.subjects})
+    if len(participants) < len(SPLITS):
+        raise InputError(
+            f"{source.source}: {len(participants)} subject(s); a train/val/test split needs at "
+            f"least {len(SPLITS)} (one per split)"
+        )
+    split_of_participant = split_subjects(participants, seed)
+    return {k: [s for s in source.subjects if split_of_participant[s.participant] == k]
+            for k in SPLITS}
 
 
 def flag_registration_outliers(records: dict[str, dict]) -> list[str]:
