@@ -183,12 +183,13 @@ def second_stage_samples(
 
 def sample_plausibility(
     model: HierarchicalVAE, data: CacheSplit, references: References, n: int, batch_size: int,
-    seed: int,
+    seed: int, second_stage: SecondStagePrior | None = None,
 ) -> dict:
     """Brain-like fractions of ``n`` prior samples at each of ``SAMPLE_TEMPERATURES`` and of the
-    split's real slices, against the cache's real brains ``references``."""
+    split's real slices, against the cache's real brains ``references``; with ``second_stage``,
+    of ``n`` of its draws too (drawn after the prior samples)."""
     size = tuple(data.image.shape[1:])
-    return {
+    out = {
         "test": TEST,
         "real": plausibility(np.asarray(data.image), references, data.participants, seed),
         "samples": {
@@ -196,6 +197,10 @@ def sample_plausibility(
             for t in SAMPLE_TEMPERATURES
         },
     }
+    if second_stage is not None:
+        out["second_stage"] = plausibility(
+            second_stage_samples(model, second_stage, n, size, batch_size), references)
+    return out
 
 
 def convergence(nll_s: np.ndarray, nll_4s: np.ndarray, estimate: dict, s: int) -> dict:
@@ -279,21 +284,14 @@ def evaluate(
         if references is not None:
             clock = time.perf_counter()
             plausible = sample_plausibility(model, data, references, plausibility_samples,
-                                            batch_size, seed)
-            if second_stage is not None:
-                plausible["second_stage"] = plausibility(second_stage_samples(
-                    model, second_stage, plausibility_samples, size, batch_size), references)
+                                            batch_size, seed, second_stage)
             timings["plausibility"] = time.perf_counter() - clock
 
     dims = int(np.prod(size)) * model.config.in_channels
-    per_slice = pd.DataFrame({"subject": data.slices["subject"].to_numpy(),
-                              "slice": data.slices["slice"].to_numpy()})
-    per_slice["nll_nats"] = -log_px
-    per_slice["bits_per_dim"] = -log_px / (dims * math.log(2.0))
-    per_slice["continuous_nll_nats"] = -log_density
-    per_slice["continuous_bits_per_dim"] = -log_density / (dims * math.log(2.0))
-    regions = code_lengths(images, recon, recon_log_scale, brain, NLL_BINS)
-    per_slice = pd.concat([per_slice, regions, table], axis=1)
+    per_slice = pd.concat([
+        per_slice_nll(data, log_px, log_density, dims),
+        code_lengths(images, recon, recon_log_scale, brain, NLL_BINS), table,
+    ], axis=1)
 
     clusters = data.participants  # what the intervals resample: a person's sessions together
     metrics: dict = {
@@ -310,17 +308,29 @@ def evaluate(
         fids, novelty, draws = sampled
         metrics["fid"] = fid_metrics(fids, draws, len(images), second_stage is not None)
         if novelty is not None:
-            metrics["novelty"] = {
-                "what": "copy test: nearest training-reconstruction distance of the draws "
-                        "(T = 1) over that of this split's reconstructions (median; 1 for new "
-                        "slices, 0 for copies), and the fraction of draws nearer than 5% of this "
-                        f"split's (0.05 for new slices); {len(training)} training slices",
-                **novelty,
-            }
+            metrics["novelty"] = {"what": NOVELTY_TEXT.format(len(training)), **novelty}
     if plausible is not None:
         metrics["plausibility"] = plausible
     metrics["seconds"] = {k: round(v, 2) for k, v in timings.items()}
     return metrics, per_slice
+
+
+NOVELTY_TEXT = (
+    "copy test: nearest training-reconstruction distance of the draws (T = 1) over that of this "
+    "split's reconstructions (median; 1 for new slices, 0 for copies), and the fraction of "
+    "draws nearer than 5% of this split's (0.05 for new slices); {} training slices")
+
+
+def per_slice_nll(data: CacheSplit, log_px: np.ndarray, log_density: np.ndarray,
+                  dims: int) -> pd.DataFrame:
+    """Per slice: the binned and the continuous NLL, in nats and in bits/dim."""
+    per_slice = pd.DataFrame({"subject": data.slices["subject"].to_numpy(),
+                              "slice": data.slices["slice"].to_numpy()})
+    per_slice["nll_nats"] = -log_px
+    per_slice["bits_per_dim"] = -log_px / (dims * math.log(2.0))
+    per_slice["continuous_nll_nats"] = -log_density
+    per_slice["continuous_bits_per_dim"] = -log_density / (dims * math.log(2.0))
+    return per_slice
 
 
 def _likelihoods_phase(
