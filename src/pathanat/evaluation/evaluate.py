@@ -38,6 +38,7 @@ import functools
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,16 +114,17 @@ def log_likelihoods(
     samples: int,
     batch_size: int,
     progress: bool = False,
-    bins: Bins | None = None,
+    likelihoods: Sequence[Bins | None] = (NLL_BINS,),
 ) -> np.ndarray:
-    """Importance-weighted log p(x) in nats, one per slice (N,), with the global torch RNG;
-    ``bins``: of the binned slices (else the continuous density)."""
+    """Importance-weighted log p(x) in nats under each of ``likelihoods`` (a ``bins`` each:
+    of the binned slices, None: the continuous density), from the same z_s drawn with the
+    global torch RNG: (len(likelihoods), N)."""
     out = []
     for part in tqdm(batches(len(images), batch_size), desc="NLL", disable=not progress):
         x = as_input(images[part])
-        log_px = model.importance_weighted_log_likelihood(x, samples, IW_CHUNK, bins)
+        log_px = model.importance_weighted_log_likelihoods(x, samples, IW_CHUNK, likelihoods)
         out.append(log_px.double().numpy())
-    return np.concatenate(out)
+    return np.concatenate(out, axis=1)
 
 
 @torch.no_grad()
@@ -265,53 +267,37 @@ def evaluate(
     model = model.float().eval()
     images = np.array(data.image, dtype=np.float32)  # a copy: the cache is memory-mapped
     brain = np.asarray(data.brain).astype(bool)
-    size = images.shape[1:]
     timings: dict[str, float] = {}
+    extras: dict = {}  # the sample metrics, in the order they are written
     # fork_rng: the seed fixes every draw here without changing the caller's RNG state; the
     # phases run in this order, each drawing after the one before
     with torch.random.fork_rng(), torch.no_grad():
         log_px, log_density, log_px_4s = _likelihoods_phase(
             model, images, iw_samples, batch_size, progress, seed, timings)
-        clock = time.perf_counter()
-        recon, recon_log_scale, table = _reconstruction_phase(model, images, brain, batch_size)
-        timings["reconstruction"] = time.perf_counter() - clock
-        sampled = None
+        recon, recon_log_scale, table = _reconstruction_phase(model, images, brain, batch_size,
+                                                              timings)
         if with_fid:
-            draws = max(FID_SAMPLES, len(images)) if fid_samples is None else fid_samples
-            sampled = _sample_phase(model, images, recon, draws, batch_size, seed, progress,
-                                    fid_reference, second_stage, training, timings)
-        plausible = None
+            extras.update(_sample_phase(model, images, recon, fid_samples, batch_size, seed,
+                                        progress, fid_reference, second_stage, training, timings))
         if references is not None:
             clock = time.perf_counter()
-            plausible = sample_plausibility(model, data, references, plausibility_samples,
-                                            batch_size, seed, second_stage)
+            extras["plausibility"] = sample_plausibility(
+                model, data, references, plausibility_samples, batch_size, seed, second_stage)
             timings["plausibility"] = time.perf_counter() - clock
 
-    dims = int(np.prod(size)) * model.config.in_channels
+    dims = int(np.prod(images.shape[1:])) * model.config.in_channels
     per_slice = pd.concat([
         per_slice_nll(data, log_px, log_density, dims),
         code_lengths(images, recon, recon_log_scale, brain, NLL_BINS), table,
     ], axis=1)
-
     clusters = data.participants  # what the intervals resample: a person's sessions together
-    metrics: dict = {
-        "split": data.name,
-        "seed": seed,
-        "slices": len(images),
-        "subjects": int(per_slice["subject"].nunique()),
-        "nll": nll_metrics(per_slice, clusters, seed, iw_samples, dims),
-        "reconstruction": reconstruction_metrics(per_slice, clusters, seed),
-    }
-    metrics["nll"]["convergence"] = convergence(
-        -log_px[:len(log_px_4s)], -log_px_4s, metrics["nll"]["nats_per_slice"], iw_samples)
-    if sampled is not None:
-        fids, novelty, draws = sampled
-        metrics["fid"] = fid_metrics(fids, draws, len(images), second_stage is not None)
-        if novelty is not None:
-            metrics["novelty"] = {"what": NOVELTY_TEXT.format(len(training)), **novelty}
-    if plausible is not None:
-        metrics["plausibility"] = plausible
-    metrics["seconds"] = {k: round(v, 2) for k, v in timings.items()}
+    nll = nll_metrics(per_slice, clusters, seed, iw_samples, dims)
+    nll["convergence"] = convergence(-log_px[:len(log_px_4s)], -log_px_4s,
+                                     nll["nats_per_slice"], iw_samples)
+    metrics = {"split": data.name, "seed": seed, "slices": len(images),
+               "subjects": int(per_slice["subject"].nunique()), "nll": nll,
+               "reconstruction": reconstruction_metrics(per_slice, clusters, seed), **extras,
+               "seconds": {k: round(v, 2) for k, v in timings.items()}}
     return metrics, per_slice
 
 
@@ -340,22 +326,23 @@ def _likelihoods_phase(
     """log P(x) of the binned slices, log p(x) of the continuous density (the same z_s), and
     the binned bound at 4S on the first ``CONVERGENCE_SLICES``."""
     clock = time.perf_counter()
-    torch.manual_seed(seed)
-    log_px = log_likelihoods(model, images, iw_samples, batch_size, progress, NLL_BINS)
-    torch.manual_seed(seed)  # the same z_s: the two columns differ only in p(x | z)
-    log_density = log_likelihoods(model, images, iw_samples, batch_size)
+    torch.manual_seed(seed)  # the same z_s for both: the columns differ only in p(x | z)
+    log_px, log_density = log_likelihoods(model, images, iw_samples, batch_size, progress,
+                                          (NLL_BINS, None))
     timings["nll"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    subset = images[:CONVERGENCE_SLICES]
-    log_px_4s = log_likelihoods(model, subset, 4 * iw_samples, batch_size, bins=NLL_BINS)
+    log_px_4s = log_likelihoods(model, images[:CONVERGENCE_SLICES], 4 * iw_samples,
+                                batch_size)[0]
     timings["nll_convergence"] = time.perf_counter() - clock
     return log_px, log_density, log_px_4s
 
 
 def _reconstruction_phase(
     model: HierarchicalVAE, images: np.ndarray, brain: np.ndarray, batch_size: int,
+    timings: dict,
 ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """Reconstructions, their log-scales, and per-slice PSNR/SSIM (whole slice and brain)."""
+    clock = time.perf_counter()
     recon, recon_log_scale = reconstructions(model, images, batch_size)
     table = reconstruction_table(images, recon)
     has_brain = brain.any(axis=(1, 2))  # a slice with an empty mask has no brain metrics
@@ -363,18 +350,21 @@ def _reconstruction_phase(
     for name in ("psnr_brain", "ssim_brain"):
         table[name] = np.nan
         table.loc[has_brain, name] = inside[name].to_numpy()
+    timings["reconstruction"] = time.perf_counter() - clock
     return recon, recon_log_scale, table
 
 
 def _sample_phase(
-    model: HierarchicalVAE, images: np.ndarray, recon: np.ndarray, draws: int, batch_size: int,
-    seed: int, progress: bool, fid_reference: Path | None,
+    model: HierarchicalVAE, images: np.ndarray, recon: np.ndarray, fid_samples: int | None,
+    batch_size: int, seed: int, progress: bool, fid_reference: Path | None,
     second_stage: SecondStagePrior | None, training: np.ndarray | None, timings: dict,
-) -> tuple[dict, dict | None, int]:
-    """FID/KID of the reconstructions, of ``draws`` prior samples and of as many second-stage
-    draws, against the inputs; the draws' copy test when ``training`` is given."""
+) -> dict:
+    """The "fid" section: FID/KID of the reconstructions, of ``fid_samples`` prior samples (None:
+    ``FID_SAMPLES`` or the inputs' count, the larger) and of as many second-stage draws, against
+    the inputs; and the draws' copy test, the "novelty" section, when ``training`` is given."""
     clock = time.perf_counter()
     size = images.shape[1:]
+    draws = max(FID_SAMPLES, len(images)) if fid_samples is None else fid_samples
     samples = prior_samples(model, draws, size, batch_size)
     net = inception()
     real = (inception_features(images, extractor=net, progress=progress)
@@ -390,15 +380,17 @@ def _sample_phase(
         if len(images) >= 4:
             fids[f"kid_{name}"] = kid(real, features, seed=seed)
     timings["fid"] = time.perf_counter() - clock
+    out = {"fid": fid_metrics(fids, draws, len(images), second_stage is not None)}
     if training is None:
-        return fids, None, draws
+        return out
     clock = time.perf_counter()
     pool = reconstructions(model, np.asarray(training, dtype=np.float32), batch_size)[0]
-    novelty = {"samples": copy_test(samples, recon, pool)}
+    out["novelty"] = {"what": NOVELTY_TEXT.format(len(training)),
+                      "samples": copy_test(samples, recon, pool)}
     if second_stage is not None:
-        novelty["second_stage"] = copy_test(scored["samples_second_stage"], recon, pool)
+        out["novelty"]["second_stage"] = copy_test(scored["samples_second_stage"], recon, pool)
     timings["novelty"] = time.perf_counter() - clock
-    return fids, novelty, draws
+    return out
 
 
 def nll_metrics(per_slice: pd.DataFrame, clusters: np.ndarray, seed: int, iw_samples: int,

@@ -25,7 +25,7 @@ priors), edit.py (partial resampling and mixing), objectives.py (Table 3's objec
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -336,39 +336,41 @@ class HierarchicalVAE(nn.Module):
             return mixture_log_prob(group.z, pseudo[0])
         return sum_per_sample(DiagonalGaussian.standard(group.z).log_prob(group.z))
 
-    @torch.no_grad()
     def importance_weighted_log_likelihood(self, x: Tensor, samples: int = 100,
                                            chunk_size: int = 64,
                                            bins: Bins | None = None) -> Tensor:
-        """Per-image estimate of log p(x) in nats: log (1/S) sum_s p(x, z_s) / q(z_s | x).
+        """Per-image estimate of log p(x) in nats: log (1/S) sum_s p(x, z_s) / q(z_s | x), a lower
+        bound that tightens as S grows (S = 1: the ELBO). ``bins``: p(x | z) is the probability
+        of each pixel's bin (a bound on log P(binned x) <= 0); None: the continuous density."""
+        return self.importance_weighted_log_likelihoods(x, samples, chunk_size, (bins,))[0]
 
-        The encoder trunk runs once (its features do not depend on z); the top-down pass runs
-        for the S samples in chunks of at most ``chunk_size`` (image, sample) pairs, so memory is
-        bounded by ``chunk_size`` whatever S is. A lower bound on log p(x) that tightens as S grows;
-        S = 1 is the one-sample ELBO. ``bins``: p(x | z) is the probability of each pixel's bin
-        (a lower bound on log P(binned x), whose expectation is <= 0); None: the continuous
-        Gaussian density the model is trained with.
-        """
+    @torch.no_grad()
+    def importance_weighted_log_likelihoods(self, x: Tensor, samples: int, chunk_size: int,
+                                            likelihoods: Sequence[Bins | None]) -> Tensor:
+        """The IW bound under each of ``likelihoods`` (a ``bins`` each) from the same z_s,
+        (len(likelihoods), N): the encoder trunk runs once, the top-down pass (the cost) once per
+        chunk of at most ``chunk_size`` (image, sample) pairs, so memory is bounded whatever S."""
         if samples < 1 or chunk_size < 1:
             raise PathanatError(f"importance_weighted_log_likelihood: samples and chunk_size "
                                 f"must be >= 1, got {samples} and {chunk_size}")
-        size = (x.shape[-2], x.shape[-1])
-        batch = x.shape[0]
+        size, batch = (x.shape[-2], x.shape[-1]), x.shape[0]
         features, pseudo = self._features(self._pad(x))
         per_chunk = max(1, chunk_size // batch)
-        log_w = []
+        log_w: list[list[Tensor]] = [[] for _ in likelihoods]
         for start in range(0, samples, per_chunk):
             n = min(per_chunk, samples - start)
             repeated = [f.repeat(n, 1, 1, 1) for f in features]
             mean, log_scale, groups = self._posterior_pass(repeated, size, sample=True)
             xs = x.repeat(n, 1, 1, 1)
-            w = (gaussian_log_likelihood(xs, mean, log_scale) if bins is None else
-                 sum_per_sample(discretized_gaussian_log_probs(xs, mean, log_scale, bins)))
-            for level, g in enumerate(groups):
-                log_q = sum_per_sample(g.posterior.log_prob(g.z))
-                w = w + self.log_prior_z(level, g, pseudo) - log_q
-            log_w.append(w.view(n, batch))
-        return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(samples)
+            terms = [(self.log_prior_z(level, g, pseudo), sum_per_sample(g.posterior.log_prob(g.z)))
+                     for level, g in enumerate(groups)]
+            for i, bins in enumerate(likelihoods):
+                w = (gaussian_log_likelihood(xs, mean, log_scale) if bins is None else
+                     sum_per_sample(discretized_gaussian_log_probs(xs, mean, log_scale, bins)))
+                for log_p, log_q in terms:
+                    w = w + log_p - log_q
+                log_w[i].append(w.view(n, batch))
+        return torch.stack([torch.cat(w).logsumexp(0) for w in log_w]) - math.log(samples)
 
     # ---- codes and generation ----------------------------------------------------------------
 
