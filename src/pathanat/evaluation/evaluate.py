@@ -252,14 +252,11 @@ def evaluate(
     training: np.ndarray | None = None,
 ) -> tuple[dict, pd.DataFrame]:
     """The metrics of ``model`` on a cache split, and a table with one row per slice.
-
-    ``fid_reference``: a file keeping the inputs' Inception features between evaluations (every
-    run on a cache shares them); None computes them each time. ``references``: the cache's real
-    brains samples are judged by (``brain_references``); None leaves plausibility out.
-    ``second_stage``: a density fitted to the model's training residuals
-    (``fit_model_second_stage``); its draws are scored beside the model's own prior's.
-    ``training``: training slices (N, H, W); the draws' copy test (``evaluation.novelty``) is
-    against their reconstructions, with this split's reconstructions as the held-out side."""
+    ``fid_reference``: a file keeping the inputs' Inception features (shared by every run on a
+    cache); None computes them. ``references``: the real brains samples are judged by
+    (``brain_references``); None leaves plausibility out. ``second_stage``: a density fitted to
+    the training residuals, whose draws are scored beside the prior's. ``training``: training
+    slices (N, H, W) for the draws' copy test (``evaluation.novelty``)."""
     checked_int(iw_samples, "iw_samples")
     checked_int(batch_size, "batch_size")
     if fid_samples is not None:
