@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
+import functools
 import html
 import io
 import math
@@ -31,6 +32,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jinja2
+import markupsafe
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -48,6 +51,7 @@ from pathanat.figures import caption_path
 from pathanat.models import VAMPPRIOR_KINDS, HierarchicalVAE, HVAEConfig
 
 REPORT_HTML = "report.html"
+PAGE_TEMPLATE = "report.html.j2"  # in evaluation/templates/
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # Captions for figures that other commands write without a caption file.
@@ -129,29 +133,6 @@ CURVES = (
     ("kl/group_", "KL per latent group", "nats per slice"),
     ("active_units/group_", "Active units per latent group", "fraction"),
 )
-
-STYLE = """
-body { font-family: sans-serif; margin: 1.5em auto; max-width: 78em; padding: 0 1em;
-       color: #222; line-height: 1.35; }
-h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #bbb; margin-top: 2em; }
-table { border-collapse: collapse; margin: 0.6em 0 0.3em; font-size: 0.88em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }
-th { background: #eee; } td.name, th.name, td.text, td[colspan] { text-align: left; }
-.ci { display: block; font-size: 0.85em; color: #555; white-space: nowrap; }
-td.negative { color: #888; }
-td.best { font-weight: bold; } td.best::before { content: "\\2605  "; color: #b8860b; }
-td.zp { outline: 2px solid #c00; outline-offset: -2px; }
-p.caption { font-size: 0.95em; margin: 1.2em 0 0; max-width: 60em; }
-.missing { color: #a00; font-style: italic; }
-.note { color: #555; font-size: 0.9em; }
-code { background: #f4f4f4; padding: 0 0.2em; }
-figure { display: inline-block; vertical-align: top; margin: 0.5em 1em 0.5em 0;
-         max-width: 100%; }
-figure img { max-width: 100%; max-height: 50em; border: 1px solid #ddd; }
-figcaption { font-size: 0.9em; max-width: 60em; }
-figure.curve { width: 24.5em; } figure.curve img { width: 100%; }
-figure.panels { width: 61em; } figure.panels img { width: 100%; }
-"""
 
 
 # ---- reading run folders ------------------------------------------------------------------------
@@ -1090,18 +1071,19 @@ def report_html(runs: Sequence[Run], title: str, claims: Sequence[dict] | None =
         curves_section(runs),
         "<h2>Figures</h2>\n" + "\n".join(run_figures_section(r) for r in runs),
     ]
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        '<link rel="icon" href="data:,">\n'  # no favicon request: the file works offline
-        f"<title>{esc(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
-        f"<h1>{esc(title)}</h1>\n"
-        f'<p class="note">Generated {generated} by <code>pathanat report</code> from '
-        f"{len(runs)} run folder(s). Numbers are read from each run's files as written by "
-        "<code>pathanat train / evaluate / analyze / validity / synthesize</code>.</p>\n"
-        + "\n".join(sections)
-        + "\n</body>\n</html>\n"
-    )
+    # the sections are still built as HTML by the functions above (the next step makes them data)
+    return page_template().render(title=title, generated=generated, run_count=len(runs),
+                                  sections=[markupsafe.Markup(s) for s in sections])
+
+
+@functools.cache
+def page_template() -> jinja2.Template:
+    """The page template; autoescaped, as every value it is given is text."""
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("pathanat", "evaluation/templates"), autoescape=True,
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined)
+    return environment.get_template(PAGE_TEMPLATE)
 
 
 def default_report_path(runs: Sequence[str | os.PathLike]) -> Path:
