@@ -28,6 +28,7 @@ from pathanat.evaluation.report import (
     curve_series,
     default_report_path,
     read_run,
+    report_page,
     write_report,
 )
 from pathanat.runs import load_checkpoint
@@ -585,6 +586,29 @@ def test_strings_from_files_are_escaped(tmp_path):
     assert len([i for i in page.images if i.get("src") == "x"]) == 0
     assert evil in page.all_text() and "a<b>&c" in page.all_text()
     assert "<i>title</i>" in page.all_text()
+
+
+def test_the_page_data_is_plain_text_for_the_template_to_escape(two_runs):
+    """The module hands the template data, never markup: every string is a plain str (no
+    jinja2/markupsafe Markup, which the template would not escape)."""
+    runs, *_ = two_runs
+    page = report_page([read_run(r, r.name) for r in runs], "<b>t</b>")
+    found = []
+
+    def walk(value):
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                walk(v)
+        else:
+            assert value is None or type(value) in (str, int, float, bool), type(value)
+            found.append(value)
+
+    walk(page)
+    assert page["title"] == "<b>t</b>" and len(found) > 500
+    assert [s["title"] for s in page["sections"]][:2] == ["Runs", "Reconstruction (Table 1)"]
 
 
 def test_resumed_step_keeps_the_later_row(tmp_path):

@@ -166,6 +166,6 @@ def test_more_seeds_add_runs_beside_seed_0_and_a_spread_section(tiny_grid, tmp_p
     section = html.split("Spread over training seeds")[1]
     psnr = [json.loads((grid_copy / f / "metrics.json").read_text())["reconstruction"]["psnr"]
             ["mean"] for f in ("vae_ms", "vae_ms_seed1")]
-    assert f"{sum(psnr) / 2:.2f} &plusmn;" in section  # the mean over the two seeds
+    assert f"{sum(psnr) / 2:.2f} ±" in section  # the mean over the two seeds
     with pytest.raises(PathanatError, match="--seeds: expected an integer >= 1"):
         reproduce("ms", "smoke", out=grid_copy, cache=cache, runs=["vae_ms"], seeds=0)

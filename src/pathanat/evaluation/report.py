@@ -12,8 +12,13 @@ It reads what the other commands wrote into each run folder and shows it side by
 Nothing is recomputed except the training-curve plots. What a run lacks is shown as "not
 computed -- run `pathanat ... RUN`", never left out, so a reader can tell a missing result from
 a bad one. Images are embedded as base64 data URIs, the style sheet is inline and there is no
-script, so the one file can be mailed or archived and opens offline. Every string taken from a
-file is HTML-escaped.
+script, so the one file can be mailed or archived and opens offline.
+
+The page's markup lives in Jinja2 templates shipped with the package, in
+``pathanat/evaluation/templates/``: ``report.html.j2`` (the page and its sections),
+``macros.html.j2`` (a table, a cell, a figure) and ``report.css``. This module computes only the
+data they draw -- sections of plain dicts and lists, every value text -- and the templates escape
+every value, so a string taken from a file can never become markup.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
-import html
+import functools
 import io
 import math
 import os
@@ -31,6 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -48,6 +54,7 @@ from pathanat.figures import caption_path
 from pathanat.models import VAMPPRIOR_KINDS, HierarchicalVAE, HVAEConfig
 
 REPORT_HTML = "report.html"
+PAGE_TEMPLATE = "report.html.j2"  # in evaluation/templates/
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # Captions for figures that other commands write without a caption file.
@@ -129,29 +136,6 @@ CURVES = (
     ("kl/group_", "KL per latent group", "nats per slice"),
     ("active_units/group_", "Active units per latent group", "fraction"),
 )
-
-STYLE = """
-body { font-family: sans-serif; margin: 1.5em auto; max-width: 78em; padding: 0 1em;
-       color: #222; line-height: 1.35; }
-h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #bbb; margin-top: 2em; }
-table { border-collapse: collapse; margin: 0.6em 0 0.3em; font-size: 0.88em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }
-th { background: #eee; } td.name, th.name, td.text, td[colspan] { text-align: left; }
-.ci { display: block; font-size: 0.85em; color: #555; white-space: nowrap; }
-td.negative { color: #888; }
-td.best { font-weight: bold; } td.best::before { content: "\\2605  "; color: #b8860b; }
-td.zp { outline: 2px solid #c00; outline-offset: -2px; }
-p.caption { font-size: 0.95em; margin: 1.2em 0 0; max-width: 60em; }
-.missing { color: #a00; font-style: italic; }
-.note { color: #555; font-size: 0.9em; }
-code { background: #f4f4f4; padding: 0 0.2em; }
-figure { display: inline-block; vertical-align: top; margin: 0.5em 1em 0.5em 0;
-         max-width: 100%; }
-figure img { max-width: 100%; max-height: 50em; border: 1px solid #ddd; }
-figcaption { font-size: 0.9em; max-width: 60em; }
-figure.curve { width: 24.5em; } figure.curve img { width: 100%; }
-figure.panels { width: 61em; } figure.panels img { width: 100%; }
-"""
 
 
 # ---- reading run folders ------------------------------------------------------------------------
@@ -263,19 +247,33 @@ def run_names(paths: Sequence[Path]) -> list[str]:
     raise PathanatError(f"runs: the same folder is given twice ({', '.join(map(str, paths))})")
 
 
-# ---- HTML pieces --------------------------------------------------------------------------------
+# ---- the page's data ----------------------------------------------------------------------------
+# The templates draw these plain dicts and escape every string in them. What is markup is named
+# by a key, never written into a string: a cell's ``detail`` (a line below its text) and
+# ``missing`` note, a latent group's subscript ({"latent": "P"}) in a header or caption.
+
+Text = str | Sequence[str | dict[str, str]]  # plain, or pieces of text and ``latent`` names
+Cell = dict[str, Any]  # text, value, classes, style, colspan, detail, missing
+Block = dict[str, Any]  # kind: table, note, status, figure or figures; its content
+Section = dict[str, Any]  # title, blocks, parts (sub-sections: title and blocks)
 
 
-def esc(value: Any) -> str:
-    return html.escape(str(value))
+def latent(index: str) -> dict[str, str]:
+    """The latent group z with subscript ``index``, a piece of a header or caption."""
+    return {"latent": index}
 
 
-def missing(command: str) -> str:
-    return f'<span class="missing">not computed -- run <code>{esc(command)}</code></span>'
+Z_P = latent("P")
 
 
-def absent(what: str) -> str:
-    return f'<span class="missing">{esc(what)}</span>'
+def missing(command: str) -> dict[str, str | None]:
+    """What stands for a result not computed: the command that computes it."""
+    return {"command": command, "text": None}
+
+
+def absent(what: str) -> dict[str, str | None]:
+    """What stands for a result that no command brings back, or that a file lacks."""
+    return {"command": None, "text": what}
 
 
 def finite(value: Any) -> bool:
@@ -286,43 +284,51 @@ def number(value: Any, decimals: int) -> str:
     if value is None:
         return "n/a"
     if not finite(value):
-        return esc(value)
+        return str(value)
     return f"{value:.{decimals}f}"
 
 
-def td(text: str, value: Any = None, classes: Sequence[str] = (), style: str = "",
-       colspan: int = 1) -> str:
-    """A cell; a numeric ``value`` is kept exactly in data-value (the text is rounded)."""
-    attrs = ""
-    if classes:
-        attrs += f' class="{" ".join(classes)}"'
-    if finite(value):
-        attrs += f' data-value="{value if isinstance(value, int) else float(value)!r}"'
-    if style:
-        attrs += f' style="{style}"'
-    if colspan > 1:
-        attrs += f' colspan="{colspan}"'
-    return f"<td{attrs}>{text}</td>"
+def interval(low: Any, high: Any, decimals: int) -> str:
+    return f"[{number(low, decimals)}, {number(high, decimals)}]"
 
 
-def with_interval(mean: Any, low: Any, high: Any, decimals: int) -> str:
-    """'mean [low, high]', the interval on a line of its own."""
-    return (f'{number(mean, decimals)} <span class="ci">[{number(low, decimals)}, '
-            f"{number(high, decimals)}]</span>")
+def cell(text: Any = "", value: Any = None, classes: Sequence[str] = (), style: str = "",
+         colspan: int = 1, detail: str | None = None, missing: dict | None = None) -> Cell:
+    """A table cell: ``text`` with a ``detail`` line below it (an interval, each seed's value),
+    or the ``missing`` note; a finite ``value`` is kept exactly in data-value (the text is
+    rounded)."""
+    exact = (value if isinstance(value, int) else float(value)) if finite(value) else None
+    return {"text": str(text), "value": exact, "classes": list(classes), "style": style,
+            "colspan": colspan, "detail": detail, "missing": missing}
 
 
-def name_cell(run: Run) -> str:
-    return td(esc(run.name), classes=["name"])
+def name_cell(run: Run) -> Cell:
+    return cell(run.name, classes=["name"])
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[str]], caption: str = "") -> str:
-    """``header`` and the row cells are HTML already (headers escaped by the caller)."""
-    first = ' class="name"'
-    head = "".join(f"<th{first if i == 0 else ''}>{h}</th>" for i, h in enumerate(header))
-    body = "\n".join(f"<tr>{''.join(cells)}</tr>" for cells in rows)
-    # the caption is a paragraph above the table: a <caption> would wrap at the table's width
-    cap = f'<p class="caption">{caption}</p>\n' if caption else ""
-    return f"{cap}<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody></table>"
+def table(header: Sequence[Text], rows: Sequence[Sequence[Cell]], caption: Text = "") -> Block:
+    return {"kind": "table", "header": list(header), "rows": [list(r) for r in rows],
+            "caption": caption}
+
+
+def note(text: str) -> Block:
+    return {"kind": "note", "text": text}
+
+
+def status(label: str | None, why: dict) -> Block:
+    """A line saying that ``label`` (a run's curves, a figure) is missing, and ``why``."""
+    return {"kind": "status", "label": label, "missing": why}
+
+
+def section(title: str, blocks: Sequence[Block], parts: Sequence[Section] = ()) -> Section:
+    return {"title": title, "blocks": list(blocks), "parts": list(parts)}
+
+
+def figure(content: bytes, caption: str, alt: str, layout: str = "", file: str = "") -> Block:
+    """A PNG embedded as a data URI; ``layout`` ("curve", "panels") sets its width, ``file``
+    names it before its caption."""
+    return {"kind": "figure", "src": png_data_uri(content), "alt": alt, "caption": caption,
+            "layout": layout, "file": file}
 
 
 def best_rows(values: Sequence[Any], better: str) -> set[int]:
@@ -367,63 +373,50 @@ def png_data_uri(content: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(content).decode("ascii")
 
 
-def figure_html(content: bytes, caption: str, alt: str, kind: str = "", file: str = "") -> str:
-    attrs = f' class="{kind}"' if kind else ""
-    label = f"<b>{esc(file)}</b>: " if file else ""
-    return (f'<figure{attrs}><img src="{png_data_uri(content)}" alt="{esc(alt)}">'
-            f"<figcaption>{label}{esc(caption)}</figcaption></figure>")
-
-
 # ---- sections -----------------------------------------------------------------------------------
 
+OVERVIEW_CAPTION = (
+    "Model kind (Table 3 of the paper), whether a lesion-segmentation head supervises ", Z_P,
+    ", the prior of ", latent("0"), " (N(0, I) as in the paper, fitted N(m, s²) where a budget "
+    "replaces it -- for vae at every group --, or the VampPrior), the conditional priors p(",
+    latent("l"), " | ", latent("<l"), ") of the residual kinds (learned, as in the paper, or "
+    "recentred on the posteriors), trunk widths per scale (top-down), trainable parameters, and "
+    "training steps. Wall time is that of the last training session (a resumed run restarts it).",
+)
 
-def overview_section(runs: Sequence[Run]) -> str:
-    rows = []
-    for run in runs:
-        supervised = run.model("supervised")
-        z_p = run.model("z_p")
-        size = run.model("image_size")
-        cells = [
-            name_cell(run),
-            td(esc(run.model("kind", "?"))),
-            td("yes" if supervised else "no" if supervised is not None else "?"),
-            td(esc(f"z{z_p}") if z_p is not None else "?"),
-            td(esc(prior_label(run))),
-            td(esc(conditional_label(run))),
-            td(esc(widths_label(run))),
-            td(esc(" x ".join(map(str, size))) if isinstance(size, list) else "?"),
-            td(f"{run.parameters:,}" if run.parameters is not None else "n/a", run.parameters),
-        ]
-        if run.summary is None:
-            cells.append(td(missing(run.command(TRAIN)), colspan=3))
-        else:
-            steps, skipped = run.summary.get("steps"), run.summary.get("skipped_steps")
-            wall = run.summary.get("wall_s_this_session")
-            cells += [td(esc(steps), steps), td(esc(skipped), skipped),
-                      td(number(wall, 1), wall)]
-        cells.append(td(esc(run.path), classes=["name"]))
-        rows.append(cells)
-    header = ["run", "kind", "supervised", "z<sub>P</sub>", "prior of z<sub>0</sub>",
-              "priors of z<sub>1..L</sub>", "widths", "image (px)", "parameters", "steps",
+
+def overview_row(run: Run) -> list[Cell]:
+    supervised, z_p, size = run.model("supervised"), run.model("z_p"), run.model("image_size")
+    cells = [
+        name_cell(run),
+        cell(run.model("kind", "?")),
+        cell("yes" if supervised else "no" if supervised is not None else "?"),
+        cell(f"z{z_p}" if z_p is not None else "?"),
+        cell(prior_label(run)),
+        cell(conditional_label(run)),
+        cell(widths_label(run)),
+        cell(" x ".join(map(str, size)) if isinstance(size, list) else "?"),
+        cell(f"{run.parameters:,}" if run.parameters is not None else "n/a", run.parameters),
+    ]
+    if run.summary is None:
+        cells.append(cell(missing=missing(run.command(TRAIN)), colspan=3))
+    else:
+        steps, skipped = run.summary.get("steps"), run.summary.get("skipped_steps")
+        wall = run.summary.get("wall_s_this_session")
+        cells += [cell(steps, steps), cell(skipped, skipped), cell(number(wall, 1), wall)]
+    return [*cells, cell(run.path, classes=["name"])]
+
+
+def overview_section(runs: Sequence[Run]) -> Section:
+    header = ["run", "kind", "supervised", [Z_P], ["prior of ", latent("0")],
+              ["priors of ", latent("1..L")], "widths", "image (px)", "parameters", "steps",
               "skipped steps", "wall time (s)", "folder"]
+    blocks = [table(header, [overview_row(r) for r in runs], OVERVIEW_CAPTION)]
     caches = {str(((r.config or {}).get("data") or {}).get("cache")) for r in runs}
-    note = ""
     if len(caches) > 1:
-        note = ('<p class="note">The runs were trained on different data caches '
-                f"({esc(', '.join(sorted(caches)))}): their metrics are not comparable.</p>")
-    return (
-        "<h2>Runs</h2>\n"
-        + table(header, rows, "Model kind (Table 3 of the paper), whether a lesion-segmentation "
-                "head supervises z<sub>P</sub>, the prior of z<sub>0</sub> (N(0, I) as in the "
-                "paper, fitted N(m, s²) where a budget replaces it -- for vae at every group --, "
-                "or the VampPrior), the conditional priors p(z<sub>l</sub> | "
-                "z<sub>&lt;l</sub>) of the residual kinds (learned, as in the paper, or "
-                "recentred on the posteriors), trunk "
-                "widths per scale (top-down), trainable parameters, and "
-                "training steps. Wall time is that of the last training session (a resumed run "
-                "restarts it).")
-        + note
-    )
+        blocks.append(note(f"The runs were trained on different data caches "
+                           f"({', '.join(sorted(caches))}): their metrics are not comparable."))
+    return section("Runs", blocks)
 
 
 def prior_label(run: Run) -> str:
@@ -457,37 +450,37 @@ def fid_sizes(runs: Sequence[Run]) -> str:
     return "; ".join(f"N = {i} inputs, {s} prior draws" for i, s in sizes) or "N not recorded"
 
 
-def floor_row(floor: dict) -> list[str]:
+def floor_row(floor: dict) -> list[Cell]:
     """Table 1's reference row: real slices of another split, FID and KID columns only."""
-    cells = [td(esc(f"real {floor.get('split', '?')} slices (floor)"), classes=["name"]),
-             td("real"), td(""), td(esc(f"{floor.get('slices', '?')} slices"))]
+    cells = [cell(f"real {floor.get('split', '?')} slices (floor)", classes=["name"]),
+             cell("real"), cell(""), cell(f"{floor.get('slices', '?')} slices")]
     for _, keys, decimals, _ in TABLE1:
         if keys[0] == "fid" and keys[1].startswith("fid_"):
             cells.append(estimate_cell(floor.get("fid"), decimals))
         elif keys[0] == "fid" and keys[1].startswith("kid_"):
             cells.append(estimate_cell(floor.get("kid"), decimals))
         else:
-            cells.append(td(""))
+            cells.append(cell(""))
     return cells
 
 
-def metric_cell(run: Run, keys: Sequence[str], decimals: int, best: bool) -> str:
+def metric_cell(run: Run, keys: Sequence[str], decimals: int, best: bool) -> Cell:
     present, entry = dig(run.metrics, keys)
     if not present:
-        return td(missing(run.command("evaluate")), classes=["text"])
+        return cell(missing=missing(run.command("evaluate")), classes=["text"])
     return estimate_cell(entry, decimals, best)
 
 
-def estimate_cell(entry: Any, decimals: int, best: bool = False) -> str:
+def estimate_cell(entry: Any, decimals: int, best: bool = False) -> Cell:
     """A stored estimate (a dict with mean and interval) or a plain number, as a cell."""
     if entry is None:
-        return td(absent("absent"))
-    if isinstance(entry, dict):
-        mean = entry.get("mean")
-        text = with_interval(mean, entry.get("ci_low"), entry.get("ci_high"), decimals)
-    else:
-        mean, text = entry, number(entry, decimals)
-    return td(text, mean, ["best"] if best else [])
+        return cell(missing=absent("absent"))
+    classes = ["best"] if best else []
+    if not isinstance(entry, dict):
+        return cell(number(entry, decimals), entry, classes)
+    mean = entry.get("mean")
+    return cell(number(mean, decimals), mean, classes,
+                detail=interval(entry.get("ci_low"), entry.get("ci_high"), decimals))
 
 
 def metric_mean(run: Run, keys: Sequence[str]) -> Any:
@@ -495,32 +488,23 @@ def metric_mean(run: Run, keys: Sequence[str]) -> Any:
     return entry.get("mean") if isinstance(entry, dict) else entry
 
 
-def table1_section(runs: Sequence[Run]) -> str:
-    best = {keys: best_rows([metric_mean(r, keys) for r in runs], better)
-            for _, keys, _, better in TABLE1}
-    rows = []
-    for i, run in enumerate(runs):
-        cells = [name_cell(run), td(esc(run.model("kind", "?")))]
-        if run.metrics is None:
-            cells.append(td(missing(run.command("evaluate")), colspan=len(TABLE1) + 2))
-        else:
-            s = dig(run.metrics, ("nll", "iw_samples"))[1]
-            split = run.metrics.get("split", "?")
-            cells += [td(esc(s), s),
-                      td(esc(f"{split} ({run.metrics.get('slices', '?')} slices, "
-                             f"{run.metrics.get('subjects', '?')} subjects)"))]
-            cells += [metric_cell(run, keys, decimals, i in best[keys])
-                      for _, keys, decimals, _ in TABLE1]
-        rows.append(cells)
-    floor = next((f for r in runs if (f := dig(r.metrics, ("fid", "floor"))[1])), None)
-    if floor:
-        rows.append(floor_row(floor))
-    header = ["run", "kind", "S", "split", *(esc(h) for h, *_ in TABLE1)]
-    methods = sorted({str(dig(r.metrics, ("nll", "nats_per_slice", "ci_method"))[1])
-                      for r in runs if r.metrics is not None} - {"None"})
-    caption = (
+def table1_row(run: Run, best: Mapping[tuple, bool]) -> list[Cell]:
+    """A run's row of Table 1; ``best``: whether it holds the best value of a column (by keys)."""
+    cells = [name_cell(run), cell(run.model("kind", "?"))]
+    if run.metrics is None:
+        return [*cells, cell(missing=missing(run.command("evaluate")), colspan=len(TABLE1) + 2)]
+    s = dig(run.metrics, ("nll", "iw_samples"))[1]
+    split = run.metrics.get("split", "?")
+    cells += [cell(s, s), cell(f"{split} ({run.metrics.get('slices', '?')} slices, "
+                               f"{run.metrics.get('subjects', '?')} subjects)")]
+    return cells + [metric_cell(run, keys, decimals, best[keys])
+                    for _, keys, decimals, _ in TABLE1]
+
+
+def table1_caption(runs: Sequence[Run]) -> str:
+    return (
         "Table 1 analogue: reconstruction quality on the test split, each as mean [95% CI]; best "
-        "per column marked &#9733; (lower NLL and FID, higher PSNR and SSIM). NLL is the "
+        "per column marked ★ (lower NLL and FID, higher PSNR and SSIM). NLL is the "
         "importance-weighted bound with S samples, in nats per slice and bits per dimension, of "
         "the slice binned into 256 levels over the standardised window -4..4 (edge bins open): "
         "a code length, never below 0; NLL move S to 4S: how much the bound fell on the first "
@@ -532,7 +516,7 @@ def table1_section(runs: Sequence[Run]) -> str:
         "brains, so no best is marked). PSNR in dB "
         "and SSIM of posterior-mean reconstructions over the whole slice and inside the brain "
         "mask; FID (Inception pool3) of reconstructions and of prior samples against the inputs "
-        f"({esc(fid_sizes(runs))}: FID is biased, it falls as N grows, so compare it at equal N "
+        f"({fid_sizes(runs)}: FID is biased, it falls as N grows, so compare it at equal N "
         "only; KID is not biased and carries the spread over subsets), and the floor: another "
         "split's real slices against the same inputs, what a perfect model would score; "
         "brain-like: the fraction of prior samples at temperature T "
@@ -547,144 +531,173 @@ def table1_section(runs: Sequence[Run]) -> str:
         "copies: the fraction of draws nearer than 5% of the test reconstructions are (0.05 "
         "for new slices; evaluation.novelty)."
     )
-    note = f'<p class="note">Intervals: {esc("; ".join(methods))}.</p>' if methods else ""
-    return "<h2>Reconstruction (Table 1)</h2>\n" + table(header, rows, caption) + note
 
 
-def r2_table(runs: Sequence[Run], unit: str) -> str:
+def table1_section(runs: Sequence[Run]) -> Section:
+    best = {keys: best_rows([metric_mean(r, keys) for r in runs], better)
+            for _, keys, _, better in TABLE1}
+    rows = [table1_row(run, {keys: i in rows for keys, rows in best.items()})
+            for i, run in enumerate(runs)]
+    floor = next((f for r in runs if (f := dig(r.metrics, ("fid", "floor"))[1])), None)
+    if floor:
+        rows.append(floor_row(floor))
+    header = ["run", "kind", "S", "split", *(h for h, *_ in TABLE1)]
+    blocks = [table(header, rows, table1_caption(runs))]
+    methods = sorted({str(dig(r.metrics, ("nll", "nats_per_slice", "ci_method"))[1])
+                      for r in runs if r.metrics is not None} - {"None"})
+    if methods:
+        blocks.append(note(f"Intervals: {'; '.join(methods)}."))
+    return section("Reconstruction (Table 1)", blocks)
+
+
+def r2_cell(value: Any, bounds: Any, outlined: bool) -> Cell:
+    """A test R² of the Table 4 grid: shaded from 0 to 1, greyed when negative."""
+    low, high = bounds or (None, None)
+    text, detail = (number(value, 2), interval(low, high, 2)) if low is not None \
+        else (number(value, 3), None)
+    classes = ["zp"] if outlined else []
+    if finite(value) and value < 0:  # worse than predicting the mean: no shade
+        return cell(text, value, [*classes, "negative"], detail=detail)
+    return cell(text, value, classes, colour(value, 0.0, 1.0), detail=detail)
+
+
+def r2_row(run: Run, unit: str, groups: Sequence[str]) -> list[Cell]:
+    present, entry = dig(run.analysis, ("table4", unit))
+    width = max(len(groups), 1)
+    if run.analysis is None:
+        return [name_cell(run), cell(missing=missing(run.command(ANALYZE)), colspan=width)]
+    if not present:
+        return [name_cell(run), cell(missing=absent(f"no {unit}-level R² in analysis.json"),
+                                     colspan=width)]
+    z_p = f"z{run.model('z_p')}" if run.model("supervised") else None
+    return [name_cell(run), *(r2_cell((entry.get("r2") or {}).get(g),
+                                      (entry.get("r2_ci") or {}).get(g), g == z_p)
+                              for g in groups)]
+
+
+def r2_table(runs: Sequence[Run], unit: str) -> Block:
     groups = group_order(g for r in runs for g in dig(r.analysis, ("table4", unit, "r2"))[1] or {})
-    rows, targets = [], set()
-    for run in runs:
-        cells = [name_cell(run)]
-        present, entry = dig(run.analysis, ("table4", unit))
-        if run.analysis is None:
-            cells.append(td(missing(run.command(ANALYZE)), colspan=max(len(groups), 1)))
-        elif not present:
-            cells.append(td(absent(f"no {unit}-level R² in analysis.json"),
-                            colspan=max(len(groups), 1)))
-        else:
-            targets.add(str(entry.get("target")))
-            z_p = f"z{run.model('z_p')}" if run.model("supervised") else None
-            for group in groups:
-                value = (entry.get("r2") or {}).get(group)
-                low, high = ((entry.get("r2_ci") or {}).get(group) or (None, None))
-                text = with_interval(value, low, high, 2) if low is not None else number(value, 3)
-                classes = ["zp"] if group == z_p else []
-                if finite(value) and value < 0:  # worse than predicting the mean: no shade
-                    cells.append(td(text, value, [*classes, "negative"]))
-                else:
-                    cells.append(td(text, value, classes, colour(value, 0.0, 1.0)))
-        rows.append(cells)
+    targets = {str(entry.get("target")) for r in runs
+               for present, entry in [dig(r.analysis, ("table4", unit))] if present}
     level = "subject level, the paper's analogue" if unit == "subject" else "slice level"
     caption = (
-        f"Lasso test R² per latent group ({level}) against {esc(', '.join(sorted(targets)))}; "
-        "cells shaded from 0 (white) to 1 (dark green), negative R² in grey; a supervised run's "
-        "z<sub>P</sub> is outlined in red. Brackets: 95% bootstrap interval over the test "
-        "subjects (the test set's sampling error; analyses from before it have none)."
+        f"Lasso test R² per latent group ({level}) against {', '.join(sorted(targets))}; "
+        "cells shaded from 0 (white) to 1 (dark green), negative R² in grey; a supervised run's ",
+        Z_P, " is outlined in red. Brackets: 95% bootstrap interval over the test subjects (the "
+        "test set's sampling error; analyses from before it have none).",
     )
-    return table(["run", *map(esc, groups)], rows, caption)
+    return table(["run", *groups], [r2_row(r, unit, groups) for r in runs], caption)
 
 
-def table4_section(runs: Sequence[Run]) -> str:
-    return ("<h2>Latent informativeness (Table 4)</h2>\n" + r2_table(runs, "subject") + "\n"
-            + r2_table(runs, "slice"))
+def table4_section(runs: Sequence[Run]) -> Section:
+    return section("Latent informativeness (Table 4)",
+                   [r2_table(runs, "subject"), r2_table(runs, "slice")])
 
 
-def sensitivity_section(runs: Sequence[Run]) -> str:
+def sensitivity_row(run: Run, groups: Sequence[str], high: float) -> list[Cell]:
+    """A run's sensitivity ratio per group (shaded from 0 to ``high``), post-hoc and configured
+    z_P."""
+    present, entry = dig(run.analysis, ("sensitivity",))
+    width = len(groups) + 2
+    if run.analysis is None:
+        return [name_cell(run), cell(missing=missing(run.command(ANALYZE)), colspan=width)]
+    if not present:
+        return [name_cell(run), cell(missing=absent("no sensitivity in analysis.json (no "
+                                                    "pathology examples)"), colspan=width)]
+    ratio, posthoc = entry.get("ratio") or {}, entry.get("z_p_posthoc")
+    z_p = run.model("z_p")
+    configured = f"z{z_p}" if z_p is not None else "?"
+    return [name_cell(run),
+            *(cell(number(ratio.get(g), 2), ratio.get(g), ["best"] if g == posthoc else [],
+                   colour(ratio.get(g), 0.0, high, "Oranges")) for g in groups),
+            cell(posthoc if posthoc is not None else "n/a"),
+            cell(configured + (" (supervised)" if run.model("supervised") else ""))]
+
+
+def sensitivity_section(runs: Sequence[Run]) -> Section:
     ratios = [dig(r.analysis, ("sensitivity", "ratio"))[1] or {} for r in runs]
     groups = group_order(g for ratio in ratios for g in ratio)
     high = max((v for ratio in ratios for v in ratio.values() if finite(v)), default=1.0)
-    rows, regions = [], set()
-    for run, ratio in zip(runs, ratios, strict=True):
-        cells = [name_cell(run)]
-        present, entry = dig(run.analysis, ("sensitivity",))
-        if run.analysis is None:
-            cells.append(td(missing(run.command(ANALYZE)), colspan=len(groups) + 2))
-        elif not present:
-            cells.append(td(absent("no sensitivity in analysis.json (no pathology examples)"),
-                            colspan=len(groups) + 2))
-        else:
-            regions.add(str(entry.get("regions")))
-            posthoc = entry.get("z_p_posthoc")
-            cells += [td(number(ratio.get(g), 2), ratio.get(g),
-                         ["best"] if g == posthoc else [], colour(ratio.get(g), 0.0, high,
-                                                                    "Oranges"))
-                      for g in groups]
-            cells.append(td(esc(posthoc) if posthoc is not None else "n/a"))
-            z_p = run.model("z_p")
-            configured = f"z{z_p}" if z_p is not None else "?"
-            cells.append(td(esc(configured + (" (supervised)" if run.model("supervised") else ""))))
-        rows.append(cells)
+    regions = {str(entry.get("regions")) for r in runs
+               for present, entry in [dig(r.analysis, ("sensitivity",))]
+               if r.analysis is not None and present}
     caption = (
         "Pathology sensitivity (Fig. 6c analogue): each group's code scaled by a set of factors "
         "and decoded; the ratio is the summed change inside the pathology region over that in the "
-        f"reference region ({esc(', '.join(sorted(regions)) or 'n/a')}). The group with the "
-        "highest ratio (marked &#9733;) is the post-hoc z<sub>P</sub>; shading from 0 to the "
-        "largest ratio in the table."
+        f"reference region ({', '.join(sorted(regions)) or 'n/a'}). The group with the "
+        "highest ratio (marked ★) is the post-hoc ", Z_P, "; shading from 0 to the largest ratio "
+        "in the table.",
     )
-    header = ["run", *map(esc, groups), "post-hoc z<sub>P</sub>", "configured z<sub>P</sub>"]
-    return "<h2>Pathology sensitivity</h2>\n" + table(header, rows, caption)
+    header = ["run", *groups, ["post-hoc ", Z_P], ["configured ", Z_P]]
+    rows = [sensitivity_row(r, groups, high) for r in runs]
+    return section("Pathology sensitivity", [table(header, rows, caption)])
 
 
-def dci_section(runs: Sequence[Run]) -> str:
-    rows, settings = [], set()
-    for run in runs:
-        cells = [name_cell(run)]
-        present, entry = dig(run.analysis, ("dci",))
-        if run.analysis is None:
-            cells.append(td(missing(run.command(ANALYZE)), colspan=len(DCI_COLUMNS) + 1))
-        elif not present:
-            cells.append(td(absent("no DCI in analysis.json"), colspan=len(DCI_COLUMNS) + 1))
-        else:
-            settings.add(f"{entry.get('unit')} level, {entry.get('method')} importances, "
-                         f"alpha {entry.get('alpha')}")
-            cells += [td(number(entry.get(key), 3), entry.get(key)) for _, key in DCI_COLUMNS]
-            cells.append(td(esc(len(entry.get("factors") or []))))
-        rows.append(cells)
+def dci_row(run: Run) -> list[Cell]:
+    present, entry = dig(run.analysis, ("dci",))
+    width = len(DCI_COLUMNS) + 1
+    if run.analysis is None:
+        return [name_cell(run), cell(missing=missing(run.command(ANALYZE)), colspan=width)]
+    if not present:
+        return [name_cell(run), cell(missing=absent("no DCI in analysis.json"), colspan=width)]
+    return [name_cell(run), *(cell(number(entry.get(key), 3), entry.get(key))
+                              for _, key in DCI_COLUMNS),
+            cell(len(entry.get("factors") or []))]
+
+
+def dci_section(runs: Sequence[Run]) -> Section:
+    settings = {f"{entry.get('unit')} level, {entry.get('method')} importances, "
+                f"alpha {entry.get('alpha')}" for r in runs
+                for present, entry in [dig(r.analysis, ("dci",))]
+                if r.analysis is not None and present}
     caption = (
         "DCI of the posterior-mean codes against the phantom's generating factors: "
         "disentanglement D and completeness C per latent group and per code unit (0-1, higher is "
         "better), and informativeness as the mean test R² over factors "
-        f"({esc('; '.join(sorted(settings)) or 'n/a')})."
+        f"({'; '.join(sorted(settings)) or 'n/a'})."
     )
-    header = ["run", *(esc(h) for h, _ in DCI_COLUMNS), "factors"]
-    return "<h2>Disentanglement (DCI)</h2>\n" + table(header, rows, caption)
+    header = ["run", *(h for h, _ in DCI_COLUMNS), "factors"]
+    return section("Disentanglement (DCI)",
+                   [table(header, [dci_row(r) for r in runs], caption)])
 
 
-def rate_cell(rates: Any, best: bool = False) -> str:
+def rate_cell(rates: Any, best: bool = False) -> Cell:
     if not isinstance(rates, dict):
-        return td(absent("absent"))
+        return cell(missing=absent("absent"))
     value = rates.get("invalid_fraction")
-    text = with_interval(value, rates.get("ci_low"), rates.get("ci_high"), 4)
-    return td(text, value, ["best"] if best else [])
+    return cell(number(value, 4), value, ["best"] if best else [],
+                detail=interval(rates.get("ci_low"), rates.get("ci_high"), 4))
 
 
-def detection_section(runs: Sequence[Run]) -> str:
-    """Pseudo-healthy lesion detection against its baselines, one row per run and score."""
+def detection_rows(run: Run) -> list[list[Cell]]:
+    """A run's rows of lesion detection, one per score, or one saying why there are none."""
+    found = run.counterfactual
+    if found is None:
+        why = (absent("not applicable: lesion detection is defined for MS cohorts")
+               if validity_not_applicable(run) else missing(run.command("counterfactual")))
+        return [[name_cell(run), cell(missing=why, colspan=8)]]
+    groups = ", ".join(f"z{g}" for g in found.get("pathology_groups") or [])
     rows = []
-    for run in runs:
-        found = run.counterfactual
-        if found is None:
-            text = (absent("not applicable: lesion detection is defined for MS cohorts")
-                    if validity_not_applicable(run) else missing(run.command("counterfactual")))
-            rows.append([name_cell(run), td(text, colspan=8)])
-            continue
-        groups = ", ".join(f"z{g}" for g in found.get("pathology_groups") or [])
-        if found.get("not_scored"):
-            rows.append([name_cell(run), td(absent(f"not scored: {found['not_scored']}"),
-                                            colspan=8)])
-        for score, row in (found.get("detection") or {}).items():
-            rows.append([
-                name_cell(run), td(esc(found.get("model", run.model("kind", "?")))),
-                td(esc(groups)), td(esc(score), classes=["name"]),
-                estimate_cell(row.get("auprc"), 3), estimate_cell(row.get("dice"), 3),
-                estimate_cell(row.get("best_dice"), 3),
-                estimate_cell(row.get("load_correlation"), 3),
-                td(esc(row.get("n_subjects")), row.get("n_subjects")),
-            ])
-    return "<h2>Lesion detection by pseudo-healthy reconstruction</h2>\n" + table(
-        ["run", "kind", "pathology groups", "score", "AUPRC", "Dice (val threshold)",
-         "best Dice (optimistic)", "lesion-load r", "test subjects"], rows,
+    if found.get("not_scored"):
+        rows.append([name_cell(run), cell(missing=absent(f"not scored: {found['not_scored']}"),
+                                          colspan=8)])
+    for score, row in (found.get("detection") or {}).items():
+        rows.append([
+            name_cell(run), cell(found.get("model", run.model("kind", "?"))), cell(groups),
+            cell(score, classes=["name"]),
+            estimate_cell(row.get("auprc"), 3), estimate_cell(row.get("dice"), 3),
+            estimate_cell(row.get("best_dice"), 3),
+            estimate_cell(row.get("load_correlation"), 3),
+            cell(row.get("n_subjects"), row.get("n_subjects")),
+        ])
+    return rows
+
+
+def detection_section(runs: Sequence[Run]) -> Section:
+    """Pseudo-healthy lesion detection against its baselines, one row per run and score."""
+    header = ["run", "kind", "pathology groups", "score", "AUPRC", "Dice (val threshold)",
+              "best Dice (optimistic)", "lesion-load r", "test subjects"]
+    caption = (
         "Voxel-level detection of the phantom's lesions inside the brain on the test split, mean "
         "[95% subject-bootstrap CI]. Scores: the positive residual of the slice against its "
         "pseudo-healthy reconstruction (pathology groups at their prior mean given the groups "
@@ -693,36 +706,39 @@ def detection_section(runs: Sequence[Run]) -> str:
         "on the test split (optimistic); lesion-load r correlates each subject's detected and "
         "true lesion voxels. Read it as: pseudo-healthy reconstruction helps where its AUPRC "
         "interval lies above both baselines'.")
+    rows = [row for run in runs for row in detection_rows(run)]
+    return section("Lesion detection by pseudo-healthy reconstruction",
+                   [table(header, rows, caption)])
 
 
-def edit_rows(runs: Sequence[Run], width: int, cells: Callable[[dict], list[str]]
-              ) -> list[list[str]]:
+def edit_rows(runs: Sequence[Run], width: int, cells: Callable[[dict], list[Cell]]
+              ) -> list[list[Cell]]:
     """One row per run: its kind, pathology groups and ``cells`` of its counterfactual.json, or
     why there are none."""
     rows = []
     for run in runs:
         found = run.counterfactual
         if found is None or not found.get("swap"):
-            text = (absent("not applicable: edits are scored on MS cohorts")
-                    if validity_not_applicable(run)
-                    else absent(f"not scored: {found['not_scored']}")
-                    if found and found.get("not_scored")
-                    else missing(run.command("counterfactual")))
-            rows.append([name_cell(run), td(text, colspan=width)])
+            why = (absent("not applicable: edits are scored on MS cohorts")
+                   if validity_not_applicable(run)
+                   else absent(f"not scored: {found['not_scored']}")
+                   if found and found.get("not_scored")
+                   else missing(run.command("counterfactual")))
+            rows.append([name_cell(run), cell(missing=why, colspan=width)])
             continue
         groups = ", ".join(f"z{g}" for g in found.get("pathology_groups") or [])
-        rows.append([name_cell(run), td(esc(found.get("model", run.model("kind", "?")))),
-                     td(esc(groups)), *cells(found)])
+        rows.append([name_cell(run), cell(found.get("model", run.model("kind", "?"))),
+                     cell(groups), *cells(found)])
     return rows
 
 
-def swap_cells(found: dict) -> list[str]:
+def swap_cells(found: dict) -> list[Cell]:
     """A run's cells of the scored swap (its counterfactual record ``found``)."""
     swap = found["swap"]
     effect, anatomy = swap["effectiveness"], swap["anatomy"]
     factors = anatomy.get("factors") or {}
     return [
-        td(esc(swap["pairs"]), swap["pairs"]),
+        cell(swap["pairs"], swap["pairs"]),
         estimate_cell(effect["area_correlation"], 3),
         estimate_cell(effect["reference_a_reconstruction"]["area_correlation"], 3),
         estimate_cell(effect["lesion_dice_where_allowed"], 3),
@@ -733,7 +749,8 @@ def swap_cells(found: dict) -> list[str]:
         estimate_cell((factors.get("b") or {}).get("mean_r2_held"), 3),
     ]
 
-def soundness_cells(found: dict) -> list[str]:
+
+def soundness_cells(found: dict) -> list[Cell]:
     """A run's cells of the edits' soundness."""
     swap, conditional = found["swap"], found["conditional"]
     once, tenfold = found["composition"]["1"], found["composition"]["10"]
@@ -747,13 +764,12 @@ def soundness_cells(found: dict) -> list[str]:
     ]
 
 
-def swap_section(runs: Sequence[Run]) -> str:
-    """The scored pathology swap and the edits' soundness, one row per run."""
-    swap_table = table(
-        ["run", "kind", "pathology groups", "pairs", "lesion area r", "(a's reconstruction)",
-         "Dice where b allows", "minimality", "WM Dice", "(b's reconstruction)",
-         "factor R² from mix z_A", "(from b's z_A)"],
-        edit_rows(runs, 11, swap_cells),
+def swap_section(runs: Sequence[Run]) -> Section:
+    """The scored pathology swap, one row per run."""
+    header = ["run", "kind", "pathology groups", "pairs", "lesion area r", "(a's reconstruction)",
+              "Dice where b allows", "minimality", "WM Dice", "(b's reconstruction)",
+              "factor R² from mix z_A", "(from b's z_A)"]
+    caption = (
         "The mix P(a) + A(b): slice a's pathology groups over slice b's other groups, for test "
         "pairs chosen as the style-mix figure chooses them; mean [95% CI over a's subjects]. "
         "Effectiveness: the lesion segmenter's area on the mix against a's true area (Pearson r; "
@@ -765,11 +781,17 @@ def swap_section(runs: Sequence[Run]) -> str:
         "on training z_A codes predicts (those reaching R² 0.5 on validation), from the mix's "
         "re-encoded z_A beside b's own. Read it as: a sound swap has r near the ceiling, "
         "minimality near 0, and WM Dice and factor R² near b's own.")
-    soundness_table = table(
-        ["run", "kind", "pathology groups", "swapped back: PSNR (dB)", "null edit x1: PSNR",
-         "null edit x10: PSNR", "x10 lesion-area drift (mm²)", "z_P redraw: area spread (mm²)",
-         "redrawn lesions in valid tissue", "redraw WM Dice"],
-        edit_rows(runs, 9, soundness_cells),
+    return section("Pathology swap, scored",
+                   [table(header, edit_rows(runs, 11, swap_cells), caption)])
+
+
+def soundness_section(runs: Sequence[Run]) -> Section:
+    """The edits' reversibility, composition and conditional redraws, one row per run."""
+    header = ["run", "kind", "pathology groups", "swapped back: PSNR (dB)", "null edit x1: PSNR",
+              "null edit x10: PSNR", "x10 lesion-area drift (mm²)",
+              "z_P redraw: area spread (mm²)", "redrawn lesions in valid tissue",
+              "redraw WM Dice"]
+    caption = (
         "Reversibility: P(b) + A(mix) against b's reconstruction. Composition: the null edit "
         "(encode, decode) applied to a slice's first reconstruction once and 10 times, against "
         "that reconstruction. Conditional synthesis: a slice's anatomy groups kept and its "
@@ -778,83 +800,94 @@ def swap_section(runs: Sequence[Run]) -> str:
         "hippocampus, and the WM Dice against its true labels. Read it as: sound edits keep "
         "PSNR high and drift near 0; a pathology code that varies lesions puts them in valid "
         "tissue while the anatomy holds.")
-    return ("<h2>Pathology swap, scored</h2>\n" + swap_table
-            + "<h2>Soundness of the edits</h2>\n" + soundness_table)
+    return section("Soundness of the edits",
+                   [table(header, edit_rows(runs, 9, soundness_cells), caption)])
 
 
 def validity_not_applicable(run: Run) -> bool:
     return dig(run.analysis, ("pathology",))[1] == "ad"
 
 
-def validity_rate_row(run: Run, v: dict, best: bool) -> list[str]:
+def validity_rate_row(run: Run, v: dict, best: bool) -> list[Cell]:
     """One run's row of the invalid-lesion rates."""
     samples = v.get("samples") or {}
     return [
-        name_cell(run), td(esc(v.get("model", run.model("kind", "?")))),
-        rate_cell(samples, best), td(esc(samples.get("n")), samples.get("n")),
+        name_cell(run), cell(v.get("model", run.model("kind", "?"))),
+        rate_cell(samples, best), cell(samples.get("n"), samples.get("n")),
         estimate_cell(v.get("brain_like"), 3),
         rate_cell(dig(v, ("second_stage", "samples"))[1]),
         rate_cell(v.get("reconstructions")), rate_cell(v.get("real")),
         rate_cell(v.get("truth")),
-        td(esc(f"{v.get('temperature')}")),
+        cell(f"{v.get('temperature')}"),
     ]
 
 
-def validity_section(runs: Sequence[Run]) -> str:
-    sample_rates = [dig(r.validity, ("samples", "invalid_fraction"))[1] for r in runs]
-    best = best_rows(sample_rates, "min")
-    rate_rows, seg_rows, label_rows = [], [], []
+def segmenter_row(run: Run, v: dict, tissue: Sequence[str]) -> list[Cell]:
+    """The accuracy of the segmenters that judged one run's samples."""
+    seg = v.get("segmenters") or {}
+    dice = seg.get("tissue_dice") or {}
+    return [name_cell(run),
+            *(cell(number(seg.get(k), 3), seg.get(k))
+              for k in ("lesion_dice", "lesion_precision", "lesion_recall")),
+            *(cell(number(dice.get(t), 3), dice.get(t)) for t in tissue)]
+
+
+def label_rows(run: Run, v: dict, labels: Sequence[str]) -> list[list[Cell]]:
+    """Where one run's lesion-like voxels fall, a row per source (samples, real, truth)."""
+    rows = []
+    for source in ("samples", "real", "truth"):
+        shares = dig(v, (source, "per_label"))[1] or {}
+        rows.append([name_cell(run), cell(source, classes=["name"]),
+                     *(cell(number(shares.get(t), 3), shares.get(t)) for t in labels)])
+    return rows
+
+
+RATES_CAPTION = (
+    "Fraction of lesion-like voxels in anatomically invalid places, mean [95% bootstrap CI "
+    "over slices]: the model's prior samples, the second-stage prior's draws, the model's "
+    "reconstructions of the test slices (the floor for decoded images), the real test slices "
+    "segmented the same way (the reference rate), and the ground-truth masks on the "
+    "ground-truth tissue labels (0 by construction). "
+    "Samples are counted only when they pass the brain-shape test; brain-like gives the "
+    "fraction that did (n counts them). "
+    "Lowest sample rate marked ★."
+)
+
+
+def validity_section(runs: Sequence[Run]) -> Section:
+    best = best_rows([dig(r.validity, ("samples", "invalid_fraction"))[1] for r in runs], "min")
     tissue = list(dict.fromkeys(
         k for r in runs for k in dig(r.validity, ("segmenters", "tissue_dice"))[1] or {}))
     labels = list(dict.fromkeys(
         k for r in runs for src in ("samples", "real", "truth")
         for k in dig(r.validity, (src, "per_label"))[1] or {}))
-    definitions = set()
+    rates, segmenters, shares = [], [], []
     for i, run in enumerate(runs):
-        v = run.validity
-        if v is None:
-            text = (absent("not applicable: sample validity is defined for MS cohorts")
-                    if validity_not_applicable(run) else missing(run.command(VALIDITY)))
-            rate_rows.append([name_cell(run), td(text, colspan=9)])
-            seg_rows.append([name_cell(run), td(text, colspan=3 + len(tissue))])
-            label_rows.append([name_cell(run), td(text, colspan=1 + len(labels))])
+        if run.validity is None:
+            why = (absent("not applicable: sample validity is defined for MS cohorts")
+                   if validity_not_applicable(run) else missing(run.command(VALIDITY)))
+            rates.append([name_cell(run), cell(missing=why, colspan=9)])
+            segmenters.append([name_cell(run), cell(missing=why, colspan=3 + len(tissue))])
+            shares.append([name_cell(run), cell(missing=why, colspan=1 + len(labels))])
             continue
-        definitions.add(str(v.get("definition")))
-        rate_rows.append(validity_rate_row(run, v, i in best))
-        seg = v.get("segmenters") or {}
-        dice = seg.get("tissue_dice") or {}
-        seg_rows.append([name_cell(run)] + [
-            td(number(seg.get(k), 3), seg.get(k))
-            for k in ("lesion_dice", "lesion_precision", "lesion_recall")
-        ] + [td(number(dice.get(t), 3), dice.get(t)) for t in tissue])
-        for source in ("samples", "real", "truth"):
-            shares = dig(v, (source, "per_label"))[1] or {}
-            label_rows.append([name_cell(run), td(source, classes=["name"])] + [
-                td(number(shares.get(t), 3), shares.get(t)) for t in labels])
-    parts = ["<h2>Sample validity</h2>"]
-    parts += [f'<p class="note">Definition: {esc(d)}</p>' for d in sorted(definitions)]
-    parts.append(table(
+        rates.append(validity_rate_row(run, run.validity, i in best))
+        segmenters.append(segmenter_row(run, run.validity, tissue))
+        shares += label_rows(run, run.validity, labels)
+    definitions = sorted({str(r.validity.get("definition")) for r in runs if r.validity})
+    blocks = [*(note(f"Definition: {d}") for d in definitions), table(
         ["run", "kind", "samples", "samples (n)", "brain-like", "2nd-stage samples",
-         "reconstructions", "real test slices", "ground truth", "temperature"], rate_rows,
-        "Fraction of lesion-like voxels in anatomically invalid places, mean [95% bootstrap CI "
-        "over slices]: the model's prior samples, the second-stage prior's draws, the model's "
-        "reconstructions of the test slices (the floor for decoded images), the real test slices "
-        "segmented the same way (the reference rate), and the ground-truth masks on the "
-        "ground-truth tissue labels (0 by construction). "
-        "Samples are counted only when they pass the brain-shape test; brain-like gives the "
-        "fraction that did (n counts them). "
-        "Lowest sample rate marked &#9733;."))
+         "reconstructions", "real test slices", "ground truth", "temperature"], rates,
+        RATES_CAPTION)]
     if any(r.validity is not None for r in runs):
-        parts.append(table(
+        blocks.append(table(
             ["run", "lesion Dice", "lesion precision", "lesion recall",
-             *(f"Dice {esc(t)}" for t in tissue)], seg_rows,
+             *(f"Dice {t}" for t in tissue)], segmenters,
             "Accuracy of the segmenters (trained on the phantom's ground truth, scored on its "
             "held-out test split) that judge the samples."))
     if labels:
-        parts.append(table(
-            ["run", "source", *map(esc, labels)], label_rows,
-            "Where lesion-like voxels fall: the share on each tissue label."))
-    return "\n".join(parts)
+        blocks.append(table(["run", "source", *labels], shares,
+                            "Where lesion-like voxels fall: the share on each tissue label."))
+    return section("Sample validity", blocks)
 
 
 # ---- training curves ---------------------------------------------------------------------------
@@ -924,31 +957,33 @@ def curve_figure(runs: Sequence[Run], column: str, title: str, ylabel: str) -> b
     return png_bytes(fig)
 
 
-def curves_missing(run: Run) -> str:
+
+def curves_missing(run: Run) -> dict:
     if run.summary is not None:  # trained: resuming would not bring the curves back
         return absent("metrics.csv is missing; curves are logged only while a run trains, so "
                       "these cannot be drawn again")
     return missing(run.command(TRAIN))
 
 
-def curves_section(runs: Sequence[Run]) -> str:
-    parts = ["<h2>Training curves</h2>"]
-    parts += [f"<p>{esc(r.name)}: {curves_missing(r)}</p>" for r in runs if r.curves is None]
-    figures = []
-    for column, title, ylabel in CURVES:
-        content = curve_figure(runs, column, title, ylabel)
-        if content is not None:
-            what = f"{column}*" if column.endswith("_") else column
-            figures.append(figure_html(
-                content, f"{title} ({ylabel}) against training step, one line per run "
-                f"(metrics.csv column {what}; a step logged twice keeps its later row).", title,
-                "panels" if column.endswith("_") else "curve"))
-    if not figures and all(r.curves is None for r in runs):
-        return "\n".join(parts)
-    if not figures:
-        parts.append(f"<p>{absent('metrics.csv holds none of the plotted metrics')}</p>")
-    parts.append('<div class="curves">' + "\n".join(figures) + "</div>")
-    return "\n".join(parts)
+def curve_plot(runs: Sequence[Run], column: str, title: str, ylabel: str) -> Block | None:
+    """The figure of one of CURVES, or None where no run logged it."""
+    content = curve_figure(runs, column, title, ylabel)
+    if content is None:
+        return None
+    group = column.endswith("_")
+    return figure(content, f"{title} ({ylabel}) against training step, one line per run "
+                  f"(metrics.csv column {column}{'*' if group else ''}; a step logged twice "
+                  "keeps its later row).", title, "panels" if group else "curve")
+
+
+def curves_section(runs: Sequence[Run]) -> Section:
+    blocks = [status(r.name, curves_missing(r)) for r in runs if r.curves is None]
+    plots = [p for p in (curve_plot(runs, *curve) for curve in CURVES) if p is not None]
+    if plots or any(r.curves is not None for r in runs):
+        if not plots:
+            blocks.append(status(None, absent("metrics.csv holds none of the plotted metrics")))
+        blocks.append({"kind": "figures", "figures": plots})
+    return section("Training curves", blocks)
 
 
 # ---- figures of the run folders -----------------------------------------------------------------
@@ -975,50 +1010,53 @@ def expected_figures(run: Run) -> list[tuple[str, str]]:
     return out
 
 
-def run_figures_section(run: Run) -> str:
+def run_figure(run: Run, stem: str, png: Path | None, command: str | None) -> Block:
+    """The figure ``stem`` of a run, or a line saying why it is not there."""
+    if png is None:
+        trained = run.summary is not None and command == run.command(TRAIN)
+        return status(f"{stem}.png", absent("missing; it is drawn only while the run trains")
+                      if trained else missing(command))
+    content = png.read_bytes()
+    if not content.startswith(PNG_SIGNATURE):
+        return status(png.name, absent("not a PNG file"))
+    return figure(content, figure_caption(png), f"{run.name}: {stem}", file=f"figures/{png.name}")
+
+
+def synthesis_note(synthesis: dict) -> Block:
+    groups = ", ".join(f"z{g}" for g in synthesis.get("pathology_groups") or []) or "none"
+    return note(f"Synthesis: pathology groups {groups} (from "
+                f"{synthesis.get('pathology_source', '?')}), seed {synthesis.get('seed', '?')}.")
+
+
+def run_figures(run: Run) -> Section:
+    """A run's figures, expected ones first (or what computes them), then any others by name."""
     folder = run.path / "figures"
     pngs = {p.stem: p for p in sorted(folder.glob("*.png"))} if folder.is_dir() else {}
-    known = expected_figures(run)
-    order = [stem for stem, _ in known] + [s for s in pngs if s not in dict(known)]
-    commands = dict(known)
-    parts = [f"<h3>{esc(run.name)}</h3>"]
-    if run.synthesis is not None:
-        groups = run.synthesis.get("pathology_groups") or []
-        parts.append(
-            f'<p class="note">Synthesis: pathology groups '
-            f"{esc(', '.join(f'z{g}' for g in groups) or 'none')} "
-            f"(from {esc(run.synthesis.get('pathology_source', '?'))}), "
-            f"seed {esc(run.synthesis.get('seed', '?'))}.</p>")
-    for stem in order:
-        if stem not in pngs:
-            trained = run.summary is not None and commands[stem] == run.command(TRAIN)
-            text = (absent("missing; it is drawn only while the run trains") if trained
-                    else missing(commands[stem]))
-            parts.append(f"<p>{esc(stem)}.png: {text}</p>")
-            continue
-        content = pngs[stem].read_bytes()
-        if not content.startswith(PNG_SIGNATURE):
-            parts.append(f"<p>{esc(pngs[stem].name)}: {absent('not a PNG file')}</p>")
-            continue
-        parts.append(figure_html(content, figure_caption(pngs[stem]), f"{run.name}: {stem}",
-                                 file=f"figures/{pngs[stem].name}"))
-    return "\n".join(parts)
+    commands = dict(expected_figures(run))
+    order = [*commands, *(stem for stem in pngs if stem not in commands)]
+    blocks = [synthesis_note(run.synthesis)] if run.synthesis is not None else []
+    blocks += [run_figure(run, s, pngs.get(s), commands.get(s)) for s in order]
+    return section(run.name, blocks)
+
+
+def figures_section(runs: Sequence[Run]) -> Section:
+    return section("Figures", [], [run_figures(r) for r in runs])
 
 
 # ---- the page -----------------------------------------------------------------------------------
 
 
-def claims_section(claims: Sequence[dict]) -> str:
+def claims_section(claims: Sequence[dict]) -> Section:
     """The paper's claims as checked on these runs (``evaluation.claims``), verdict and numbers."""
-    rows = [[td(esc(c["source"])), td(esc(c["claim"])), td(esc(verdict_text(c))),
-             td(esc(c["evidence"]))] for c in claims]
+    rows = [[cell(c["source"]), cell(c["claim"]), cell(verdict_text(c)), cell(c["evidence"])]
+            for c in claims]
     caption = ("Each claim compares point estimates across the runs; the numbers behind it are "
                "beside, with 95% intervals where the metric has them, so a difference inside the "
                "noise is visible. Over several training seeds a claim is checked on each seed's "
                "grid and holds when it holds in every seed (a sign test: a coin-flip claim is "
                "unanimous over N seeds with probability 2^(1-N)).")
-    return "<h2>The paper's claims on these runs</h2>\n" + table(
-        ["source", "claim", "verdict", "evidence"], rows, caption)
+    return section("The paper's claims on these runs",
+                   [table(["source", "claim", "verdict", "evidence"], rows, caption)])
 
 
 # The numbers shown over training seeds: (header, Run attribute, keys, decimals); "z_P" in keys
@@ -1045,38 +1083,38 @@ def seed_value(run: Run, source: str, keys: Sequence[str]) -> Any:
     return value.get("mean") if isinstance(value, dict) else value
 
 
-def seeds_section(replicates: Mapping[str, Sequence[Run]]) -> str:
-    """Each grid run's numbers over its training seeds: mean ± standard deviation (n - 1) and
-    the per-seed values, so a reader sees which differences between runs exceed the seeds'."""
-    rows = []
-    for name, runs in replicates.items():
-        cells = [td(esc(name), classes=["name"]), td(str(len(runs)), len(runs))]
-        for _, source, keys, decimals in SEED_COLUMNS:
-            values = [seed_value(r, source, keys) for r in runs]
-            present = np.array([v for v in values if finite(v)], dtype=float)
-            if len(present) == 0:
-                cells.append(td(absent("n/a")))
-                continue
-            spread = float(present.std(ddof=1)) if len(present) > 1 else float("nan")
-            each = ", ".join(number(v, decimals) for v in values)
-            cells.append(td(f'{number(float(present.mean()), decimals)} &plusmn; '
-                            f'{number(spread, decimals)} <span class="ci">{each}</span>',
-                            float(present.mean())))
-        rows.append(cells)
+def seed_cell(runs: Sequence[Run], source: str, keys: Sequence[str], decimals: int) -> Cell:
+    """Mean ± standard deviation (n - 1) over the seeds' ``runs``, each seed's value below."""
+    values = [seed_value(r, source, keys) for r in runs]
+    present = np.array([v for v in values if finite(v)], dtype=float)
+    if len(present) == 0:
+        return cell(missing=absent("n/a"))
+    mean = float(present.mean())
+    spread = float(present.std(ddof=1)) if len(present) > 1 else float("nan")
+    return cell(f"{number(mean, decimals)} ± {number(spread, decimals)}", mean,
+                detail=", ".join(number(v, decimals) for v in values))
+
+
+def seeds_section(replicates: Mapping[str, Sequence[Run]]) -> Section:
+    """Each grid run's numbers over its training seeds, so a reader sees which differences
+    between runs exceed the seeds'."""
+    rows = [[cell(name, classes=["name"]), cell(len(runs), len(runs)),
+             *(seed_cell(runs, source, keys, decimals) for _, source, keys, decimals
+               in SEED_COLUMNS)]
+            for name, runs in replicates.items()]
     caption = (
         "Each run of the grid trained with several seeds (seed s in NAME_seedS; the tables "
-        "above show seed 0): mean &plusmn; standard deviation over seeds, then each seed's "
+        "above show seed 0): mean ± standard deviation over seeds, then each seed's "
         "value in seed order (n/a where a seed lacks it). A difference between two runs that is "
         "smaller than their seeds' spread is not an ordering."
     )
-    header = ["run", "seeds", *(esc(h) for h, *_ in SEED_COLUMNS)]
-    return "<h2>Spread over training seeds</h2>\n" + table(header, rows, caption)
+    header = ["run", "seeds", *(h for h, *_ in SEED_COLUMNS)]
+    return section("Spread over training seeds", [table(header, rows, caption)])
 
 
-def report_html(runs: Sequence[Run], title: str, claims: Sequence[dict] | None = None,
-                replicates: Mapping[str, Sequence[Run]] | None = None) -> str:
-    generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    sections = [
+def report_sections(runs: Sequence[Run], claims: Sequence[dict] | None,
+                    replicates: Mapping[str, Sequence[Run]] | None) -> list[Section]:
+    return [
         overview_section(runs),
         *([claims_section(claims)] if claims else []),
         *([seeds_section(replicates)] if replicates else []),
@@ -1087,21 +1125,33 @@ def report_html(runs: Sequence[Run], title: str, claims: Sequence[dict] | None =
         validity_section(runs),
         detection_section(runs),
         swap_section(runs),
+        soundness_section(runs),
         curves_section(runs),
-        "<h2>Figures</h2>\n" + "\n".join(run_figures_section(r) for r in runs),
+        figures_section(runs),
     ]
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        '<link rel="icon" href="data:,">\n'  # no favicon request: the file works offline
-        f"<title>{esc(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
-        f"<h1>{esc(title)}</h1>\n"
-        f'<p class="note">Generated {generated} by <code>pathanat report</code> from '
-        f"{len(runs)} run folder(s). Numbers are read from each run's files as written by "
-        "<code>pathanat train / evaluate / analyze / validity / synthesize</code>.</p>\n"
-        + "\n".join(sections)
-        + "\n</body>\n</html>\n"
-    )
+
+
+def report_page(runs: Sequence[Run], title: str, claims: Sequence[dict] | None = None,
+                replicates: Mapping[str, Sequence[Run]] | None = None) -> dict[str, Any]:
+    """The report as the data its page template draws."""
+    generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return {"title": title, "generated": generated, "run_count": len(runs),
+            "sections": report_sections(runs, claims, replicates)}
+
+
+def report_html(runs: Sequence[Run], title: str, claims: Sequence[dict] | None = None,
+                replicates: Mapping[str, Sequence[Run]] | None = None) -> str:
+    return page_template().render(report_page(runs, title, claims, replicates))
+
+
+@functools.cache
+def page_template() -> jinja2.Template:
+    """The page template; autoescaped, as every value it is given is text."""
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("pathanat", "evaluation/templates"), autoescape=True,
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined)
+    return environment.get_template(PAGE_TEMPLATE)
 
 
 def default_report_path(runs: Sequence[str | os.PathLike]) -> Path:
