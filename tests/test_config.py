@@ -122,3 +122,27 @@ def test_packaged_configs_resolve_to_their_frozen_snapshot():
     assert sorted(packaged_configs()) == sorted(frozen)
     for name, expected in frozen.items():
         assert json.loads(json.dumps(to_dict(load_experiment(name)))) == expected, name
+
+
+@dataclass
+class Window:
+    low: float = 0.0
+    high: float = 1.0
+
+    def __post_init__(self):
+        if self.low >= self.high:
+            raise ConfigError(f"low: expected a value below high ({self.high}), got {self.low}")
+
+
+def test_an_error_names_the_file_or_the_overrides_its_value_came_from(tmp_path):
+    path = tmp_path / "window.yaml"
+    path.write_text("low: 2.0\nhigh: 3.0\nlwo: 1\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: lwo: unknown key; did you mean 'low'"):
+        load_config(Window, path)
+    path.write_text("low: 2.0\nhigh: 3.0\n")
+    with pytest.raises(ConfigError, match=r"^override high=1\.5: low: expected a value below"):
+        load_config(Window, path, ["high=1.5"])
+    path.write_text("low: 2.0\n")  # invalid alone; an override may complete it
+    assert load_config(Window, path, ["high=4"]) == Window(2.0, 4.0)
+    with pytest.raises(ConfigError, match=rf"^{path}: low: expected a value below"):
+        load_config(Window, path, ["high=1.5"])

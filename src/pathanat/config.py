@@ -1,11 +1,19 @@
 """Strict configs: YAML files and `key.sub=value` overrides read into nested dataclasses.
 
 Every key is checked against the dataclass it fills: an unknown key or a value of the wrong type
-stops with a `ConfigError` naming the dotted key, what was expected and what came.
+stops with a `ConfigError` naming the file or override, the dotted key, what was expected and
+what came.
+
+Not OmegaConf's structured configs: on the same ten mistakes in our experiment config
+(omegaconf 2.4) they caught the same ones with the same did-you-mean, but in four-line messages
+about internal types, without the key for a scalar given for a section or a tuple of the wrong
+length, and never naming the file; and they bring a pinned ANTLR runtime for interpolation we
+do not use.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -51,11 +59,26 @@ def to_dict(config: Any) -> dict:
 def load_config(
     cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None
 ) -> T:
-    """Read ``path`` (YAML) into ``cls``, then apply ``key.sub=value`` overrides in order."""
+    """Read ``path`` (YAML) into ``cls``, then apply ``key.sub=value`` overrides in order. An
+    error names the dotted key and where its value came from: the file, or the overrides."""
     data = read_yaml(path) if path is not None else {}
+    merged = copy.deepcopy(data)
     for item in overrides or []:
-        apply_override(data, item)
-    return from_dict(cls, data)
+        apply_override(merged, item)
+    try:
+        return from_dict(cls, merged)
+    except ConfigError as err:
+        if overrides and _valid(cls, data):
+            raise ConfigError(f"override {' '.join(overrides)}: {err}") from None
+        raise ConfigError(str(err) if path is None else f"{path}: {err}") from None
+
+
+def _valid(cls: type, data: dict) -> bool:
+    try:
+        from_dict(cls, data)
+    except ConfigError:
+        return False
+    return True
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
