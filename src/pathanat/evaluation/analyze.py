@@ -98,8 +98,10 @@ def subject_average(values: np.ndarray, subjects: np.ndarray) -> tuple[np.ndarra
     ids, first, inverse = np.unique(subjects, return_index=True, return_inverse=True)
     order = np.argsort(first)
     counts = np.bincount(inverse).astype(np.float64)
-    sums = np.zeros((len(ids), *values.shape[1:]))
-    np.add.at(sums, inverse, values)
+    # each subject's rows side by side, summed in their order (np.add.at: 10x slower)
+    rows = np.argsort(inverse.ravel(), kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.intp)
+    sums = np.add.reduceat(np.asarray(values, dtype=np.float64)[rows], starts, axis=0)
     means = sums / counts.reshape(-1, *[1] * (values.ndim - 1))
     return ids[order], means[order]
 
