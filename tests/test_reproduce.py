@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from html import unescape
 
 import pytest
 
@@ -71,7 +72,7 @@ def test_every_stage_writes_its_output_and_the_report_covers_the_runs(tiny_grid)
                                                  "counterfactual", "synthesize"}
     # a grid of two runs can check no claim: each says so instead of deciding
     assert [c["held"] for c in record["claims"]] == [None, None, None, None]
-    html = (out / "report.html").read_text()
+    html = unescape((out / "report.html").read_text())  # the page's text, not its escapes
     assert all(name in html for name in RUNS)
     assert "The paper's claims on these runs" in html
     assert html.count("not checked (results missing)") == 4

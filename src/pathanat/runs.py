@@ -179,6 +179,13 @@ class Run:
     def cache(self) -> Cache:
         return run_cache(self.folder, self.config)
 
+    def lesion_cache(self, scores: str) -> Cache:
+        """The run's cache, which must have lesion masks (an MS cohort) for ``scores``."""
+        if not self.cache.has_lesion:
+            raise PathanatError(f"{self.folder}: {scores} are MS-only; its cache "
+                                f"{self.cache.path} has no lesion masks (an AD cohort?)")
+        return self.cache
+
     @property
     def checkpoint(self) -> Path:
         return self.folder / "checkpoints" / LAST

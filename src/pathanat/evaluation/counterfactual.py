@@ -37,7 +37,7 @@ import torch
 from pathanat.data.phantom import ANATOMY_RANGES, CONTRAST_RANGES, SCANNER_RANGES, VENTRICLES
 from pathanat.data.prepare import Cache, CacheSplit
 from pathanat.defaults import COUNTERFACTUAL_PAIRS, DEFAULT_BATCH_SIZE, SEED
-from pathanat.errors import PathanatError, checked_int
+from pathanat.errors import checked_int
 from pathanat.evaluation.analyze import ANALYSIS_JSON, encoded
 from pathanat.evaluation.detection import (
     chosen_threshold,
@@ -378,12 +378,8 @@ def counterfactual_run(run: str | os.PathLike, pathology_groups: Collection[int]
     start = time.perf_counter()
     checked_int(pairs, "pairs", minimum=2)
     opened = open_run(run)
-    folder, model, config, cache = opened.folder, opened.model, opened.config, opened.cache
-    if not cache.has_lesion:
-        raise PathanatError(
-            f"{folder}: counterfactual scores are MS-only; its cache {cache.path} has no "
-            "lesion masks (an AD cohort?)"
-        )
+    folder, model, config = opened.folder, opened.model, opened.config
+    cache = opened.lesion_cache("counterfactual scores")
     groups, source = resolve_pathology_groups(pathology_groups, config.model,
                                               folder / ANALYSIS_JSON)
     val, test = split_arrays(cache, "val"), split_arrays(cache, "test")

@@ -348,12 +348,8 @@ def validity_run(
     Example: ``validity_run("runs/nvmp")``."""
     start = time.perf_counter()
     opened = open_run(run)
-    folder, model, config, cache = opened.folder, opened.model, opened.config, opened.cache
-    if not cache.has_lesion:
-        raise PathanatError(
-            f"{folder}: sample validity is MS-only; its cache {cache.path} has no lesion masks "
-            "(an AD cohort?)"
-        )
+    folder, model, config = opened.folder, opened.model, opened.config
+    cache = opened.lesion_cache("sample validity scores")
     segs_start = time.perf_counter()
     steps = SEGMENTER_STEPS if segmenter_steps is None else segmenter_steps
     segmenters = cohort_segmenters(cache, steps=steps, progress=progress)
