@@ -339,9 +339,8 @@ class HierarchicalVAE(nn.Module):
     def importance_weighted_log_likelihood(self, x: Tensor, samples: int = 100,
                                            chunk_size: int = 64,
                                            bins: Bins | None = None) -> Tensor:
-        """Per-image estimate of log p(x) in nats: log (1/S) sum_s p(x, z_s) / q(z_s | x), a lower
-        bound that tightens as S grows (S = 1: the ELBO). ``bins``: p(x | z) is the probability
-        of each pixel's bin (a bound on log P(binned x) <= 0); None: the continuous density."""
+        """Per image, log (1/S) sum_s p(x, z_s) / q(z_s | x) in nats: a bound on log p(x) tighter
+        as S grows (S = 1: the ELBO); ``bins``: of the binned x (<= 0), None: the density."""
         return self.importance_weighted_log_likelihoods(x, samples, chunk_size, (bins,))[0]
 
     @torch.no_grad()
