@@ -98,7 +98,7 @@ def subject_average(values: np.ndarray, subjects: np.ndarray) -> tuple[np.ndarra
     ids, first, inverse = np.unique(subjects, return_index=True, return_inverse=True)
     order = np.argsort(first)
     counts = np.bincount(inverse).astype(np.float64)
-    # each subject's rows side by side, summed in their order (np.add.at: 10x slower)
+    # each subject's rows side by side, summed in their order (np.add.at: 1.5-3.4x slower)
     rows = np.argsort(inverse.ravel(), kind="stable")
     starts = np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.intp)
     sums = np.add.reduceat(np.asarray(values, dtype=np.float64)[rows], starts, axis=0)
