@@ -7,8 +7,7 @@ what came.
 Not OmegaConf's structured configs: on the same ten mistakes in our experiment config
 (omegaconf 2.4) they caught the same ones with the same did-you-mean, but in four-line messages
 about internal types, without the key for a scalar given for a section or a tuple of the wrong
-length, and never naming the file; and they bring a pinned ANTLR runtime for interpolation we
-do not use.
+length, and never naming the file; a dependency would buy nothing these lines do not do.
 """
 
 from __future__ import annotations
