@@ -4,7 +4,11 @@ import torch
 
 from pathanat.errors import InputError
 from pathanat.models import HierarchicalVAE, HVAEConfig
-from pathanat.models.second_stage import fit_model_second_stage, fit_second_stage
+from pathanat.models.second_stage import (
+    fit_model_second_stage,
+    fit_second_stage,
+    principal_directions,
+)
 
 SHAPES = [(1, 2, 2), (2, 2, 3)]  # 4 + 12 = 16 values per code
 
@@ -160,3 +164,20 @@ def test_conditioning_on_every_group_or_none_and_bad_known_values():
         fitted.draw_given(known[:1], 3)
     with pytest.raises(InputError, match=r"known\[1\]"):
         fitted.draw_given([None, torch.zeros(2, 3, 2)], 3)
+
+
+@pytest.mark.parametrize("shape", [(40, 300), (300, 40)])
+def test_principal_directions_match_numpy_svd_and_drop_zero_directions(shape):
+    """Both Gram routes (fewer rows than columns, and the other way) against numpy's SVD, on a
+    rank-6 matrix: the first singular triplets agree, and nothing past the rank is returned."""
+
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(shape[0], 6)) @ np.diag([9.0, 5, 3, 2, 1, 0.5]) @ rng.normal(
+        size=(6, shape[1]))
+    u, s, vt = principal_directions(torch.from_numpy(a), count=10)
+    _, ref_s, ref_vt = np.linalg.svd(a, full_matrices=False)
+    assert s.shape == (6,) and u.shape == (shape[0], 6) and vt.shape == (6, shape[1])
+    np.testing.assert_allclose(s.numpy(), ref_s[:6], rtol=1e-9)
+    np.testing.assert_allclose(np.abs((vt.numpy() * ref_vt[:6]).sum(1)), 1.0, atol=1e-9)
+    np.testing.assert_allclose((u * s).numpy() @ vt.numpy(), a, atol=1e-8 * np.abs(a).max())
+    assert principal_directions(torch.from_numpy(a), count=3)[1].shape == (3,)

@@ -204,13 +204,12 @@ def informativeness_table(
     scaled = {g: scaled_features(train_groups[g], test_groups[g]) for g in train_groups}
     first_train, first_test = next(iter(scaled.values()))
     n_train, n_test = len(first_train), len(first_test)
-    for t in train_targets:
-        as_target(f"train target {t}", train_targets[t], n_train)
+    ytr = {t: as_target(f"train target {t}", train_targets[t], n_train) for t in train_targets}
+    for t in test_targets:
         as_target(f"test target {t}", test_targets[t], n_test)
     pairs = [(group, target) for group in train_groups for target in train_targets]
     predictions = Parallel(n_jobs=n_jobs, prefer="threads")(
-        delayed(scaled_lasso_predictions)(scaled[g][0], np.asarray(train_targets[t]),
-                                          scaled[g][1], alphas[t])
+        delayed(scaled_lasso_predictions)(scaled[g][0], ytr[t], scaled[g][1], alphas[t])
         for g, t in pairs
     )
     rows = []

@@ -160,16 +160,15 @@ def fit_second_stage(codes: np.ndarray | Tensor, shapes: list[tuple[int, int, in
                          f"got {components!r}")
     mean = x.mean(0)
     u, s, vt = principal_directions(x - mean, dims)
-    q = len(s)
     mixture = GaussianMixture(
         components, covariance_type="full", random_state=seed,
         reg_covar=MIXTURE_REGULARISATION * float(s[0]) ** 2 / (len(x) - 1),
-    ).fit((u[:, :q] * s[:q]).numpy())
+    ).fit((u * s).numpy())
     return SecondStagePrior(
         mean=mean, directions=vt, weights=torch.as_tensor(mixture.weights_),
         means=torch.as_tensor(mixture.means_),
         cholesky=torch.linalg.cholesky(torch.as_tensor(mixture.covariances_)),
-        shapes=list(shapes), noise=off_span_noise(x, shapes, q),
+        shapes=list(shapes), noise=off_span_noise(x, shapes, len(s)),
     )
 
 
