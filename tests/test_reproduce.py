@@ -133,6 +133,15 @@ def test_a_run_folder_holding_another_model_stops_the_grid(tiny_grid, tmp_path, 
                  "--cache", str(cache), "--runs", "vae_ms"])
     assert code == 2
     assert "model settings differ" in capsys.readouterr().err
+    # trained on a schedule twice as long: its weights are not the grid's 10-step run, and
+    # resuming would not make them so
+    shutil.rmtree(grid_copy)
+    shutil.copytree(out, grid_copy)
+    config.write_text(config.read_text().replace("max_steps: 10", "max_steps: 20"))
+    code = main(["reproduce", "--dataset", "ms", "--budget", "smoke", "--out", str(grid_copy),
+                 "--cache", str(cache), "--runs", "vae_ms"])
+    assert code == 2
+    assert "decays to 0 at step 20, this grid's at step 10" in capsys.readouterr().err
 
 
 def test_unknown_run_names_are_listed(tmp_path):

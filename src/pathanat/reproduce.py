@@ -158,8 +158,17 @@ def trained_steps(run: Path) -> int:
     return read_json(summary).get("steps", 0) if summary.is_file() else 0
 
 
+def decay_end(config: ExperimentConfig) -> int | None:
+    """The step a cosine learning rate reaches 0 at (None: no decay)."""
+    optim = config.optim
+    if optim.lr_decay != "cosine":
+        return None
+    return optim.decay_steps if optim.decay_steps is not None else config.trainer.max_steps
+
+
 def check_grid_settings(run: Path, config: ExperimentConfig) -> None:
-    """Stop if ``run`` holds a model other than the one the grid asks for (another budget)."""
+    """Stop if ``run`` holds a model other than the one the grid asks for (another budget),
+    or one trained on another learning-rate schedule, which resuming would not undo."""
     saved = run / "config.yaml"
     if not saved.is_file():
         return
@@ -170,6 +179,12 @@ def check_grid_settings(run: Path, config: ExperimentConfig) -> None:
                 f"{run} holds a run whose {section} settings differ from this grid's (another "
                 "budget?); pass another --out, or delete that run folder to train it again"
             )
+    if decay_end(held) != decay_end(config):
+        raise PathanatError(
+            f"{run} holds a run whose learning rate decays to 0 at step {decay_end(held)}, this "
+            f"grid's at step {decay_end(config)} (another budget?); pass another --out, or "
+            "delete that run folder to train it again"
+        )
 
 
 def train_stage(run: Path, config: ExperimentConfig) -> str:
