@@ -63,8 +63,9 @@ def measured(run: Path, references: np.ndarray, test: np.ndarray) -> dict:
     return {"brain_like": fractions, "psnr": float(psnr(test, recon).mean())}
 
 
-def time_kind(kind: str, cache: Path, out: Path, every: int, max_steps: int) -> dict:
+def time_kind(kind: str, cache: Path, out: Path, every: int, max_steps: int | None) -> dict:
     base = run_config(f"{kind}_ms", BUDGETS["cpu"], out, cache)
+    max_steps = max_steps or base.trainer.max_steps
     # trained in pieces: the lr decays over the budget's run, not over each piece
     base.optim.decay_steps = base.trainer.max_steps
     data = load_cache(cache)
@@ -98,7 +99,7 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--subjects", type=int, default=BUDGETS["cpu"].subjects)
     parser.add_argument("--every", type=int, default=100)
-    parser.add_argument("--max-steps", type=int, default=600)
+    parser.add_argument("--max-steps", type=int, help="default: the cpu budget's steps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "pathanat-bench")
     parser.add_argument("--json", type=Path, help="also write the results here")
