@@ -92,9 +92,9 @@ BUDGETS = {
               "second-stage prior",
         subjects=GRID_SUBJECTS,
         overrides=(*_SMALL_FAST, f"trainer.precision={cpu_precision()}",
-                   # the 600-step schedule stretched twice: every FID fell, reconstructions
-                   # and samples alike; an 800-step cycle's second rise blurred reconstructions
-                   # (docs/generation.md, tenth round)
+                   # the 600-step schedule stretched twice: the FIDs of reconstructions and of
+                   # draws both fell; an 800-step cycle (a second rise) scored worse ones on
+                   # both (docs/generation.md, tenth round)
                    "objective.kl_cycle=1600", "trainer.max_steps=1200",
                    "trainer.log_every=25", "trainer.val_every=300",
                    "trainer.checkpoint_every=300"),
