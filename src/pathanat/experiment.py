@@ -84,13 +84,19 @@ class OptimConfig:
     lr_decay: LrDecay = "none"
     decay_steps: int | None = None
 
+    def decay_end(self, max_steps: int) -> int | None:
+        """The step the lr reaches 0 at in a run of ``max_steps`` (None: it never decays)."""
+        if self.lr_decay != "cosine":
+            return None
+        return self.decay_steps if self.decay_steps is not None else max_steps
+
     def learning_rate(self, step: int, max_steps: int) -> float:
         """The lr of update ``step`` (0-based) of a run of ``max_steps``: a function of the step
         alone, so a resumed run continues the same schedule."""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
-        if self.lr_decay == "cosine":
-            end = self.decay_steps if self.decay_steps is not None else max_steps
+        end = self.decay_end(max_steps)
+        if end is not None:
             progress = (step - self.warmup_steps) / max(1, end - self.warmup_steps)
             return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
         return self.lr

@@ -80,10 +80,10 @@ def cpu_precision() -> str:
 
 BUDGETS = {
     "cpu": Budget(
-        about="about 3-4.5 h on 2 CPU cores for the 8 MS runs (an estimate from the stage "
-              "times measured per run on an AMD EPYC with bf16 arithmetic: training 3.5-9 min, "
-              "evaluate 6.5-9 min, analyze 3-5 min, validity, lesion detection and synthesis "
-              "4-10 min; the evaluation grows with the 40-subject test split): 200 subjects, "
+        about="about 2-3 h on 2 CPU cores for the 8 MS runs (an estimate from stage times "
+              "measured alone on an AMD EPYC with bf16 arithmetic: training 3.5-9 min, and for "
+              "vae and nvae evaluate 5.5 min, analyze 2.5-4.5 min, validity, lesion detection "
+              "and synthesis 1-2 min): 200 subjects, "
               "widths 64..16, "
               "1200 steps (KL weight reaches 1 at step 800), cosine lr, vae and nvae with fitted "
               "unconditional priors (the paper's N(0, I) draws no brains), recentred conditional "
@@ -161,14 +161,6 @@ def trained_steps(run: Path) -> int:
     return read_json(summary).get("steps", 0) if summary.is_file() else 0
 
 
-def decay_end(config: ExperimentConfig) -> int | None:
-    """The step a cosine learning rate reaches 0 at (None: no decay)."""
-    optim = config.optim
-    if optim.lr_decay != "cosine":
-        return None
-    return optim.decay_steps if optim.decay_steps is not None else config.trainer.max_steps
-
-
 def check_grid_settings(run: Path, config: ExperimentConfig) -> None:
     """Stop if ``run`` holds a model other than the one the grid asks for (another budget),
     or one trained on another learning-rate schedule, which resuming would not undo."""
@@ -182,11 +174,12 @@ def check_grid_settings(run: Path, config: ExperimentConfig) -> None:
                 f"{run} holds a run whose {section} settings differ from this grid's (another "
                 "budget?); pass another --out, or delete that run folder to train it again"
             )
-    if decay_end(held) != decay_end(config):
+    ends = [c.optim.decay_end(c.trainer.max_steps) for c in (held, config)]
+    if ends[0] != ends[1]:
         raise PathanatError(
-            f"{run} holds a run whose learning rate decays to 0 at step {decay_end(held)}, this "
-            f"grid's at step {decay_end(config)} (another budget?); pass another --out, or "
-            "delete that run folder to train it again"
+            f"{run} holds a run whose learning rate decays to 0 at step {ends[0]}, this grid's "
+            f"at step {ends[1]} (another budget?); pass another --out, or delete that run "
+            "folder to train it again"
         )
 
 
