@@ -83,7 +83,7 @@ BUDGETS = {
         about="about 2 h on 2 CPU cores for the 8 MS runs (their stages measured alone on an "
               "AMD EPYC with bf16 arithmetic: 13-17 min a run, of which training 3.5-7 min, "
               "evaluate 5-6 min, analyze 2-4.5 min, validity, lesion detection and synthesis "
-              "1.5-2 min): 200 subjects, widths 64..16, "
+              "1-2 min): 200 subjects, widths 64..16, "
               "1200 steps (KL weight reaches 1 at step 800), cosine lr, vae and nvae with fitted "
               "unconditional priors (the paper's N(0, I) draws no brains), recentred conditional "
               "priors (the learned ones draw blurred boxes), bf16 where the CPU has it, IW NLL "
