@@ -459,6 +459,31 @@ def edit_records(rng) -> dict:
     }
 
 
+def test_seed_spread_has_the_fid_ratio_and_the_time_table_sums_the_stages(tmp_path):
+    folders = []
+    for seed, (recon, draws) in enumerate([(30.0, 60.0), (40.0, 100.0)]):  # ratios 2.0, 2.5
+        folder = tmp_path / ("nvae_ms" if seed == 0 else f"nvae_ms_seed{seed}")
+        make_run(folder, "nvae", seed)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics["fid"].update(fid_reconstruction=recon, fid_samples_second_stage=draws)
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        folders.append(folder)
+    seconds = {"nvae_ms": {"train": 100.0, "evaluate": 50.0},
+               "nvae_ms_seed1": {"evaluate": 40.0}}  # its training ran outside the record
+    out = write_report([folders[0]], tmp_path / "report.html",
+                       replicates={"nvae_ms": folders}, seconds=seconds)
+    page = Page(out.read_text())
+    spread = cell(page.table("Each run of the grid trained"), "nvae_ms",
+                  "FID ratio 2nd stage / recon.")[0]
+    assert spread == "2.25 ± 0.35 2.00, 2.50"  # standard deviation of (2, 2.5): 0.354
+    times = page.table("Wall-clock seconds")
+    assert header(times) == ["run folder", "train", "evaluate", "total"]
+    assert cell(times, "nvae_ms", "total")[0] == "150"
+    assert cell(times, "nvae_ms_seed1", "train")[0] == "n/a"
+    assert cell(times, "nvae_ms_seed1", "total")[0] == "incomplete"
+    assert [c[0] for c in times[-1]] == ["all runs (stages recorded)", "100", "90", "190"]
+
+
 def test_swap_tables_show_each_run_s_edits_or_the_command(two_runs):
     runs, contents, page, _ = two_runs
     for caption in ("The mix P(a) + A(b)", "Reversibility: P(b) + A(mix)"):

@@ -177,5 +177,8 @@ def test_more_seeds_add_runs_beside_seed_0_and_a_spread_section(tiny_grid, tmp_p
     psnr = [json.loads((grid_copy / f / "metrics.json").read_text())["reconstruction"]["psnr"]
             ["mean"] for f in ("vae_ms", "vae_ms_seed1")]
     assert f"{sum(psnr) / 2:.2f} ±" in section  # the mean over the two seeds
+    times = html.split("Time per stage")[1]  # the record's seconds, every folder of the grid
+    assert "vae_ms_seed1" in times
+    assert f">{record['seconds']['vae_ms_seed1']['train']:.0f}<" in times
     with pytest.raises(PathanatError, match="--seeds: expected an integer >= 1"):
         reproduce("ms", "smoke", out=grid_copy, cache=cache, runs=["vae_ms"], seeds=0)

@@ -158,6 +158,8 @@ def test_every_config_loads_and_builds_its_model():
         ("data.flip_prob=1.5", "data.flip_prob"),
         ("data.intensity_scale=-0.1", "data.intensity_scale"),
         ("objective.kl_scale=0", "objective.kl_scale: expected a value > 0"),
+        ("objective.kl_group_scale=[1,4]", r"objective.kl_group_scale: expected 5 values > 0"),
+        ("objective.kl_group_scale=[1,1,1,1,0]", "objective.kl_group_scale: expected 5"),
         ("model.conditional_prior=fitted", "model.conditional_prior"),
         ("data.phantom={kind: ms}", "data.cache"),  # a cache and a phantom: which one?
     ],

@@ -64,7 +64,15 @@ class ObjectiveConfig:
     kl_balance: bool = True  # NVAE's KL balancing while the KL weight is below 1
     # the KL weight the rise ends at, as a multiple of the ELBO's (a beta-VAE's beta; 1: the ELBO)
     kl_scale: float = 1.0
+    # per group, top-down, a further multiple of kl_scale (None: 1 for every group); e.g.
+    # [1, 1, 1, 1, 4] asks the finest group to carry less (docs/generation.md)
+    kl_group_scale: tuple[float, ...] | None = None
     supervision_weight: float = 1.0
+
+    def kl_scales(self, groups: int) -> tuple[float, ...]:
+        """The KL weight each of ``groups`` groups reaches: kl_scale x kl_group_scale."""
+        per_group = self.kl_group_scale or (1.0,) * groups
+        return tuple(self.kl_scale * float(s) for s in per_group)
 
 
 @dataclass
@@ -193,6 +201,11 @@ def _check_ranges(config: ExperimentConfig) -> None:
         raise ConfigError(
             f"objective.kl_scale: expected a value > 0, got {config.objective.kl_scale!r}"
         )
+    per_group, groups = config.objective.kl_group_scale, config.model.num_groups
+    if per_group is not None and (len(per_group) != groups or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in per_group)):
+        raise ConfigError(f"objective.kl_group_scale: expected {groups} values > 0 (one per "
+                          f"group, top-down; model.levels + 1), got {list(per_group)!r}")
     # Adam moves a weight by about lr per step whatever the gradient, so lr <= 1 also keeps every
     # update of a finite gradient finite
     if not 0.0 < config.optim.lr <= 1.0:

@@ -296,7 +296,7 @@ def reproduce(
         run_stages(run, chosen, dataset, label, seconds)
         _write_record(out, record)
     record["claims"] = claims_of(out, dataset, names, seeds)
-    report = _report(out, names, seeds, record["claims"])
+    report = _report(out, names, seeds, record["claims"], record["seconds"])
     _write_record(out, record)
     print_claims(record["claims"])
     print(f"report   {report}")
@@ -328,13 +328,16 @@ def _timed(label: str, seconds: dict, key: str, work: Callable[[], object]) -> N
           flush=True)
 
 
-def _report(out: Path, names: list[str], seeds: int, claims: list[dict]) -> Path:
+def _report(out: Path, names: list[str], seeds: int, claims: list[dict],
+            seconds: dict) -> Path:
     from pathanat.evaluation.report import write_report
 
     replicates = ({n: [out / seed_folder(n, s) for s in range(seeds)] for n in names}
                   if seeds > 1 else None)
+    folders = [seed_folder(n, s) for s in range(seeds) for n in names]
     return write_report([out / n for n in names], out / "report.html", claims=claims,
-                        replicates=replicates)
+                        replicates=replicates,
+                        seconds={f: seconds[f] for f in folders if f in seconds})
 
 
 # ---- the paper's claims, checked on what the grid measured -------------------------------------

@@ -1059,33 +1059,46 @@ def claims_section(claims: Sequence[dict]) -> Section:
                    [table(["source", "claim", "verdict", "evidence"], rows, caption)])
 
 
-# The numbers shown over training seeds: (header, Run attribute, keys, decimals); "z_P" in keys
-# stands for the run's configured pathology group.
+def stored(source: str, *keys: str) -> Callable[[Run], Any]:
+    """A getter of the number at ``keys`` in one of a run's files (``source``, a Run attribute);
+    "z_P" in keys stands for the run's configured pathology group, an estimate gives its mean."""
+    def value(run: Run) -> Any:
+        z_p = f"z{run.model('z_p')}"
+        found = dig(getattr(run, source), [z_p if k == "z_P" else k for k in keys])[1]
+        return found.get("mean") if isinstance(found, dict) else found
+    return value
+
+
+def fid_ratio(run: Run) -> float | None:
+    """FID of second-stage draws over FID of reconstructions: how far the draws are from what
+    the model can decode (the generation issue's target is at most 2)."""
+    draws = stored("metrics", "fid", "fid_samples_second_stage")(run)
+    recon = stored("metrics", "fid", "fid_reconstruction")(run)
+    return draws / recon if finite(draws) and finite(recon) and recon > 0 else None
+
+
+# The numbers shown over training seeds: (header, getter, decimals).
 SEED_COLUMNS = (
-    ("PSNR (dB)", "metrics", ("reconstruction", "psnr", "mean"), 2),
-    ("NLL (bits/dim)", "metrics", ("nll", "bits_per_dim", "mean"), 4),
-    ("FID recon.", "metrics", ("fid", "fid_reconstruction"), 1),
-    ("FID 2nd-stage samples", "metrics", ("fid", "fid_samples_second_stage"), 1),
-    ("KID 2nd-stage samples", "metrics", ("fid", "kid_samples_second_stage", "mean"), 4),
-    ("brain-like T=1", "metrics", ("plausibility", "samples", "1.0", "brain_like", "mean"), 3),
-    ("brain-like 2nd stage", "metrics", ("plausibility", "second_stage", "brain_like", "mean"),
-     3),
-    ("copy ratio 2nd stage", "metrics", ("novelty", "second_stage", "distance_ratio"), 2),
-    ("R² of z_P, subject", "analysis", ("table4", "subject", "r2", "z_P"), 3),
-    ("R² of z_P, slice", "analysis", ("table4", "slice", "r2", "z_P"), 3),
-    ("invalid lesion fraction, samples", "validity", ("samples", "invalid_fraction"), 3),
+    ("PSNR (dB)", stored("metrics", "reconstruction", "psnr"), 2),
+    ("NLL (bits/dim)", stored("metrics", "nll", "bits_per_dim"), 4),
+    ("FID recon.", stored("metrics", "fid", "fid_reconstruction"), 1),
+    ("FID samples T=1", stored("metrics", "fid", "fid_samples"), 1),
+    ("FID 2nd-stage samples", stored("metrics", "fid", "fid_samples_second_stage"), 1),
+    ("FID ratio 2nd stage / recon.", fid_ratio, 2),
+    ("KID 2nd-stage samples", stored("metrics", "fid", "kid_samples_second_stage"), 4),
+    ("brain-like T=0.8", stored("metrics", "plausibility", "samples", "0.8", "brain_like"), 3),
+    ("brain-like T=1", stored("metrics", "plausibility", "samples", "1.0", "brain_like"), 3),
+    ("brain-like 2nd stage", stored("metrics", "plausibility", "second_stage", "brain_like"), 3),
+    ("copy ratio 2nd stage", stored("metrics", "novelty", "second_stage", "distance_ratio"), 2),
+    ("R² of z_P, subject", stored("analysis", "table4", "subject", "r2", "z_P"), 3),
+    ("R² of z_P, slice", stored("analysis", "table4", "slice", "r2", "z_P"), 3),
+    ("invalid lesion fraction, samples", stored("validity", "samples", "invalid_fraction"), 3),
 )
 
 
-def seed_value(run: Run, source: str, keys: Sequence[str]) -> Any:
-    z_p = f"z{run.model('z_p')}"
-    value = dig(getattr(run, source), [z_p if k == "z_P" else k for k in keys])[1]
-    return value.get("mean") if isinstance(value, dict) else value
-
-
-def seed_cell(runs: Sequence[Run], source: str, keys: Sequence[str], decimals: int) -> Cell:
+def seed_cell(runs: Sequence[Run], value: Callable[[Run], Any], decimals: int) -> Cell:
     """Mean ± standard deviation (n - 1) over the seeds' ``runs``, each seed's value below."""
-    values = [seed_value(r, source, keys) for r in runs]
+    values = [value(r) for r in runs]
     present = np.array([v for v in values if finite(v)], dtype=float)
     if len(present) == 0:
         return cell(missing=absent("n/a"))
@@ -1099,8 +1112,7 @@ def seeds_section(replicates: Mapping[str, Sequence[Run]]) -> Section:
     """Each grid run's numbers over its training seeds, so a reader sees which differences
     between runs exceed the seeds'."""
     rows = [[cell(name, classes=["name"]), cell(len(runs), len(runs)),
-             *(seed_cell(runs, source, keys, decimals) for _, source, keys, decimals
-               in SEED_COLUMNS)]
+             *(seed_cell(runs, value, decimals) for _, value, decimals in SEED_COLUMNS)]
             for name, runs in replicates.items()]
     caption = (
         "Each run of the grid trained with several seeds (seed s in NAME_seedS; the tables "
@@ -1112,12 +1124,40 @@ def seeds_section(replicates: Mapping[str, Sequence[Run]]) -> Section:
     return section("Spread over training seeds", [table(header, rows, caption)])
 
 
+def seconds_row(label: str, stages: Sequence[str], times: Mapping[str, float]) -> list[Cell]:
+    known = [times[s] for s in stages if finite(times.get(s))]
+    total = sum(known) if len(known) == len(stages) else None
+    return [cell(label, classes=["name"]),
+            *(cell(number(times.get(s), 0), times.get(s)) for s in stages),
+            cell(number(total, 0) if total is not None else "incomplete", total)]
+
+
+def time_section(seconds: Mapping[str, Mapping[str, float]]) -> Section:
+    """Seconds per stage of every run folder, as `pathanat reproduce` recorded them, and their
+    sums: what the grid cost on the machine it ran on."""
+    stages = list(dict.fromkeys(stage for times in seconds.values() for stage in times))
+    rows = [seconds_row(folder, stages, times) for folder, times in seconds.items()]
+    sums = {s: sum(t[s] for t in seconds.values() if finite(t.get(s))) for s in stages}
+    rows.append(seconds_row("all runs (stages recorded)", stages, sums))
+    caption = (
+        "Wall-clock seconds of each stage of each run folder, as `pathanat reproduce` recorded "
+        "them in reproduce.json on the machine it ran on; n/a where the stage ran outside the "
+        "record (found done), and a training resumed from a checkpoint counts only its last "
+        "piece. Times taken while other work shared the machine are inflated; the record does "
+        "not know which."
+    )
+    header = ["run folder", *stages, "total"]
+    return section("Time per stage", [table(header, rows, caption)])
+
+
 def report_sections(runs: Sequence[Run], claims: Sequence[dict] | None,
-                    replicates: Mapping[str, Sequence[Run]] | None) -> list[Section]:
+                    replicates: Mapping[str, Sequence[Run]] | None,
+                    seconds: Mapping[str, Mapping[str, float]] | None = None) -> list[Section]:
     return [
         overview_section(runs),
         *([claims_section(claims)] if claims else []),
         *([seeds_section(replicates)] if replicates else []),
+        *([time_section(seconds)] if seconds else []),
         table1_section(runs),
         table4_section(runs),
         sensitivity_section(runs),
@@ -1132,16 +1172,18 @@ def report_sections(runs: Sequence[Run], claims: Sequence[dict] | None,
 
 
 def report_page(runs: Sequence[Run], title: str, claims: Sequence[dict] | None = None,
-                replicates: Mapping[str, Sequence[Run]] | None = None) -> dict[str, Any]:
+                replicates: Mapping[str, Sequence[Run]] | None = None,
+                seconds: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
     """The report as the data its page template draws."""
     generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return {"title": title, "generated": generated, "run_count": len(runs),
-            "sections": report_sections(runs, claims, replicates)}
+            "sections": report_sections(runs, claims, replicates, seconds)}
 
 
 def report_html(runs: Sequence[Run], title: str, claims: Sequence[dict] | None = None,
-                replicates: Mapping[str, Sequence[Run]] | None = None) -> str:
-    return page_template().render(report_page(runs, title, claims, replicates))
+                replicates: Mapping[str, Sequence[Run]] | None = None,
+                seconds: Mapping[str, Mapping[str, float]] | None = None) -> str:
+    return page_template().render(report_page(runs, title, claims, replicates, seconds))
 
 
 @functools.cache
@@ -1169,10 +1211,13 @@ def write_report(
     title: str | None = None,
     claims: Sequence[dict] | None = None,
     replicates: Mapping[str, Sequence[str | os.PathLike]] | None = None,
+    seconds: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Path:
     """Write one self-contained HTML report comparing the run folders ``runs`` to ``out``;
     ``claims`` (from ``evaluation.claims.check_claims``) adds a section of verdicts;
-    ``replicates`` (name -> the run folders of its training seeds) one of spread over seeds.
+    ``replicates`` (name -> the run folders of its training seeds) one of spread over seeds;
+    ``seconds`` (run folder -> stage -> seconds, as `pathanat reproduce` records them) one of
+    what each stage cost.
 
     Example: ``write_report(["runs/vae_ms", "runs/nvmp_ms"], "runs/report.html")``.
     Returns the path written.
@@ -1190,7 +1235,7 @@ def write_report(
     seeds = {name: [read_run(p, Path(p).name) for p in folders]
              for name, folders in (replicates or {}).items()}
     with atomic_file(out) as tmp:
-        tmp.write_text(report_html(loaded, title, claims, seeds), encoding="utf-8")
+        tmp.write_text(report_html(loaded, title, claims, seeds, seconds), encoding="utf-8")
         # the temporary file is private (mkstemp); a report is for sharing: the usual mode
         umask = os.umask(0)
         os.umask(umask)

@@ -14,6 +14,7 @@ regulariser of Table 3's objective, not part of the bound on log p(x).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -149,11 +150,11 @@ def training_loss(
     seg_logits: Tensor | None = None,
     mask: Tensor | None = None,
     supervision_weight: float = 1.0,
-    kl_scale: float = 1.0,
+    kl_scale: float | Sequence[float] = 1.0,
 ) -> Loss:
-    """``mean_b[(-log p(x|z) + s * beta * (sum_l c_l KL_l + sum_l KLextra_l)) / D]
-    + lambda * mean_b[BCE + Dice]``, with ``beta`` the annealed KL weight (at most 1) and ``s``
-    the ``kl_scale`` it reaches (1: the ELBO).
+    """``mean_b[(-log p(x|z) + beta * sum_l s_l (c_l KL_l + KLextra_l)) / D]
+    + lambda * mean_b[BCE + Dice]``, with ``beta`` the annealed KL weight (at most 1) and ``s_l``
+    the ``kl_scale`` it reaches, one for every group or one per group (1: the ELBO).
 
     Dividing by D (pixels x channels) makes the loss scale independent of the image size and
     comparable with the per-pixel supervision loss, so lambda = 1 weighs them evenly. The KL
@@ -164,10 +165,17 @@ def training_loss(
         coefficients = kl_balance_coefficients(terms.kl, sizes)
     else:
         coefficients = torch.ones(terms.kl.shape[1], device=terms.kl.device)
+    scale = torch.as_tensor(kl_scale, dtype=terms.kl.dtype, device=terms.kl.device)
+    if scale.ndim == 1 and scale.shape[0] != terms.kl.shape[1]:
+        raise ValueError(f"training_loss: kl_scale has {scale.shape[0]} values for "
+                         f"{terms.kl.shape[1]} groups")
     nll = -terms.log_px
-    kl = (terms.kl * coefficients).sum(1)
-    extra = terms.kl_extra.sum(1) if terms.kl_extra is not None else torch.zeros_like(nll)
-    per_sample = (nll + kl_scale * beta * (kl + extra)) / terms.dims
+    kl = (terms.kl * coefficients * scale).sum(1)
+    extra = extra_scaled = torch.zeros_like(nll)
+    if terms.kl_extra is not None:  # groups 1..L
+        extra = terms.kl_extra.sum(1)
+        extra_scaled = (terms.kl_extra * (scale[1:] if scale.ndim else scale)).sum(1)
+    per_sample = (nll + beta * (kl + extra_scaled)) / terms.dims
     supervision = torch.zeros((), device=nll.device)
     if seg_logits is not None and mask is not None:
         supervision = supervision_loss(seg_logits, mask).mean()

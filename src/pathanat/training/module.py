@@ -103,7 +103,7 @@ class HVAEModule(pl.LightningModule):
             seg_logits=out.seg_logits if supervised else None,
             mask=batch["lesion"] if supervised else None,
             supervision_weight=self.config.objective.supervision_weight,
-            kl_scale=self.config.objective.kl_scale,
+            kl_scale=self.config.objective.kl_scales(self.config.model.num_groups),
         )
 
     def kl_weight(self) -> float:
