@@ -1135,7 +1135,9 @@ def seconds_row(label: str, stages: Sequence[str], times: Mapping[str, float]) -
 def time_section(seconds: Mapping[str, Mapping[str, float]]) -> Section:
     """Seconds per stage of every run folder, as `pathanat reproduce` recorded them, and their
     sums: what the grid cost on the machine it ran on."""
-    stages = list(dict.fromkeys(stage for times in seconds.values() for stage in times))
+    # in the order of the fullest record: a run found trained records no "train" to lead with
+    stages = list(dict.fromkeys(stage for times in sorted(seconds.values(), key=len, reverse=True)
+                                for stage in times))
     rows = [seconds_row(folder, stages, times) for folder, times in seconds.items()]
     sums = {s: sum(t[s] for t in seconds.values() if finite(t.get(s))) for s in stages}
     rows.append(seconds_row("all runs (stages recorded)", stages, sums))
