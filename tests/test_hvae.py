@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from pathanat.config import from_dict
-from pathanat.errors import ConfigError, InputError
+from pathanat.errors import ConfigError, InputError, PathanatError
 from pathanat.models import KINDS, HierarchicalVAE, HVAEConfig, objectives
 from pathanat.models.edit import mix, resample
 
@@ -44,6 +44,30 @@ def test_group_shapes_and_outputs_for_96x112():
     assert [tuple(g.z.shape) for g in out.groups] == expected
     assert out.x_mean.shape == out.x_log_scale.shape == out.seg_logits.shape == x.shape
     assert model.group_shapes((96, 112)) == [s[1:] for s in expected]
+
+
+def test_fine_groups_add_groups_at_full_resolution_each_drawn_given_those_before():
+    model = HierarchicalVAE(HVAEConfig(kind="nvae", width=8, cells_per_scale=1, fine_groups=3))
+    expected = [(2, 6, 7), (2, 12, 14), (2, 24, 28), (2, 48, 56)] + [(2, 96, 112)] * 3
+    assert model.group_shapes((96, 112)) == expected
+    assert [tuple(g.z.shape[1:]) for g in model(torch.randn(2, 1, 96, 112)).groups] == expected
+    # the prior of each later group follows the values drawn before it, and only those
+    fixed = [torch.randn(1, *shape) for shape in expected]
+
+    def priors_given(z4: torch.Tensor) -> list:
+        seen = []
+
+        def choose(level, prior, state):
+            seen.append(prior)
+            return z4 if level == 4 else fixed[level]
+
+        model.generate(1, (96, 112), choose)
+        return seen
+
+    one, other = priors_given(fixed[4]), priors_given(fixed[4] + 1)
+    for level in range(1, 7):
+        same = torch.equal(one[level].mu, other[level].mu)
+        assert same == (level <= 4), level
 
 
 @pytest.mark.parametrize("kind", ["vae", "nvae"])
@@ -155,6 +179,17 @@ def test_resample_and_mix_keep_what_they_are_told(kind, phantom_slices):
         assert not torch.allclose(moved.z[3], enc.z[3])
 
 
+def test_resample_and_mix_index_every_group_of_a_model_with_fine_groups(phantom_slices):
+    model = small_model("nvmp", fine_groups=2)  # 6 groups: z_0..z_4 one per scale, z_5 at z_4's
+    x_a, x_b = phantom_slices[:2], phantom_slices[2:]
+    recon = model.reconstruct(x_a)
+    assert torch.allclose(resample(model, x_a, keep=range(6)).x_mean, recon)
+    assert torch.allclose(mix(model, x_a, x_b, from_a=range(6)).x_mean, recon)
+    assert not torch.allclose(resample(model, x_a, keep=range(5)).x_mean, recon)
+    with pytest.raises(PathanatError, match=r"resample keep: expected group indices in 0\.\.5"):
+        resample(model, x_a, keep={6})
+
+
 def test_residual_mode_keeps_standardised_residual():
     """Re-encoding the residual-mode result's own top-down pass gives back the kept residual."""
     model = small_model("nvae")
@@ -191,6 +226,8 @@ def test_config_errors_name_the_key():
         HVAEConfig(z_p=5)
     with pytest.raises(ConfigError, match=r"model\.width"):
         HVAEConfig(width=0)
+    with pytest.raises(ConfigError, match=r"model\.fine_groups"):
+        HVAEConfig(fine_groups=0)
     with pytest.raises(ConfigError, match=r"model\.unconditional_prior"):
         HVAEConfig(unconditional_prior="vamp")
     with pytest.raises(ConfigError, match="widht"):
@@ -239,9 +276,10 @@ def test_bf16_autocast_channels_last_keeps_densities_in_float32(phantom_slices):
 # ---- importance-weighted likelihood --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["vae", "nvae", "nvmp"])
-def test_iw_nll_is_below_negative_elbo_and_tightens_with_samples(kind, phantom_slices):
-    model = small_model(kind)
+@pytest.mark.parametrize("kind, fine_groups", [("vae", 1), ("nvae", 1), ("nvmp", 1), ("nvae", 2)])
+def test_iw_nll_is_below_negative_elbo_and_tightens_with_samples(kind, fine_groups,
+                                                                  phantom_slices):
+    model = small_model(kind, fine_groups=fine_groups)
     x = phantom_slices[:2]
     torch.manual_seed(0)
     with torch.no_grad():
@@ -520,13 +558,13 @@ def test_a_non_finite_batch_leaves_a_recentred_prior_as_it_was():
     assert torch.equal(prior.first, first) and torch.equal(prior.second, second)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_decoding_a_slices_residuals_gives_its_reconstruction(kind):
+@pytest.mark.parametrize("kind, fine_groups", [(k, 1) for k in KINDS] + [("nvmp+", 3)])
+def test_decoding_a_slices_residuals_gives_its_reconstruction(kind, fine_groups):
     """from_residuals re-expresses each residual under the prior its context gives: fed the
     posterior residuals of x, the top-down pass meets the posterior means again."""
     torch.manual_seed(0)
     config = HVAEConfig(kind=kind, image_size=(16, 16), levels=2, width=8, cells_per_scale=1,
-                        pseudo_inputs=2)
+                        pseudo_inputs=2, fine_groups=fine_groups)
     model = HierarchicalVAE(config).eval()
     x = torch.randn(3, 1, 16, 16)
     enc = model.encode(x)

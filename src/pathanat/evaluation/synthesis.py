@@ -112,13 +112,13 @@ def group_names(groups: Collection[int]) -> str:
 # ---- which groups are pathology ----------------------------------------------------------------
 
 
-def checked_pathology_groups(groups: Collection[int], levels: int) -> list[int]:
+def checked_pathology_groups(groups: Collection[int], last: int) -> list[int]:
     """``groups`` (the ``--pathology-groups`` flag) sorted and deduplicated: one or more group
     indices, not all of them (the others are the anatomy groups); else a PathanatError."""
-    chosen = checked_groups(groups, levels, "--pathology-groups")
-    if not chosen or len(chosen) == levels + 1:
+    chosen = checked_groups(groups, last, "--pathology-groups")
+    if not chosen or len(chosen) == last + 1:
         raise PathanatError(
-            f"--pathology-groups: expected one or more group indices in 0..{levels} (levels), "
+            f"--pathology-groups: expected one or more group indices in 0..{last}, "
             f"leaving at least one anatomy group; got {chosen}"
         )
     return chosen
@@ -145,7 +145,7 @@ def resolve_pathology_groups(
     """The pathology groups and where they came from: the flag, else the supervised z_P, else
     the post-hoc z_P in ``analysis`` (RUN/analysis.json)."""
     if flag is not None:
-        return checked_pathology_groups(flag, model.levels), "flag"
+        return checked_pathology_groups(flag, model.num_groups - 1), "flag"
     if model.supervised:
         return [model.z_p], "supervised z_P"
     found = posthoc_group(analysis)
@@ -155,7 +155,7 @@ def resolve_pathology_groups(
             f"{analysis.name} has no post-hoc z_P; run `pathanat analyze {analysis.parent}` "
             f"or pass --pathology-groups"
         )
-    return checked_pathology_groups([found], model.levels), "post-hoc z_P (analysis.json)"
+    return checked_pathology_groups([found], model.num_groups - 1), "post-hoc z_P (analysis.json)"
 
 
 # ---- which slices ------------------------------------------------------------------------------
@@ -407,7 +407,7 @@ class Request:
         self.images = np.asarray(self.data.image, dtype=np.float32)
         self.lesion = None if self.data.lesion is None else np.asarray(self.data.lesion) > 0
         self.outlined = "" if self.lesion is None else ", lesions outlined"
-        self.levels = self.model.config.levels
+        self.last = self.model.config.num_groups - 1  # the last group's index
 
     def outline(self, i: int) -> np.ndarray | None:
         return None if self.lesion is None else self.lesion[i]
@@ -416,7 +416,7 @@ class Request:
         return slice_name(self.data, i)
 
     def anatomy(self) -> list[int]:
-        return [g for g in range(self.levels + 1) if g not in self.pathology]
+        return [g for g in range(self.last + 1) if g not in self.pathology]
 
 
 Drawn = tuple[plt.Figure, str, dict]
@@ -427,7 +427,7 @@ def prior_figure(r: Request) -> Drawn:
         rows = [prior_samples(r.model, r.samples, None, r.samples, t) for t in r.temperatures]
     labels = [f"T={t:g}" for t in r.temperatures]
     caption = (f"prior samples (likelihood means), one row per temperature "
-               f"{', '.join(f'{t:g}' for t in r.temperatures)}; all groups z0..z{r.levels} drawn "
+               f"{', '.join(f'{t:g}' for t in r.temperatures)}; all groups z0..z{r.last} drawn "
                f"top-down from the prior (no pathology groups or mode involved); seed {r.seed}.")
     if r.second_stage is not None:
         with seeded(r.seed):
@@ -445,16 +445,16 @@ def layers_figure(r: Request) -> Drawn:
     out = layer_rows(r.model, r.images[a], r.draws, r.temperature, r.seed)
     rows = [[out.source, *row] for row in out.images]
     labels = ["all redrawn", *(f"keep z0..z{lvl - 1}" if lvl > 1 else "keep z0"
-                               for lvl in range(1, r.levels + 1))]
+                               for lvl in range(1, r.last + 1))]
     caption = (f"per-layer variation (Fig. 6a) of {r.data.name} slice {r.name(a)} "
                f"(left{r.outlined}): row l keeps z0..z(l-1) at its posterior means and draws "
-               f"z(l)..z{r.levels} from the prior at T={r.temperature:g}, {r.draws} draws per row "
+               f"z(l)..z{r.last} from the prior at T={r.temperature:g}, {r.draws} draws per row "
                f"(mode value; for a kept prefix value and residual coincide); seed {r.seed}.")
     if r.second_stage is not None:
         with seeded(r.seed):
             rows += [[out.source, *second_stage_given(r.model, r.second_stage, r.images[a],
                                                       range(level), r.draws, r.temperature)]
-                     for level in range(r.levels + 1)]
+                     for level in range(r.last + 1)]
         labels += [f"2nd stage: {label}" for label in labels]
         caption += (" Lower rows: the same, the redrawn groups drawn from the second-stage "
                     "prior given the kept ones.")

@@ -26,14 +26,14 @@ ResampleMode = Literal["value", "residual"]
 MODES: tuple[str, ...] = ("value", "residual")
 
 
-def checked_groups(groups: Collection[int], levels: int, name: str) -> list[int]:
-    """``groups`` sorted and deduplicated when every one is a group index in 0..``levels`` (an
+def checked_groups(groups: Collection[int], last: int, name: str) -> list[int]:
+    """``groups`` sorted and deduplicated when every one is a group index in 0..``last`` (an
     integer, not a bool); else a PathanatError naming ``name``."""
     values = list(groups)
     bad = [g for g in values if isinstance(g, bool) or not isinstance(g, numbers.Integral)
-           or not 0 <= g <= levels]
+           or not 0 <= g <= last]
     if bad:
-        raise PathanatError(f"{name}: expected group indices in 0..{levels} (levels), got {bad}")
+        raise PathanatError(f"{name}: expected group indices in 0..{last}, got {bad}")
     return sorted({int(g) for g in values})
 
 
@@ -60,7 +60,7 @@ def resample(
 ) -> Generated:
     """Keep the groups in ``keep`` from x's posterior (means); draw the others from the prior,
     top-down, conditioned on what is kept and drawn above them (``mode``: see the module)."""
-    keep = checked_groups(keep, model.config.levels, "resample keep")
+    keep = checked_groups(keep, model.config.num_groups - 1, "resample keep")
     mode = checked_mode(mode)
     enc = model.encode(x)
     shapes = model.group_shapes(enc.input_size)
@@ -84,7 +84,7 @@ def mix(
 ) -> Generated:
     """Groups in ``from_a`` from subject a's posterior means, the rest from subject b's
     (``mode``: see the module); x_a and x_b have the same shape."""
-    from_a = checked_groups(from_a, model.config.levels, "mix from_a")
+    from_a = checked_groups(from_a, model.config.num_groups - 1, "mix from_a")
     mode = checked_mode(mode)
     if x_a.shape != x_b.shape:
         raise InputError(f"mix: x_a {tuple(x_a.shape)} and x_b {tuple(x_b.shape)} differ")

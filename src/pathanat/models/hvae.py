@@ -1,8 +1,8 @@
 """The multi-scale hierarchical VAE with four prior structures: vae, nvae, nvmp, nvmp+ (Table 2).
 
 Groups are numbered top-down: z_0 is the coarsest (1/2^L of the padded input), z_L is at full
-resolution. The four kinds share one encoder and one decoder trunk, so their capacity is the
-same; they differ only in what a kind needs:
+resolution (and z_L+1, ... with ``fine_groups`` > 1). The four kinds share one encoder and one
+decoder trunk, so their capacity is the same; they differ only in what a kind needs:
 
 - ``vae``: q(z_l | x) = N(dmu_l(x), dsig_l(x)) and p(z_l) = N(0, I) for every l; the decoder
   parameterises no distribution, so the posterior is the encoder's alone.
@@ -76,11 +76,14 @@ class Encoder(nn.Module):
         # widen[l - 1] maps scale l's width to scale l-1's after downsampling
         self.widen = nn.ModuleList(width_change(widths[level], widths[level - 1])
                                    for level in range(1, len(widths)))
-        self.heads = nn.ModuleList(GaussianHead(2 * w if self.joint and level > 0 else w, channels)
-                                   for level, w in enumerate(widths))
+        self.extra = config.fine_groups - 1  # groups beyond one at the finest scale
+        self.heads = nn.ModuleList(
+            GaussianHead(2 * w if self.joint and level > 0 else w, channels)
+            for level, w in enumerate(widths[config.scale_of(g)] for g in range(config.num_groups)))
 
     def forward(self, x: Tensor, memory_format: torch.memory_format) -> list[Tensor]:
-        """The features of every scale, indexed top-down (l = 0, the coarsest, first)."""
+        """The features of every group, indexed top-down (l = 0, the coarsest, first); the
+        groups at the finest scale share its features."""
         # With one input channel both layouts look alike to conv, so the stem's output layout is
         # set explicitly; every later op keeps it.
         h = self.stem(x).contiguous(memory_format=memory_format)
@@ -90,7 +93,7 @@ class Encoder(nn.Module):
             features.append(h)
             if level > 0:
                 h = self.widen[level - 1](downsample(h))
-        return features[::-1]
+        return features[::-1] + features[:1] * self.extra
 
     def delta(self, level: int, features: Tensor, state: Tensor) -> DiagonalGaussian:
         """N(dmu_l, dsig_l) of group ``level`` from its features (and the decoder state)."""
@@ -110,14 +113,19 @@ class Decoder(nn.Module):
         super().__init__()
         widths, channels = config.scale_widths, config.latent_channels
         self.start = nn.Parameter(torch.zeros(1, widths[0], 1, 1))
-        self.z_in = nn.ModuleList(conv1x1(channels, w) for w in widths)
+        group_widths = [widths[config.scale_of(g)] for g in range(config.num_groups)]
+        self.levels = config.levels
+        self.z_in = nn.ModuleList(conv1x1(channels, w) for w in group_widths)
+        # cells after each group's injection: a scale's, and the finest scale's for extra groups
         self.stacks = scale_stacks(config, residual_scale)
+        self.stacks.extend(residual_stack(widths[-1], config.scale_cells[-1], residual_scale)
+                           for _ in range(config.fine_groups - 1))
         # narrow[l - 1] maps scale l-1's width to scale l's after upsampling
         self.narrow = nn.ModuleList(width_change(widths[level - 1], widths[level])
                                     for level in range(1, len(widths)))
         # prior_heads[l - 1] gives p(z_l | z_<l) for l = 1..L; the vae has none.
-        priors = range(1, len(widths) if config.residual else 1)
-        self.prior_heads = nn.ModuleList(GaussianHead(widths[level], channels) for level in priors)
+        priors = range(1, config.num_groups if config.residual else 1)
+        self.prior_heads = nn.ModuleList(GaussianHead(group_widths[g], channels) for g in priors)
         self.out = conv3x3(widths[-1], 2 * config.in_channels)
         self.fitted_priors = nn.ModuleDict(
             {str(level): FittedPrior(shapes[level]) for level in config.fitted_prior_levels})
@@ -125,7 +133,10 @@ class Decoder(nn.Module):
             {str(level): RecentredPrior(shapes[level]) for level in config.recentred_levels})
 
     def grow(self, level: int, h: Tensor) -> Tensor:
-        """The state carried from scale ``level - 1`` up to scale ``level``."""
+        """The state carried from group ``level - 1`` to group ``level``: upsampled where the
+        scale changes."""
+        if level > self.levels:
+            return h
         return self.narrow[level - 1](upsample(h))
 
     def initial_state(self, batch: int, size: tuple[int, int],
@@ -197,7 +208,8 @@ class HierarchicalVAE(nn.Module):
         """(C, H_l, W_l) of every group for an input of ``size`` (before padding)."""
         ph, pw = self.padded_size(size)
         c, L = self.config.latent_channels, self.config.levels
-        return [(c, ph >> (L - level), pw >> (L - level)) for level in range(L + 1)]
+        scales = [self.config.scale_of(g) for g in range(self.config.num_groups)]
+        return [(c, ph >> (L - s), pw >> (L - s)) for s in scales]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -280,7 +292,7 @@ class HierarchicalVAE(nn.Module):
         h = self.decoder.initial_state(batch, (padded[0] >> L, padded[1] >> L),
                                        self._memory_format())
         zs: list[Tensor] = []
-        for level in range(L + 1):
+        for level in range(self.config.num_groups):
             if level > 0:
                 h = self.decoder.grow(level, h)
             z = choose(level, self.decoder.prior(level, h), h)
