@@ -117,6 +117,11 @@ class HVAEConfig:
         return self.widths or (self.width,) * (self.levels + 1)
 
     @property
+    def group_widths(self) -> tuple[int, ...]:
+        """Trunk width at every group's scale, top-down."""
+        return tuple(self.scale_widths[self.scale_of(g)] for g in range(self.num_groups))
+
+    @property
     def scale_cells(self) -> tuple[int, ...]:
         """Residual cells per trunk at every scale, top-down."""
         return self.cells or (self.cells_per_scale,) * (self.levels + 1)

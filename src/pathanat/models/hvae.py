@@ -77,9 +77,8 @@ class Encoder(nn.Module):
         self.widen = nn.ModuleList(width_change(widths[level], widths[level - 1])
                                    for level in range(1, len(widths)))
         self.extra = config.fine_groups - 1  # groups beyond one at the finest scale
-        self.heads = nn.ModuleList(
-            GaussianHead(2 * w if self.joint and level > 0 else w, channels)
-            for level, w in enumerate(widths[config.scale_of(g)] for g in range(config.num_groups)))
+        self.heads = nn.ModuleList(GaussianHead(2 * w if self.joint and level > 0 else w, channels)
+                                   for level, w in enumerate(config.group_widths))
 
     def forward(self, x: Tensor, memory_format: torch.memory_format) -> list[Tensor]:
         """The features of every group, indexed top-down (l = 0, the coarsest, first); the
@@ -113,9 +112,8 @@ class Decoder(nn.Module):
         super().__init__()
         widths, channels = config.scale_widths, config.latent_channels
         self.start = nn.Parameter(torch.zeros(1, widths[0], 1, 1))
-        group_widths = [widths[config.scale_of(g)] for g in range(config.num_groups)]
         self.levels = config.levels
-        self.z_in = nn.ModuleList(conv1x1(channels, w) for w in group_widths)
+        self.z_in = nn.ModuleList(conv1x1(channels, w) for w in config.group_widths)
         # cells after each group's injection: a scale's, and the finest scale's for extra groups
         self.stacks = scale_stacks(config, residual_scale)
         self.stacks.extend(residual_stack(widths[-1], config.scale_cells[-1], residual_scale)
@@ -123,9 +121,9 @@ class Decoder(nn.Module):
         # narrow[l - 1] maps scale l-1's width to scale l's after upsampling
         self.narrow = nn.ModuleList(width_change(widths[level - 1], widths[level])
                                     for level in range(1, len(widths)))
-        # prior_heads[l - 1] gives p(z_l | z_<l) for l = 1..L; the vae has none.
-        priors = range(1, config.num_groups if config.residual else 1)
-        self.prior_heads = nn.ModuleList(GaussianHead(group_widths[g], channels) for g in priors)
+        # prior_heads[l - 1] gives p(z_l | z_<l) for every group l > 0; the vae has none.
+        priors = config.group_widths[1:] if config.residual else ()
+        self.prior_heads = nn.ModuleList(GaussianHead(w, channels) for w in priors)
         self.out = conv3x3(widths[-1], 2 * config.in_channels)
         self.fitted_priors = nn.ModuleDict(
             {str(level): FittedPrior(shapes[level]) for level in config.fitted_prior_levels})
