@@ -146,3 +146,15 @@ def test_an_error_names_the_file_or_the_overrides_its_value_came_from(tmp_path):
     assert load_config(Window, path, ["high=4"]) == Window(2.0, 4.0)
     with pytest.raises(ConfigError, match=rf"^{path}: low: expected a value below"):
         load_config(Window, path, ["high=1.5"])
+
+
+def test_kl_group_scale_takes_one_value_per_group_fine_groups_included():
+    from pathanat.experiment import load_experiment
+
+    # 4 levels: z_0..z_4, one per scale; a second full-resolution group makes 6
+    five, six = "objective.kl_group_scale=[1,1,1,1,3]", "objective.kl_group_scale=[1,1,1,1,3,3]"
+    assert load_experiment("demo", [five]).objective.kl_group_scale == (1, 1, 1, 1, 3)
+    with pytest.raises(ConfigError, match=r"kl_group_scale: expected 6 values > 0 .*"
+                                          r"model\.levels \+ model\.fine_groups"):
+        load_experiment("demo", ["model.fine_groups=2", five])
+    assert len(load_experiment("demo", ["model.fine_groups=2", six]).objective.kl_group_scale) == 6

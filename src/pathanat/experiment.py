@@ -205,7 +205,8 @@ def _check_ranges(config: ExperimentConfig) -> None:
     if per_group is not None and (len(per_group) != groups or not all(
             isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in per_group)):
         raise ConfigError(f"objective.kl_group_scale: expected {groups} values > 0 (one per "
-                          f"group, top-down; model.levels + 1), got {list(per_group)!r}")
+                          f"group, top-down: model.levels + model.fine_groups), "
+                          f"got {list(per_group)!r}")
     # Adam moves a weight by about lr per step whatever the gradient, so lr <= 1 also keeps every
     # update of a finite gradient finite
     if not 0.0 < config.optim.lr <= 1.0:
