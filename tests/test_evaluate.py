@@ -208,9 +208,10 @@ def test_the_second_stage_is_fitted_once_per_checkpoint_and_refitted_when_stale(
     written = stored.stat().st_mtime_ns
     again = open_run(run).second_stage(seed=3)  # read back, not fitted
     assert stored.stat().st_mtime_ns == written
-    direct = fit_model_second_stage(opened.model, opened.cache.split("train").image, seed=3)
+    direct = fit_model_second_stage(opened.model, opened.cache.split("train").image,
+                                    opened.cache.split("val").image, seed=3)
     for prior in (first, again):
-        assert prior.shapes == direct.shapes
+        assert prior.shapes == direct.shapes and prior.spread == direct.spread
         for name in ("mean", "directions", "weights", "means", "cholesky", "noise"):
             assert torch.equal(getattr(prior, name), getattr(direct, name)), name
     # another seed, a newer checkpoint or a damaged file: fitted again

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -5,6 +7,7 @@ import torch
 from pathanat.errors import InputError
 from pathanat.models import HierarchicalVAE, HVAEConfig
 from pathanat.models.second_stage import (
+    calibrated,
     fit_model_second_stage,
     fit_second_stage,
     principal_directions,
@@ -96,7 +99,9 @@ def test_a_model_fit_covers_every_group_and_decodes():
     model = HierarchicalVAE(HVAEConfig(kind="nvae", image_size=(16, 16), levels=2, width=8,
                                        cells_per_scale=1)).eval()
     images = np.random.default_rng(0).normal(size=(20, 16, 16)).astype(np.float32)
-    fitted = fit_model_second_stage(model, images, batch_size=8)
+    held_out = np.random.default_rng(1).normal(size=(10, 16, 16)).astype(np.float32)
+    fitted = fit_model_second_stage(model, images, held_out, batch_size=8)
+    assert 1 / 64 <= fitted.spread <= 4
     assert fitted.shapes == model.group_shapes((16, 16))
     assert len(fitted.weights) == 1  # 20 codes: one component (one per 40 codes, at least one)
     out = model.from_residuals(fitted.draw(4), (16, 16))
@@ -181,3 +186,36 @@ def test_principal_directions_match_numpy_svd_and_drop_zero_directions(shape):
     np.testing.assert_allclose(np.abs((vt.numpy() * ref_vt[:6]).sum(1)), 1.0, atol=1e-9)
     np.testing.assert_allclose((u * s).numpy() @ vt.numpy(), a, atol=1e-8 * np.abs(a).max())
     assert principal_directions(torch.from_numpy(a), count=3)[1].shape == (3,)
+
+
+def test_calibration_keeps_a_true_density_and_undoes_a_known_widening_or_narrowing():
+    """Codes and held-out codes from one rank-3 Gaussian: the fitted Gaussian is (nearly) the
+    truth, whose draws lie as near the codes as new codes do, so the factor is ~1. The same
+    density with its spread multiplied by 1.5 or 0.5 is scaled back by ~1/1.5 or ~2."""
+    rng = np.random.default_rng(5)
+    mixing = rng.normal(size=(3, 16))
+    codes = 1.0 + rng.normal(size=(2000, 3)) @ mixing
+    held_out = 1.0 + rng.normal(size=(1000, 3)) @ mixing
+    fitted = fit_second_stage(codes, SHAPES, dims=8, components=1)
+    assert calibrated(fitted, codes, held_out).spread == pytest.approx(1.0, abs=0.08)
+    for wrong in (1.5, 0.5):
+        off = replace(fitted, cholesky=fitted.cholesky * wrong)
+        fixed = calibrated(off, codes, held_out)
+        assert fixed.spread * wrong == pytest.approx(1.0, abs=0.08)
+        torch.testing.assert_close(fixed.cholesky, off.cholesky * fixed.spread)
+    with pytest.raises(InputError, match="held_out"):
+        calibrated(fitted, codes, held_out[:, :15])
+
+
+def test_projection_onto_the_span_keeps_its_codes_and_drops_what_lies_off_it():
+    """numpy's least squares on the span's directions as the oracle."""
+    rng = np.random.default_rng(6)
+    codes = rng.normal(size=(300, 4)) @ rng.normal(size=(4, 16))
+    fitted = fit_second_stage(codes, SHAPES, dims=4, components=1)
+    np.testing.assert_allclose(flat(fitted.project(torch.as_tensor(codes))), codes, atol=1e-4)
+    new = rng.normal(size=(5, 16))
+    basis = fitted.directions.numpy().T
+    mean = fitted.mean.numpy()
+    expected = mean + (basis @ np.linalg.lstsq(basis, (new - mean).T, rcond=None)[0]).T
+    np.testing.assert_allclose(flat(fitted.project(torch.as_tensor(new))), expected,
+                               atol=1e-4)

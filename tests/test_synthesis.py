@@ -32,7 +32,7 @@ from pathanat.evaluation.synthesis import (
 )
 from pathanat.models import HierarchicalVAE, HVAEConfig
 from pathanat.models.edit import resample
-from pathanat.models.second_stage import fit_model_second_stage
+from pathanat.models.second_stage import fit_second_stage, model_codes
 
 SIZE = (32, 32)
 
@@ -69,7 +69,7 @@ def test_second_stage_given_a_fitted_slice_draws_it_back_and_given_nothing_draws
     keeping every group but the finest of one of those slices nearly pins the finest too, and
     the draws lie near that slice's reconstruction; keeping nothing, they lie as far as any."""
     images = np.random.default_rng(1).normal(size=(40, *SIZE)).astype(np.float32)
-    prior = fit_model_second_stage(model, images)
+    prior = fit_second_stage(*model_codes(model, images))  # the density, not calibrated
     reconstruction = model.reconstruct(torch.tensor(images[3:4])[:, None])[0, 0].numpy()
     error = {}
     for kept in (range(model.config.levels), []):

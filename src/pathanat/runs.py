@@ -33,6 +33,7 @@ from pathanat.experiment import ExperimentConfig
 from pathanat.jsonfiles import read_json
 from pathanat.models import HierarchicalVAE
 from pathanat.models.second_stage import (
+    CALIBRATION_DRAWS,
     CODES_PER_COMPONENT,
     FIT_SLICES,
     MIXTURE_DIMS,
@@ -199,7 +200,8 @@ class Run:
         path = self.folder / SECOND_STAGE_FILE
         last = self.checkpoint.stat()
         key = {"checkpoint": [last.st_mtime_ns, last.st_size], "seed": seed,
-               "recipe": [FIT_SLICES, MIXTURE_DIMS, CODES_PER_COMPONENT]}
+               "recipe": [FIT_SLICES, MIXTURE_DIMS, CODES_PER_COMPONENT, "calibrated on val",
+                          CALIBRATION_DRAWS]}
         if path.is_file():
             try:
                 stored = torch.load(path, map_location="cpu", weights_only=True)
@@ -208,7 +210,8 @@ class Run:
             except Exception as err:  # any damage means: fit again
                 print(f"warning: {path}: unreadable ({type(err).__name__}); fitting it again",
                       file=sys.stderr, flush=True)
-        prior = fit_model_second_stage(self.model, self.cache.split("train").image, seed=seed)
+        prior = fit_model_second_stage(self.model, self.cache.split("train").image,
+                                       self.cache.split("val").image, seed=seed)
         with atomic_file(path) as tmp:
             torch.save({"key": key, "prior": to_state(prior)}, tmp)
         return prior

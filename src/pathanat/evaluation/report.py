@@ -525,11 +525,13 @@ def table1_caption(runs: Sequence[Run]) -> str:
         "shape drawn again and again; nearer the real slices' value is better); 2nd stage: the "
         "same for draws of the second-stage prior, a Gaussian mixture fitted after training to "
         "the training posteriors' residuals of every group and decoded top-down "
-        "(models.second_stage), at the same N as the prior samples; copy ratio: the draws' "
-        "median distance to their nearest training reconstruction over that of the test "
-        "reconstructions (1: as new as unseen slices, 0: copies of training slices), near "
-        "copies: the fraction of draws nearer than 5% of the test reconstructions are (0.05 "
-        "for new slices; evaluation.novelty)."
+        "(models.second_stage), its spread calibrated on the validation slices, at the same N "
+        "as the prior samples; copy ratio: the draws' median distance to their nearest "
+        "training reconstruction over that of the test slices (1: as new as unseen slices, 0: "
+        "copies of training slices), near copies: the fraction of draws nearer than 5% of the "
+        "test slices are (0.05 for new slices); for the 2nd stage the test slices are decoded "
+        "from their codes projected onto its span, the nearest it can draw to each "
+        "(evaluation.novelty)."
     )
 
 
