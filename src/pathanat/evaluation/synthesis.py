@@ -435,7 +435,8 @@ def prior_figure(r: Request) -> Drawn:
                                              r.model.config.image_size, r.samples))
         labels.append("2nd stage")
         caption += (" Last row: the second-stage prior, a Gaussian mixture fitted to the "
-                    "training posteriors' residuals of every group, decoded top-down.")
+                    "training posteriors' residuals of every group (its spread calibrated on "
+                    "the validation slices'), decoded top-down.")
     fig = image_grid(rows, row_labels=labels)
     return fig, caption, {"temperatures": list(map(float, r.temperatures)), "samples": r.samples}
 
