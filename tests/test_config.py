@@ -158,3 +158,14 @@ def test_kl_group_scale_takes_one_value_per_group_fine_groups_included():
                                           r"model\.levels \+ model\.fine_groups"):
         load_experiment("demo", ["model.fine_groups=2", five])
     assert len(load_experiment("demo", ["model.fine_groups=2", six]).objective.kl_group_scale) == 6
+
+
+def test_second_stage_detail_steps_are_a_count_of_zero_or_more():
+    from pathanat.experiment import load_experiment
+
+    assert load_experiment("demo").second_stage.detail_steps == 0  # no detail model unless asked
+    assert load_experiment("demo", ["second_stage.detail_steps=8000"]).second_stage.detail_steps \
+        == 8000
+    for raw, message in (("-1", "expected a value >= 0"), ("2.5", "expected int")):
+        with pytest.raises(ConfigError, match=rf"second_stage\.detail_steps: {message}"):
+            load_experiment("demo", [f"second_stage.detail_steps={raw}"])

@@ -527,8 +527,8 @@ def _reproduce_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
         "supervised variants) under one budget, then evaluate, analyze, sample validity and "
         "lesion detection (ms), synthesize, one report over all runs, and the paper's claims "
         "checked. Resumable: a finished run or stage is not redone. Budgets: cpu (200 subjects; "
-        "about 2.5-4 h on 2 CPU cores for ms, estimated from measured stage times), paper (the "
-        "paper's settings, for a GPU), smoke (minutes; checks the pipeline only).",
+        "about 2 h on 2 CPU cores for ms, its runs' stages measured alone at 13-17 min a run), "
+        "paper (the paper's settings, for a GPU), smoke (minutes; checks the pipeline only).",
         "pathanat reproduce --dataset ms --budget cpu --out reproduce-ms",
     )
     p.add_argument("--dataset", choices=["ms", "ad"], required=True)

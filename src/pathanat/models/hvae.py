@@ -422,14 +422,18 @@ class HierarchicalVAE(nn.Module):
                              lambda level, prior, state: z[level])
 
     @torch.no_grad()
-    def from_residuals(self, r: list[Tensor], size: tuple[int, int] | None = None) -> Generated:
+    def from_residuals(self, r: list[Tensor], size: tuple[int, int] | None = None,
+                       last: Callable[[Tensor, Tensor], Tensor] | None = None) -> Generated:
         """Images from standardised residuals (``Encoding.residuals``' form), top-down: each group
         is mu_l + sig_l * r_l under the prior its context gives (r_l itself where the prior is
-        fixed). ``size`` as in :meth:`decode`."""
+        fixed). ``size`` as in :meth:`decode`. ``last(state, r_L)``, where given, replaces the
+        last group's residual given the decoder state there (``models.detail``)."""
         size = self._output_size(r, size)
+        final = len(r) - 1
 
         def choose(level: int, prior: DiagonalGaussian | None, state: Tensor) -> Tensor:
-            return prior.unstandardise(r[level]) if prior is not None else r[level]
+            value = last(state, r[level]) if last is not None and level == final else r[level]
+            return prior.unstandardise(value) if prior is not None else value
 
         return self.generate(r[0].shape[0], size, choose)
 

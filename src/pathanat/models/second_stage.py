@@ -65,6 +65,9 @@ class SecondStagePrior:
     shapes: list[tuple[int, int, int]]  # each group's (C, h, w)
     noise: Tensor  # (G,) per group: variance per value of a held-out code off the span
     spread: float = 1.0  # the factor ``calibrated`` scaled the components' spread by
+    # the last group's off-span detail model (``models.detail``): its weights and scale; None
+    # draws that group in the span alone
+    detail: dict | None = None
 
     def draw(self, n: int, temperature: float = 1.0,
              generator: torch.Generator | None = None) -> list[Tensor]:
