@@ -168,6 +168,8 @@ def test_only_brain_like_samples_are_counted(segmenters, tiny_cache):
 class PaintedStage:
     """A 'second stage' whose draws index the painted slices (decoded by PaintedModel)."""
 
+    detail = None  # no detail model: its draws are decoded by the model alone
+
     def __init__(self, count: int) -> None:
         self.count, self.drawn = count, 0
 
