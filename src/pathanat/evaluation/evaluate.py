@@ -317,7 +317,8 @@ NOVELTY_TEXT = (
     "split's reconstructions (median; 1 for new slices, 0 for copies), and the fraction of "
     "draws nearer than 5% of this split's (0.05 for new slices); second-stage draws against "
     "this split's slices projected onto the second stage's span (the nearest it can draw to "
-    "each: a projection smooths a slice, and a smooth image lies nearer every training slice); "
+    "each: a projection smooths a slice, and a smooth image lies nearer every training slice; "
+    "with the second stage's drawn detail, where it has a detail model, as its draws); "
     "{} training slices")
 
 
@@ -559,7 +560,7 @@ def evaluate_run(
     train = cache.split("train").image
     clock = time.perf_counter()
     second_stage = opened.second_stage(seed) if with_fid else None
-    staged = time.perf_counter() - clock  # 0 where read back from RUN/second_stage.pt
+    staged = time.perf_counter() - clock  # about 0 where read back from RUN/second_stage.pt
     pick = np.sort(np.random.default_rng(seed).permutation(len(train))[:COPY_TEST_SLICES])
     metrics, per_slice = evaluate(model, data, iw_samples, seed, batch_size, with_fid, progress,
                                   reference, brain_references(cache), fid_samples=fid_samples,
