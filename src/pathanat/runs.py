@@ -207,39 +207,36 @@ class Run:
                "recipe": [FIT_SLICES, MIXTURE_DIMS, CODES_PER_COMPONENT, "calibrated on val",
                           CALIBRATION_DRAWS]}
         steps = self.config.second_stage.detail_steps
-        detailed = {**key, "detail": [steps, *DETAIL_RECIPE]}
-        prior = self._stored_second_stage(path, detailed if steps else key)
-        if prior is not None:
+        wanted = {**key, "detail": [steps, *DETAIL_RECIPE]} if steps else key
+        held, prior = self._stored_second_stage(path)
+        if held == wanted:
             return prior
-        prior = self._stored_second_stage(path, key) if steps else None
-        if prior is None:
+        if isinstance(held, dict) and {k: v for k, v in held.items() if k != "detail"} == key:
+            prior = replace(prior, detail=None)  # the density is current; its detail model is not
+            if not steps:
+                return prior  # the file keeps its detail model for a config that asks again
+        else:
             prior = fit_model_second_stage(self.model, self.cache.split("train").image,
                                            self.cache.split("val").image, seed=seed)
         if steps:
             prior = fit_detail(self.model, prior, self.cache.split("train").image, steps,
                                seed=seed, progress=True)
         with atomic_file(path) as tmp:
-            torch.save({"key": detailed if steps else key, "prior": to_state(prior)}, tmp)
+            torch.save({"key": wanted, "prior": to_state(prior)}, tmp)
         return prior
 
     @staticmethod
-    def _stored_second_stage(path: Path, key: dict) -> SecondStagePrior | None:
-        """The prior ``path`` holds, with its detail model left out unless ``key`` names one;
-        None where the file is missing, unreadable or fitted for another key."""
+    def _stored_second_stage(path: Path) -> tuple[dict | None, SecondStagePrior | None]:
+        """The key and prior ``path`` holds; (None, None) where it is missing or unreadable."""
         if not path.is_file():
-            return None
+            return None, None
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)
+            return stored.get("key"), from_state(stored["prior"])
         except Exception as err:  # any damage means: fit again
             print(f"warning: {path}: unreadable ({type(err).__name__}); fitting it again",
                   file=sys.stderr, flush=True)
-            return None
-        held = stored.get("key")
-        if held == key:
-            return from_state(stored["prior"])
-        if isinstance(held, dict) and {k: v for k, v in held.items() if k != "detail"} == key:
-            return replace(from_state(stored["prior"]), detail=None)  # the density alone
-        return None
+            return None, None
 
 
 def open_run(run: str | os.PathLike) -> Run:
