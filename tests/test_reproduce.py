@@ -13,7 +13,14 @@ from pathanat.data.prepare import load_cache
 from pathanat.errors import PathanatError
 from pathanat.evaluation.segmenters import cohort_segmenters
 from pathanat.experiment import load_experiment
-from pathanat.reproduce import BUDGETS, cpu_precision, grid, reproduce, run_config
+from pathanat.reproduce import (
+    BUDGETS,
+    DRAWS_FROM_SECOND_STAGE,
+    cpu_precision,
+    grid,
+    reproduce,
+    run_config,
+)
 
 RUNS = ["vae_ms", "nvmp_ms_sup"]
 SEGMENTER_TEST_STEPS = 400  # as tests/test_segmenters.py
@@ -142,6 +149,64 @@ def test_a_run_folder_holding_another_model_stops_the_grid(tiny_grid, tmp_path, 
                  "--cache", str(cache), "--runs", "vae_ms"])
     assert code == 2
     assert "decays to 0 at step 20, this grid's at step 10" in capsys.readouterr().err
+
+
+def test_a_drawn_detail_is_given_to_trained_runs_without_training_them_again(
+        tiny_grid, tmp_path, monkeypatch, capsys):
+    """--detail-steps on a finished grid: each run keeps its model, its config.yaml states the
+    detail, the stages that draw from the second stage run again and draw with it, the others
+    are kept; a later call without the option keeps the detail, and 0 takes it away."""
+    import pathanat.runs
+    from pathanat.models.detail import fit_detail
+    from pathanat.models.second_stage import fit_second_stage, model_codes
+
+    fitted = []
+
+    def off_a_narrower_span(model, prior, images, steps, seed=0, progress=False):
+        # the tiny run's span holds all 24 of its training codes (tests/test_detail.py)
+        fitted.append(steps)
+        codes, shapes = model_codes(model, images)
+        return fit_detail(model, fit_second_stage(codes, shapes, dims=8), images, steps, seed)
+
+    monkeypatch.setattr(pathanat.runs, "fit_detail", off_a_narrower_span)
+    out, cache = tiny_grid
+    grid_copy = tmp_path / "copy"
+    shutil.copytree(out, grid_copy)
+    run = grid_copy / "vae_ms"
+    files = ("checkpoints/last.ckpt", "metrics.json", "analysis.json", "validity.json",
+             "counterfactual.json", "synthesis.json")
+
+    def written():
+        return {f: (run / f).stat().st_mtime_ns for f in files}
+
+    def call(*detail):
+        return main(["reproduce", "--dataset", "ms", "--budget", "smoke", "--out",
+                     str(grid_copy), "--cache", str(cache), "--runs", "vae_ms", *detail])
+
+    before = written()
+    assert call("--detail-steps", "5") == 0
+    after = written()
+    assert fitted == [5]
+    assert load_experiment(run / "config.yaml").second_stage.detail_steps == 5
+    for kept in ("checkpoints/last.ckpt", "analysis.json", "counterfactual.json"):
+        assert after[kept] == before[kept], kept
+    for redone in DRAWS_FROM_SECOND_STAGE:
+        assert after[redone] > before[redone], redone
+    caption = (run / "figures" / "synth_prior.txt").read_text()
+    assert "drawn by a diffusion model (models.detail)" in caption
+    assert json.loads((grid_copy / "reproduce.json").read_text())["detail_steps"] == 5
+    assert "drawn detail fitted for 5 steps" in capsys.readouterr().out
+    # without the option, the runs keep what they were given; nothing is redone
+    assert call() == 0
+    assert written() == after and fitted == [5]
+    assert load_experiment(run / "config.yaml").second_stage.detail_steps == 5
+    # 0 takes it away: the draws are the mixture's alone again
+    assert call("--detail-steps", "0") == 0
+    assert load_experiment(run / "config.yaml").second_stage.detail_steps == 0
+    assert "models.detail" not in (run / "figures" / "synth_prior.txt").read_text()
+    assert fitted == [5]
+    with pytest.raises(PathanatError, match="--detail-steps: expected an integer >= 0"):
+        reproduce("ms", "smoke", out=grid_copy, cache=cache, runs=["vae_ms"], detail_steps=-1)
 
 
 def test_unknown_run_names_are_listed(tmp_path):

@@ -248,7 +248,11 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
               "data.intensity_scale=0.1"]
     straight = train(tiny_config, [*common, "trainer.max_steps=6"], out=tmp_path / "straight")
     split = train(tiny_config, [*common, "trainer.max_steps=3"], out=tmp_path / "split")
+    # a second_stage section edited between the sessions (it is fitted after training) stays
+    saved = split / "config.yaml"
+    saved.write_text(saved.read_text().replace("detail_steps: 0", "detail_steps: 7"))
     assert main(["train", "--resume", str(split), "trainer.max_steps=6"]) == 0
+    assert load_experiment(saved).second_stage.detail_steps == 7
     a, b = weights(straight / "checkpoints/last.ckpt"), weights(split / "checkpoints/last.ckpt")
     assert a.keys() == b.keys()
     for key in a:

@@ -23,10 +23,10 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pathanat.config import to_dict
+from pathanat.config import save_config, to_dict
 from pathanat.data.prepare import load_cache
 from pathanat.defaults import BUDGET, SEEDS
 from pathanat.errors import PathanatError, checked_int
@@ -139,10 +139,12 @@ def seed_folder(name: str, seed: int) -> str:
 
 
 def run_config(name: str, budget: Budget, out: Path, cache: Path | None,
-               seed: int = 0) -> ExperimentConfig:
+               seed: int = 0, detail_steps: int | None = None) -> ExperimentConfig:
     """The packaged config ``name`` under the budget with training seed ``seed``, on ``cache`` or
-    on the budget's phantom."""
+    on the budget's phantom; ``detail_steps``: the second stage's, where not the config's."""
     overrides = [*budget.overrides, f"trainer.seed={seed}"]
+    if detail_steps is not None:
+        overrides.append(f"second_stage.detail_steps={detail_steps}")
     if cache is None:
         overrides += [f"data.phantom.subjects={budget.subjects}", f"data.data_dir={out}"]
     else:
@@ -192,6 +194,24 @@ def train_stage(run: Path, config: ExperimentConfig) -> str:
         return "resumed"
     train_config(config, run, overwrite=True)  # a folder without a checkpoint holds nothing
     return "trained"
+
+
+# the stages that draw from the second stage: done again when a run's second stage changes
+DRAWS_FROM_SECOND_STAGE = ("metrics.json", "validity.json", "synthesis.json")
+
+
+def second_stage_stage(run: Path, config: ExperimentConfig) -> str:
+    """Give the trained ``run`` the grid's second_stage section in its config.yaml (which decides
+    its second stage: ``runs.with_folder_second_stage``). Where the run had another, the outputs
+    drawn from its second stage are removed, so that their stages run again."""
+    path = run / "config.yaml"
+    held = load_experiment(path)
+    if held.second_stage == config.second_stage:
+        return "done"
+    save_config(replace(held, second_stage=config.second_stage), path)
+    for output in DRAWS_FROM_SECOND_STAGE:
+        (run / output).unlink(missing_ok=True)
+    return "changed"
 
 
 @dataclass(frozen=True)
@@ -264,15 +284,20 @@ def reproduce(
     cache: str | os.PathLike | None = None,
     runs: Sequence[str] | None = None,
     seeds: int = SEEDS,
+    detail_steps: int | None = None,
 ) -> Path:
     """Train, evaluate, analyse, check and draw the grid of ``dataset`` into ``out`` (default
     ``reproduce-<dataset>-<budget>``) and write ``OUT/report.html``; returns ``out``.
 
     ``cache``: a prepared slice cache to use instead of the phantom (e.g. a real cohort).
-    ``runs``: a subset of the grid's config names. ``seeds``: training seeds per run (module
-    docstring). Example: ``reproduce("ms", "cpu", seeds=3)``.
+    ``runs``: a subset of the grid's config names. ``seeds``: training seeds per run.
+    ``detail_steps``: every run's drawn detail (0: none); None leaves each run's as it is
+    (module docstring). Example: ``reproduce("ms", "cpu", seeds=3)``.
     """
     seeds = checked_int(seeds, "--seeds", what="training seeds per run")
+    if detail_steps is not None:
+        detail_steps = checked_int(detail_steps, "--detail-steps", minimum=0,
+                                   what="fitting steps of the drawn detail; 0 for none")
     chosen = budget_named(budget)
     names = grid(dataset)
     if runs is not None:
@@ -282,17 +307,20 @@ def reproduce(
         names = [n for n in names if n in runs]
     out = Path(out or f"reproduce-{dataset}-{budget}").absolute()
     cache = None if cache is None else Path(cache).absolute()
-    record = _record(out, dataset, budget, chosen, names, seeds)
-    print(f"reproduce {dataset}, budget {budget}, {seeds} seed(s): {chosen.about}")
+    record = _record(out, dataset, budget, chosen, names, seeds, detail_steps)
+    detail = "" if detail_steps is None else f", drawn detail fitted for {detail_steps} steps"
+    print(f"reproduce {dataset}, budget {budget}, {seeds} seed(s){detail}: {chosen.about}")
     todo = [(seed, name) for seed in range(seeds) for name in names]  # seed by seed: a stopped
     for i, (seed, name) in enumerate(todo, 1):  # grid has whole grids of its first seeds
         folder = seed_folder(name, seed)
         run = out / folder
-        config = run_config(name, chosen, out, cache, seed)
+        config = run_config(name, chosen, out, cache, seed, detail_steps)
         seconds = record["seconds"].setdefault(folder, {})
         label = f"[{i}/{len(todo)}] {folder}"
         _timed(f"{label}: train", seconds, "train",
                lambda run=run, config=config: train_stage(run, config))
+        if detail_steps is not None:
+            print(f"{label}: second stage: {second_stage_stage(run, config)}", flush=True)
         run_stages(run, chosen, dataset, label, seconds)
         _write_record(out, record)
     record["claims"] = claims_of(out, dataset, names, seeds)
@@ -304,11 +332,12 @@ def reproduce(
 
 
 def _record(out: Path, dataset: str, budget: str, chosen: Budget, names: list[str],
-            seeds: int) -> dict:
+            seeds: int, detail_steps: int | None) -> dict:
     path = out / "reproduce.json"
     old = read_json(path, "delete it to start the record afresh") if path.is_file() else {}
     return {"dataset": dataset, "budget": budget, "about": chosen.about,
             "overrides": list(chosen.overrides), "runs": names, "seeds": seeds,
+            "detail_steps": detail_steps if detail_steps is not None else old.get("detail_steps"),
             "folders": [seed_folder(n, s) for s in range(seeds) for n in names],
             "seconds": old.get("seconds", {})}
 

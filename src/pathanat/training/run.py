@@ -46,7 +46,13 @@ from pathanat.data.prepare import load_cache
 from pathanat.errors import ConfigError, OutputBusyError, OutputExistsError, PathanatError
 from pathanat.experiment import ExperimentConfig, load_experiment
 from pathanat.jsonfiles import write_json
-from pathanat.runs import LAST, config_from_checkpoint, load_checkpoint, phantom_paths
+from pathanat.runs import (
+    LAST,
+    config_from_checkpoint,
+    load_checkpoint,
+    phantom_paths,
+    with_folder_second_stage,
+)
 from pathanat.training.callbacks import ReconstructionGrid, RunCSVLogger, StepCheckpoint
 from pathanat.training.checkpoint import AtomicCheckpointIO, newest_intact_checkpoint
 from pathanat.training.data import TrainingDataModule
@@ -138,7 +144,8 @@ def _resumed(run_dir: Path, overrides: Sequence[str], callbacks: Sequence[pl.Cal
                 f"override '{item}': only trainer.* keys can change when resuming a run"
             )
         apply_override(data, item)
-    config = from_dict(ExperimentConfig, data)
+    # the folder's second_stage section, not the checkpoint's: it may be edited after training
+    config = with_folder_second_stage(run_dir, from_dict(ExperimentConfig, data))
     step = int(checkpoint.get("global_step", 0))
     if step >= config.trainer.max_steps and (run_dir / "summary.json").is_file():
         # nothing to train; fitting again would only overwrite the summary with an empty one
