@@ -200,7 +200,7 @@ def train_stage(run: Path, config: ExperimentConfig) -> str:
 DRAWS_FROM_SECOND_STAGE = ("metrics.json", "validity.json", "synthesis.json")
 
 
-def second_stage_stage(run: Path, config: ExperimentConfig) -> str:
+def set_second_stage(run: Path, config: ExperimentConfig) -> str:
     """Give the trained ``run`` the grid's second_stage section in its config.yaml (which decides
     its second stage: ``runs.with_folder_second_stage``). Where the run had another, the outputs
     drawn from its second stage are removed, so that their stages run again."""
@@ -208,9 +208,9 @@ def second_stage_stage(run: Path, config: ExperimentConfig) -> str:
     held = load_experiment(path)
     if held.second_stage == config.second_stage:
         return "done"
-    save_config(replace(held, second_stage=config.second_stage), path)
-    for output in DRAWS_FROM_SECOND_STAGE:
+    for output in DRAWS_FROM_SECOND_STAGE:  # first: stopped between the two, a call redoes both
         (run / output).unlink(missing_ok=True)
+    save_config(replace(held, second_stage=config.second_stage), path)
     return "changed"
 
 
@@ -320,7 +320,7 @@ def reproduce(
         _timed(f"{label}: train", seconds, "train",
                lambda run=run, config=config: train_stage(run, config))
         if detail_steps is not None:
-            print(f"{label}: second stage: {second_stage_stage(run, config)}", flush=True)
+            print(f"{label}: second stage: {set_second_stage(run, config)}", flush=True)
         run_stages(run, chosen, dataset, label, seconds)
         _write_record(out, record)
     record["claims"] = claims_of(out, dataset, names, seeds)
