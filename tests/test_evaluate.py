@@ -30,6 +30,7 @@ def test_evaluate_run_writes_metrics_json_and_appends_a_csv_row(tiny_run):
     # the second-stage prior's draws are scored beside the model's own prior's
     assert written["fid"]["fid_samples_second_stage"] > 0
     assert written["fid"]["second_stage"].startswith("a Gaussian mixture")
+    assert written["fid"]["second_stage_detail_steps"] == 0  # none unless the config asks
     staged = written["plausibility"]["second_stage"]
     assert 0 <= staged["brain_like"]["mean"] <= 1 and staged["n"] > 0
     # both kinds of draws get the copy test against the training split (24 slices here)

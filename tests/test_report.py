@@ -166,6 +166,7 @@ def make_run(folder: Path, kind: str, seed: int, supervised: bool = False) -> di
                 "kid_samples": interval(rng.uniform(0, 0.1), 0.001),
                 "fid_samples_second_stage": float(rng.uniform(0, 1)),
                 "kid_samples_second_stage": interval(rng.uniform(0, 0.1), 0.001),
+                "second_stage_detail_steps": int(rng.choice([0, 8000])),
                 "samples": 2048, "inputs": 40,
                 "floor": {"split": "val", "slices": 36, "fid": 0.011,
                           "kid": interval(0.0004, 0.0001)}},
@@ -302,6 +303,9 @@ def test_table1_holds_each_runs_means_and_intervals_and_marks_the_best(two_runs)
             assert float(attrs["data-value"]) == values[i] and text == f"{values[i]:.3f}"
             assert ("best" in attrs.get("class", "")) == (i == int(np.argmin(values)))
     assert cell(rows, runs[0].name, "S")[0] == "8"
+    for run, content in zip(runs, contents, strict=True):  # which runs drew the detail
+        steps = content["metrics"]["fid"]["second_stage_detail_steps"]
+        assert cell(rows, run.name, "2nd-stage detail steps")[0] == str(steps)
     # the continuous NLL is shown, but no best is marked: it ranks background modelling
     for run, content in zip(runs, contents, strict=True):
         text, attrs = cell(rows, run.name, "continuous NLL (bits/dim)")
@@ -592,7 +596,8 @@ def test_evaluated_without_fid_says_so_and_vae_has_no_cluster_figure(tmp_path):
     (run / "metrics.json").write_text(json.dumps(metrics))
     text = Page(write_report([run], tmp_path / "r.html").read_text()).all_text()
     # the three FIDs and the three KIDs (reconstructions, prior samples, second-stage samples)
-    assert text.count(f"not computed -- run pathanat evaluate {run}") == 6
+    # and the second stage's detail steps
+    assert text.count(f"not computed -- run pathanat evaluate {run}") == 7
     assert "--what clusters" not in text
 
 

