@@ -547,7 +547,7 @@ def _reproduce_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="give every run's second stage a drawn detail model fitted for N steps "
                         "(second_stage.detail_steps; 0 removes it); trained runs keep their "
                         "model and redo evaluate, validity and synthesize. 8000 lowered the FID "
-                        "of second-stage draws by 8-12%% on the cpu budget and took about 30-35 "
+                        "of second-stage draws by 8-14%% on the cpu budget and took about 30-35 "
                         "min more a run on 2 CPU cores (docs/generation.md, seventeenth round). "
                         "Default: each run's own setting (none in the packaged configs)")
     p.set_defaults(func=_reproduce)
