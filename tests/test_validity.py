@@ -2,6 +2,7 @@ import json
 import shutil
 from types import SimpleNamespace
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -196,9 +197,10 @@ class PaintedModel(BlobModel):
 def test_second_stage_draws_are_scored_like_the_priors(segmenters, tiny_cache):
     test = tiny_cache.split("test")
     painted = blobs_in_ventricles(test)
-    result, _, _ = validity.scored_validity(
+    result, _, drawn, _ = validity.scored_validity(
         PaintedModel(painted[:4]), segmenters, test, 4, 1.0, 0, 4,
         brain_references(tiny_cache), PaintedStage(4))
+    np.testing.assert_array_equal(drawn.images, painted[:4])  # the draws scored are the figure's
     assert result["brain_like"]["mean"] == 0.0  # the prior's noise fields: none counted
     staged = result["second_stage"]
     alone = validity.sample_validity(BlobModel(painted[:4]), segmenters, test, n=4, batch_size=4)
@@ -239,7 +241,31 @@ def test_validity_run_writes_result_and_figure(segmenters, tiny_run, tmp_path):
         "background", "CSF", "ventricles", "GM", "WM", "hippocampus"}
     figure = run / validity.FIGURE
     assert figure.stat().st_size > 10_000
-    assert "cyan" in caption_path(figure).read_text()
+    caption = caption_path(figure).read_text()
+    assert "cyan" in caption and "second-stage prior's first 8 draws" in caption
+
+
+def test_figure_shows_a_row_of_second_stage_draws_where_there_are_any(segmenters, tiny_cache):
+    test = tiny_cache.split("test")
+    painted = blobs_in_ventricles(test)
+    result, samples, drawn, real = validity.scored_validity(
+        PaintedModel(painted[:4]), segmenters, test, 4, 1.0, 0, 4,
+        brain_references(tiny_cache), PaintedStage(4))
+
+    def titles(fig) -> list[str]:
+        shown = [" ".join(t.get_text() for t in fig.texts)]  # the suptitle
+        shown += [ax.get_title() for ax in fig.axes if ax.get_title()]
+        plt.close(fig)
+        return shown
+
+    with_draws = titles(validity.validity_figure(result, samples, drawn, real, "nvae"))
+    without = titles(validity.validity_figure(result, samples, None, real, "nvae"))
+    assert "2nd-stage draws" in with_draws[0] and "2nd-stage" not in without[0]
+    assert [t for t in with_draws if t.startswith("2nd-stage draw")] == [
+        f"2nd-stage draw {i}" for i in range(4)]
+    assert not any(t.startswith("2nd-stage") for t in without)
+    assert sum(t.startswith("prior sample") for t in with_draws) == 4
+    assert sum(t.startswith("real test") for t in with_draws) == validity.FIGURE_REAL
 
 
 def test_validity_run_refuses_a_cache_without_lesions(tiny_run, tiny_cache, tmp_path,

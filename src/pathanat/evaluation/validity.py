@@ -6,13 +6,15 @@ above 0.5; it is *invalid* when the cohort's tissue segmenter labels it backgrou
 ventricles (MS lesions sit in white matter; the phantom puts them in WM only). The rate is
 invalid / lesion-like voxels pooled over all slices, with a 95% percentile bootstrap over slices.
 
-Three rates, all on the same definition:
+The rates, all on the same definition:
 
 - ``samples``: N prior samples (the likelihood mean of each draw, at the given temperature),
   segmented by both segmenters; given the training split's brain masks, only the samples that
   pass the brain-shape test (``plausibility``) are counted -- lesion-like voxels in a field of
   noise say nothing about where a model puts lesions in a brain -- and ``brain_like`` gives the
   fraction of samples counted (``all_samples``: the rate over every sample);
+- ``second_stage``: where the run has a second-stage prior (``models.second_stage``), its N
+  draws scored as the prior samples are, brain-like ones only -- the draws that look like brains;
 - ``real``: the real test slices segmented the same way: the reference rate, which the
   segmenters' own errors (a lesion edge next to a ventricle) keep above zero;
 - ``reconstructions``: the model's reconstructions of those slices (likelihood means of their
@@ -163,9 +165,10 @@ def scored_validity(
     batch_size: int,
     references: References | None = None,
     second_stage: SecondStagePrior | None = None,
-) -> tuple[dict, Scored, Scored]:
-    """``sample_validity``'s result and the segmented samples and real slices behind it.
-    ``second_stage``: its ``n`` draws are scored the same way, under "second_stage"."""
+) -> tuple[dict, Scored, Scored | None, Scored]:
+    """``sample_validity``'s result and the segmented prior samples, second-stage draws (None
+    without ``second_stage``) and real slices behind it. ``second_stage``: its ``n`` draws are
+    scored the same way, under "second_stage"."""
     _check_validity_arguments(n, temperature, batch_size, test)
     seconds = {}
     start = time.perf_counter()
@@ -187,11 +190,11 @@ def scored_validity(
 
     everything = validity_rates(samples.lesion, samples.tissue, seed)
     counted, shape = brain_like_rates(samples, references, seed)
-    staged = None
+    staged, drawn = None, None
     if second_stage is not None:
         start = time.perf_counter()
-        staged = second_stage_validity(model, second_stage, segmenters, n, test, batch_size,
-                                       references, seed)
+        staged, drawn = second_stage_validity(model, second_stage, segmenters, n, test,
+                                              batch_size, references, seed)
         seconds["second_stage"] = time.perf_counter() - start
     result = {
         "split": test.name,
@@ -209,7 +212,7 @@ def scored_validity(
         "segmenters": segmenter_summary(segmenters),
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
-    return finite_or_none(result), samples, real
+    return finite_or_none(result), samples, drawn, real
 
 
 
@@ -241,16 +244,17 @@ def _check_draws(images: np.ndarray, test: CacheSplit) -> None:
 def second_stage_validity(
     model: Any, second_stage: SecondStagePrior, segmenters: Segmenters, n: int,
     test: CacheSplit, batch_size: int, references: References | None, seed: int,
-) -> dict:
-    """Invalid-lesion rates of ``n`` second-stage draws (brain-like ones), and their shape."""
+) -> tuple[dict, Scored]:
+    """Invalid-lesion rates of ``n`` second-stage draws (brain-like ones) and their shape, and
+    the segmented draws."""
     # fork_rng: the seed fixes the draws without changing the caller's RNG state
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         drawn = second_stage_samples(model, second_stage, n, tuple(test.image.shape[1:]),
                                      batch_size)
-    rates, drawn_shape = brain_like_rates(segmented(segmenters, drawn, batch_size),
-                                          references, seed)
-    return {"samples": rates, "brain_like": drawn_shape}
+    scored = segmented(segmenters, drawn, batch_size)
+    rates, drawn_shape = brain_like_rates(scored, references, seed)
+    return {"samples": rates, "brain_like": drawn_shape}, scored
 
 
 def segmenter_summary(segmenters: Segmenters) -> dict:
@@ -306,18 +310,28 @@ def percent(rates: dict) -> str:
     return f"{value:.1%} ({rates['ci_low']:.1%}-{rates['ci_high']:.1%})"
 
 
-def validity_figure(result: dict, samples: Scored, real: Scored, kind: str) -> Any:
+def validity_figure(result: dict, samples: Scored, staged: Scored | None, real: Scored,
+                    kind: str) -> Any:
+    """The model's prior samples, a row of second-stage draws where there are any, and a row of
+    real test slices, each with its lesions outlined and invalid voxels filled."""
     import matplotlib.pyplot as plt
 
     columns = FIGURE_REAL
-    rows = -(-min(FIGURE_SAMPLES, len(samples.images)) // columns) + 1
+    prior_rows = -(-min(FIGURE_SAMPLES, len(samples.images)) // columns)
+    rows = prior_rows + (staged is not None) + 1
     fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows + 0.5),
                              squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for i, ax in enumerate(axes[:-1].flat):
+    for i, ax in enumerate(axes[:prior_rows].flat):
         if i < len(samples.images):
-            overlay(ax, samples, i, f"sample {i}")
+            overlay(ax, samples, i, f"prior sample {i}")
+    title = f"{kind}: invalid lesion voxels, prior samples {percent(result['samples'])}"
+    if staged is not None:
+        for i, ax in enumerate(axes[prior_rows]):
+            if i < len(staged.images):
+                overlay(ax, staged, i, f"2nd-stage draw {i}")
+        title += f", 2nd-stage draws {percent(result['second_stage']['samples'])}"
     # Real slices spread over the split, those with lesions first: the reference look.
     with_lesions = np.flatnonzero(real.lesion.any(axis=(1, 2)))
     pool = with_lesions if len(with_lesions) >= columns else np.arange(len(real.images))
@@ -325,8 +339,7 @@ def validity_figure(result: dict, samples: Scored, real: Scored, kind: str) -> A
                      strict=True):
         overlay(ax, real, int(i), f"real test {i}")
     fig.suptitle(
-        f"{kind}: invalid lesion voxels, prior samples {percent(result['samples'])}, "
-        f"real {percent(result['real'])}, truth {percent(result['truth'])}",
+        f"{title},\nreal {percent(result['real'])}, truth {percent(result['truth'])}",
         fontsize=8,
     )
     fig.tight_layout()
@@ -355,7 +368,7 @@ def validity_run(
     segmenters = cohort_segmenters(cache, steps=steps, progress=progress)
     segs_seconds = time.perf_counter() - segs_start
     test = split_arrays(cache, "test")
-    result, samples, real = scored_validity(
+    result, samples, staged, real = scored_validity(
         model, segmenters, test, n, temperature, seed, DEFAULT_BATCH_SIZE,
         brain_references(cache),
         opened.second_stage(seed),
@@ -363,14 +376,18 @@ def validity_run(
     result = {"run": str(folder), "model": config.model.kind, **result}
     result["seconds"] = {"segmenters": round(segs_seconds, 2), **result["seconds"],
                          "total": round(time.perf_counter() - start, 2)}
-    fig = validity_figure(result, samples, real, config.model.kind)
+    fig = validity_figure(result, samples, staged, real, config.model.kind)
     shown = min(FIGURE_SAMPLES, n)
+    drawn = ("" if staged is None else
+             f", the second-stage prior's first {min(FIGURE_REAL, n)} draws (the row above the "
+             "last; their rate counts brain-like draws only, as the prior samples' does)")
     save_figure(
         fig, folder / FIGURE,
         caption=f"Prior samples of the {config.model.kind} run (temperature {temperature:g}, "
-                f"first {shown} of {n}) and real test slices (bottom row): lesions found by the "
-                f"lesion segmenter (p > {LESION_THRESHOLD}) outlined in red, the lesion voxels "
-                "the tissue segmenter places in background, CSF or ventricles filled in cyan; "
+                f"first {shown} of {n}){drawn} and real test slices (bottom row): lesions found "
+                f"by the lesion segmenter (p > {LESION_THRESHOLD}) outlined in red, the lesion "
+                "voxels the tissue segmenter places in background, CSF or ventricles filled in "
+                "cyan; "
                 "title: invalid fraction with 95% bootstrap interval.",
     )
     write_json(folder / VALIDITY_JSON, result)
