@@ -16,8 +16,9 @@ reads the noised off-span residual beside [decoder state, in-span residual]. It 
 random crops of the training slices' off-span residuals (scaled to unit spread), their
 conditions decoded from the codes projected onto the span, as a draw's are; Adam with a
 one-cycle lr. Its fit must run long enough: fits of 2500 steps, and of 4000 with a running
-average of the weights, made the draws worse than none, 8000 steps better, all with nearly the
-same final loss (docs/generation.md, fifteenth and seventeenth rounds), so only the FID of draws
+average of the weights, made the draws worse than none, 8000 steps better, and 16000 better
+again (FID 7-12% lower than 8000's on seed 0 of the cpu grid), all with nearly the same final
+loss (docs/generation.md, fifteenth, seventeenth and eighteenth rounds), so only the FID of draws
 tells. Draws: deterministic DDIM steps from noise, the predicted clean value clipped to +-4
 spreads at every step (unclipped, a short fit's draws blew up: fourteenth round); 25 steps
 scored as 50 did, 10 worse.
