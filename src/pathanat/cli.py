@@ -548,8 +548,10 @@ def _reproduce_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "(second_stage.detail_steps; 0 removes it); trained runs keep their "
                         "model and redo evaluate, validity and synthesize. 8000 lowered the FID "
                         "of second-stage draws by 8-14%% on the cpu budget and took about 30-35 "
-                        "min more a run on 2 CPU cores (docs/generation.md, seventeenth round). "
-                        "Default: each run's own setting (none in the packaged configs)")
+                        "min more a run on 2 CPU cores; 16000 lowered it 7-12%% more (seed 0, two "
+                        "runs) and took about 50 min more a run (docs/generation.md, seventeenth "
+                        "and eighteenth rounds). Default: each run's own setting (none in the "
+                        "packaged configs)")
     p.set_defaults(func=_reproduce)
     return p
 
