@@ -194,12 +194,19 @@ class PaintedModel(BlobModel):
         return SimpleNamespace(x_mean=self.images[r[0].long()][:, None])
 
 
-def test_second_stage_draws_are_scored_like_the_priors(segmenters, tiny_cache):
+def painted_validity(segmenters, tiny_cache) -> tuple:
+    """scored_validity of 4 noise-field prior samples and 4 painted second-stage draws, with the
+    painted slices and the test split."""
     test = tiny_cache.split("test")
     painted = blobs_in_ventricles(test)
-    result, _, drawn, _ = validity.scored_validity(
+    scored = validity.scored_validity(
         PaintedModel(painted[:4]), segmenters, test, 4, 1.0, 0, 4,
         brain_references(tiny_cache), PaintedStage(4))
+    return scored, painted, test
+
+
+def test_second_stage_draws_are_scored_like_the_priors(segmenters, tiny_cache):
+    (result, _, drawn, _), painted, test = painted_validity(segmenters, tiny_cache)
     np.testing.assert_array_equal(drawn.images, painted[:4])  # the draws scored are the figure's
     assert result["brain_like"]["mean"] == 0.0  # the prior's noise fields: none counted
     staged = result["second_stage"]
@@ -246,11 +253,7 @@ def test_validity_run_writes_result_and_figure(segmenters, tiny_run, tmp_path):
 
 
 def test_figure_shows_a_row_of_second_stage_draws_where_there_are_any(segmenters, tiny_cache):
-    test = tiny_cache.split("test")
-    painted = blobs_in_ventricles(test)
-    result, samples, drawn, real = validity.scored_validity(
-        PaintedModel(painted[:4]), segmenters, test, 4, 1.0, 0, 4,
-        brain_references(tiny_cache), PaintedStage(4))
+    (result, samples, drawn, real), _, _ = painted_validity(segmenters, tiny_cache)
 
     def titles(fig) -> list[str]:
         shown = [" ".join(t.get_text() for t in fig.texts)]  # the suptitle
