@@ -387,8 +387,7 @@ def validity_run(
                 f"first {shown} of {n}){drawn} and real test slices (bottom row): lesions found "
                 f"by the lesion segmenter (p > {LESION_THRESHOLD}) outlined in red, the lesion "
                 "voxels the tissue segmenter places in background, CSF or ventricles filled in "
-                "cyan; "
-                "title: invalid fraction with 95% bootstrap interval.",
+                "cyan; title: invalid fraction with 95% bootstrap interval.",
     )
     write_json(folder / VALIDITY_JSON, result)
     return result
