@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from pathanat.evaluation.evaluate import split_arrays
+from pathanat.evaluation.evaluate import batches, split_arrays
 from pathanat.evaluation.segmenters import cohort_segmenters
 from pathanat.evaluation.validity import segmented, validity_rates
 from pathanat.models.second_stage import model_codes, split_groups
@@ -57,10 +57,7 @@ def main() -> None:
     clock = time.perf_counter()
     codes, shapes = model_codes(opened.model, images, BATCH)
     own, projected = split_groups(codes, shapes), prior.project(codes)
-    sizes = [int(np.prod(s)) for s in shapes]
-    starts = np.cumsum([0, *sizes[:-1]])
-    share = [float(prior.directions[:, a:a + n].pow(2).sum())
-             for a, n in zip(starts, sizes, strict=True)]
+    share = [float(part.pow(2).sum()) for part in split_groups(prior.directions, shapes)]
     print(f"{args.run}: {len(images)} test slices; groups {shapes}; the span's "
           f"{prior.directions.shape[0]} directions per group (squared norms): "
           + ", ".join(f"z_{g} {s:.1f}" for g, s in enumerate(share)))
@@ -70,9 +67,9 @@ def main() -> None:
         for name, keep in mixes(len(shapes)).items():
             decoded = np.concatenate([
                 opened.model.from_residuals(
-                    [(own if k else projected)[g][start:start + BATCH]
-                     for g, k in enumerate(keep)], images.shape[1:]).x_mean[:, 0].numpy()
-                for start in range(0, len(images), BATCH)])
+                    [(own if k else projected)[g][part] for g, k in enumerate(keep)],
+                    images.shape[1:]).x_mean[:, 0].numpy()
+                for part in batches(len(images), BATCH)])
             scored = segmented(segmenters, decoded, BATCH)
             rows[name] = validity_rates(scored.lesion, scored.tissue, 0)
     print(f"{'decoded':28s} {'lesion voxels':>14s}  invalid [95%]")
